@@ -1,0 +1,47 @@
+"""encode(message) -> one frame; decode(frame) -> message. msgpack, never pickle. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+import msgpack
+
+from etcdproxy.ipc.schema import CLASSES, Kind, Message
+
+# Field order of each class, minus the trailing ``kind`` which travels first.
+_FIELDS: dict[Kind, tuple[str, ...]] = {
+    kind: tuple(f.name for f in fields(cls) if f.name != "kind") for kind, cls in CLASSES.items()
+}
+
+
+_METADATA_AT: dict[Kind, int] = {k: names.index("metadata") for k, names in _FIELDS.items() if "metadata" in names}
+
+
+class CodecError(ValueError):
+    """A frame that is not a message of this schema."""
+
+
+def encode(message: Message) -> bytes:
+    names = _FIELDS[message.kind]
+    return msgpack.packb([int(message.kind), *(getattr(message, n) for n in names)], use_bin_type=True)
+
+
+def decode(frame: bytes) -> Message:
+    try:
+        items: Any = msgpack.unpackb(frame, raw=False, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise CodecError(f"undecodable frame: {exc}") from exc
+    if not isinstance(items, list) or not items:
+        raise CodecError("frame is not a non-empty array")
+    try:
+        kind = Kind(items[0])
+    except ValueError as exc:
+        raise CodecError(f"unknown message kind {items[0]!r}") from exc
+    args = items[1:]
+    if len(args) != len(_FIELDS[kind]):
+        raise CodecError(f"{kind.name}: expected {len(_FIELDS[kind])} fields, got {len(args)}")
+    meta_at = _METADATA_AT.get(kind)
+    if meta_at is not None:  # msgpack has no tuples: metadata pairs come back as lists
+        args[meta_at] = [tuple(pair) for pair in args[meta_at]]
+    return CLASSES[kind](*args)
