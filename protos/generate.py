@@ -47,7 +47,9 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             generate(Path(tmp))
             fresh, committed = generated_files(Path(tmp)), generated_files(ROOT)
-            stale = [str(p) for p in fresh if p not in committed or not filecmp.cmp(Path(tmp) / p, ROOT / p, shallow=False)]
+            stale = [
+                str(p) for p in fresh if p not in committed or not filecmp.cmp(Path(tmp) / p, ROOT / p, shallow=False)
+            ]
             stale += [str(p) for p in committed if p not in fresh]
         if stale:
             print("generated code is out of date, run python protos/generate.py:", *stale, sep="\n  ")

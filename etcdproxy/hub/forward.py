@@ -1,0 +1,159 @@
+"""Forwarding of client calls to etcd as raw bytes: unary calls and generic streams.
+
+Bytes in, bytes out: nothing is decoded, so etcd's responses, status codes and messages
+reach the client exactly as etcd produced them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from etcdproxy.core.methods import METHODS, Method, Shape
+from etcdproxy.ipc.schema import Metadata
+
+log = logging.getLogger(__name__)
+
+OK = grpc.StatusCode.OK.value[0]
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+# Like clientv3's retry interceptor for "repeatable" calls: up to 100 tries, 25 ms apart,
+# bounded by the client's deadline.
+RETRY_ATTEMPTS = 100
+RETRY_BACKOFF_S = 0.025
+# Flow control for upstream -> client streams: messages in flight to a worker before the
+# hub stops reading from etcd and waits for the worker's StreamAck credit.
+STREAM_WINDOW = 64
+
+
+def status_of(exc: grpc.aio.AioRpcError) -> tuple[int, str]:
+    return exc.code().value[0], exc.details() or ""
+
+
+class Forwarder:
+    """Makes the upstream calls; one per hub, bound to the hub's channel."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self._unary: list[Any] = [channel.unary_unary(m.path) if m.shape is Shape.UNARY else None for m in METHODS]
+
+    async def unary(
+        self, method: Method, payload: bytes, metadata: Metadata, timeout_s: float | None
+    ) -> tuple[int, bytes | str]:
+        """(0, response bytes) or (status code, message)."""
+        call = self._unary[method.index]
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
+            try:
+                response: bytes = await call(payload, metadata=metadata, timeout=remaining, wait_for_ready=True)
+                return OK, response
+            except grpc.aio.AioRpcError as exc:
+                retry = (
+                    method.idempotent
+                    and exc.code() is UNAVAILABLE
+                    and attempt < RETRY_ATTEMPTS
+                    and (deadline is None or deadline - loop.time() > RETRY_BACKOFF_S)
+                )
+                if not retry:
+                    return status_of(exc)
+            await asyncio.sleep(RETRY_BACKOFF_S)
+
+
+class UpstreamStream:
+    """One client stream mirrored onto one upstream stream.
+
+    ``emit(payload)`` is called per upstream message and ``finish(code, message)`` exactly
+    once at the end (not when cancelled: then the worker is gone or gave up).
+    """
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        method: Method,
+        metadata: Metadata,
+        timeout_s: float | None,
+        emit: Callable[[bytes], None],
+        finish: Callable[[int, str], None],
+    ) -> None:
+        self.method = method
+        self._channel = channel
+        self._metadata = metadata
+        self._timeout_s = timeout_s
+        self._emit = emit
+        self._finish = finish
+        self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._window = STREAM_WINDOW
+        self._credit = asyncio.Event()
+        self._call: Any = None
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def send(self, payload: bytes) -> None:
+        self._outbox.put_nowait(payload)
+
+    def half_close(self) -> None:
+        self._outbox.put_nowait(None)
+
+    def ack(self, count: int) -> None:
+        self._window += count
+        if self._window > 0:
+            self._credit.set()
+
+    def cancel(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        self.task.cancel()
+
+    async def _write_loop(self) -> None:
+        while True:
+            payload = await self._outbox.get()
+            if payload is None:
+                await self._call.done_writing()
+                return
+            await self._call.write(payload)
+
+    async def _run(self) -> None:
+        writer: asyncio.Task[None] | None = None
+        try:
+            if self.method.shape is Shape.SERVER_STREAM:
+                first = await self._outbox.get()
+                if first is None:  # half-closed without a request: grpc-go's answer
+                    self._finish(grpc.StatusCode.INTERNAL.value[0], "grpc: error unmarshalling request: EOF")
+                    return
+                self._call = self._channel.unary_stream(self.method.path)(
+                    first, metadata=self._metadata, timeout=self._timeout_s, wait_for_ready=True
+                )
+            else:
+                self._call = self._channel.stream_stream(self.method.path)(
+                    metadata=self._metadata, timeout=self._timeout_s, wait_for_ready=True
+                )
+                writer = asyncio.get_running_loop().create_task(self._write_loop())
+            while True:
+                message = await self._call.read()
+                if message is grpc.aio.EOF:
+                    break
+                self._emit(message)
+                self._window -= 1
+                while self._window <= 0:
+                    self._credit.clear()
+                    await self._credit.wait()
+            code = await self._call.code()
+            self._finish(code.value[0], await self._call.details() or "")
+        except grpc.aio.AioRpcError as exc:
+            self._finish(*status_of(exc))
+        except asyncio.CancelledError:
+            if self._call is not None:
+                self._call.cancel()
+            raise
+        except Exception as exc:  # a bug here must end the client's stream, not hang it
+            log.exception("upstream stream %s failed", self.method.path)
+            self._finish(grpc.StatusCode.UNKNOWN.value[0], f"etcdproxy: {exc}")
+        finally:
+            if writer is not None:
+                writer.cancel()

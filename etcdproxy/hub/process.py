@@ -1,0 +1,226 @@
+"""The hub process: the one upstream connection to etcd, serving every worker over IPC.
+
+Lifecycle: fork (by the supervisor) -> main() -> asyncio loop -> Hub.serve() until SIGTERM.
+The hub's ``epoch`` is random per process; workers notice a new one and recover (see
+ipc/schema.py). Shared state (``workers``) is mutated only from the event loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import zmq
+
+from etcdproxy import proc, upstream
+from etcdproxy.config import Config
+from etcdproxy.core.cluster import proxy_member_list
+from etcdproxy.core.methods import METHODS, Method, Shape, by_name
+from etcdproxy.hub.forward import OK, Forwarder, UpstreamStream
+from etcdproxy.ipc import codec
+from etcdproxy.ipc import schema as s
+from etcdproxy.ipc.sockets import HubLink, new_context
+
+log = logging.getLogger(__name__)
+
+# A worker that sent nothing (not even a Ping) for this long is considered gone: its calls
+# and streams are cancelled so upstream resources are released.
+WORKER_SILENCE_S = 5.0
+MEMBER_LIST = by_name("etcdserverpb.Cluster", "MemberList")
+
+
+@dataclass(slots=True)
+class WorkerState:
+    identity: bytes
+    seq: int = 0
+    last_seen: float = 0.0
+    calls: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    streams: dict[int, UpstreamStream] = field(default_factory=dict)
+
+
+class Hub:
+    def __init__(self, config: Config, spec: proc.ChildSpec) -> None:
+        self.config = config
+        self.spec = spec
+        self.epoch = random.getrandbits(62) + 1
+        self.workers: dict[bytes, WorkerState] = {}
+        self.loop = asyncio.get_running_loop()
+        self.channel = upstream.open_channel(config)
+        self.forwarder = Forwarder(self.channel)
+        self.ctx = new_context()
+        self.link = HubLink(self.ctx, proc.hub_endpoint(spec.run_dir), self._on_frame, self._on_unreachable, self.loop)
+        self.hostname = socket.gethostname()
+        self._stop = asyncio.Event()
+
+    # ---- sending -------------------------------------------------------------------------
+
+    def _seq(self, worker: WorkerState) -> int:
+        worker.seq += 1
+        return worker.seq
+
+    def _send(self, worker: WorkerState, message: s.HubMessage) -> None:
+        self.link.send(worker.identity, codec.encode(message))
+
+    def reply(self, worker: WorkerState, req_id: int, code: int, body: bytes | str) -> None:
+        self._send(worker, s.Reply(self.epoch, self._seq(worker), req_id, code, body))
+
+    # ---- receiving -----------------------------------------------------------------------
+
+    def _on_unreachable(self, identity: bytes) -> None:
+        worker = self.workers.pop(identity, None)
+        if worker is not None:
+            log.info("worker %s unreachable; dropping its calls", identity.decode())
+            self._drop(worker)
+
+    def _drop(self, worker: WorkerState) -> None:
+        for task in worker.calls.values():
+            task.cancel()
+        for stream in worker.streams.values():
+            stream.cancel()
+        worker.calls.clear()
+        worker.streams.clear()
+        self.link.forget(worker.identity)
+
+    def _on_frame(self, identity: bytes, frame: bytes) -> None:
+        try:
+            message = codec.decode(frame)
+        except codec.CodecError as exc:
+            log.error("dropping bad frame from %r: %s", identity, exc)
+            return
+        worker = self.workers.get(identity)
+        if worker is None:
+            worker = self.workers[identity] = WorkerState(identity)
+            log.info("worker %s connected", identity.decode())
+        worker.last_seen = self.loop.time()
+        kind = message.kind
+        if kind is s.Kind.HELLO or kind is s.Kind.PING:
+            self._send(worker, s.Pong(self.epoch, self._seq(worker), s.SCHEMA_VERSION))
+            return
+        epoch: int = message.epoch  # type: ignore[union-attr]
+        if epoch != self.epoch:
+            # Addressed to a previous hub: never execute it (it may have run there).
+            req_id: int = message.req_id  # type: ignore[union-attr]
+            if kind is s.Kind.UNARY or kind is s.Kind.STREAM_OPEN:
+                self._send(worker, s.Stale(self.epoch, self._seq(worker), req_id))
+            return
+        if isinstance(message, s.Unary):
+            self._on_unary(worker, message)
+        elif isinstance(message, s.StreamSend):
+            stream = worker.streams.get(message.req_id)
+            if stream is not None:
+                stream.send(message.payload)
+        elif isinstance(message, s.StreamAck):
+            stream = worker.streams.get(message.req_id)
+            if stream is not None:
+                stream.ack(message.count)
+        elif isinstance(message, s.StreamOpen):
+            self._on_stream_open(worker, message)
+        elif isinstance(message, s.StreamHalfClose):
+            stream = worker.streams.get(message.req_id)
+            if stream is not None:
+                stream.half_close()
+        elif isinstance(message, s.Cancel):
+            task = worker.calls.pop(message.req_id, None)
+            if task is not None:
+                task.cancel()
+            stream = worker.streams.pop(message.req_id, None)
+            if stream is not None:
+                stream.cancel()
+
+    # ---- unary ---------------------------------------------------------------------------
+
+    def _on_unary(self, worker: WorkerState, message: s.Unary) -> None:
+        method = METHODS[message.method]
+        if method is MEMBER_LIST and self.config.advertise_client_url:
+            # SPEC 6.1 mode 3: the proxy advertises itself instead of the etcd members.
+            members = [(self.hostname, self.config.advertise_client_url)]
+            self.reply(worker, message.req_id, OK, proxy_member_list(members))
+            return
+        task = self.loop.create_task(self._unary(worker, method, message))
+        worker.calls[message.req_id] = task
+
+    async def _unary(self, worker: WorkerState, method: Method, message: s.Unary) -> None:
+        try:
+            code, body = await self.forwarder.unary(method, message.payload, message.metadata, message.timeout_s)
+        except asyncio.CancelledError:
+            return  # the client gave up; nobody waits for an answer
+        except Exception as exc:
+            log.exception("unary %s failed", method.path)
+            code, body = grpc.StatusCode.UNKNOWN.value[0], f"etcdproxy: {exc}"
+        finally:
+            worker.calls.pop(message.req_id, None)
+        self.reply(worker, message.req_id, code, body)
+
+    # ---- streams -------------------------------------------------------------------------
+
+    def _on_stream_open(self, worker: WorkerState, message: s.StreamOpen) -> None:
+        method = METHODS[message.method]
+        if method.shape is Shape.UNARY:
+            return
+        req_id = message.req_id
+
+        def emit(payload: bytes) -> None:
+            self._send(worker, s.StreamRecv(self.epoch, self._seq(worker), req_id, payload))
+
+        def finish(code: int, text: str) -> None:
+            worker.streams.pop(req_id, None)
+            self._send(worker, s.StreamEnd(self.epoch, self._seq(worker), req_id, code, text))
+
+        worker.streams[req_id] = UpstreamStream(self.channel, method, message.metadata, message.timeout_s, emit, finish)
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = self.loop.time()
+            for identity, worker in list(self.workers.items()):
+                if now - worker.last_seen > WORKER_SILENCE_S:
+                    log.info("worker %s silent for %.0f s; dropping it", identity.decode(), now - worker.last_seen)
+                    del self.workers[identity]
+                    self._drop(worker)
+
+    async def serve(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            self.loop.add_signal_handler(sig, self._stop.set)
+        self.link.start()
+        tasks = [
+            self.loop.create_task(proc.heartbeat_loop(self.spec)),
+            self.loop.create_task(self._sweep()),
+        ]
+        proc.notify_ready(self.spec)
+        log.info("hub ready (epoch %x) on %s", self.epoch, proc.hub_endpoint(self.spec.run_dir))
+        await self._stop.wait()
+        log.info("hub stopping")
+        for task in tasks:
+            task.cancel()
+        for worker in self.workers.values():
+            self._drop(worker)
+        self.link.close()
+        await self.channel.close(grace=1.0)
+        self.ctx.term()
+        return 0
+
+
+def main(config: Config, spec: proc.ChildSpec) -> int:
+    proc.child_init(spec, config.debug)
+    started = time.monotonic()
+
+    async def run() -> int:
+        try:
+            hub = Hub(config, spec)
+        except zmq.ZMQError as exc:
+            log.error("hub cannot bind %s: %s", proc.hub_endpoint(spec.run_dir), exc)
+            return proc.EXIT_BOOT_ERROR
+        return await hub.serve()
+
+    code = asyncio.run(run())
+    log.info("hub exiting with %d after %.1f s (pid %d)", code, time.monotonic() - started, os.getpid())
+    return code

@@ -1,0 +1,178 @@
+"""gRPC handlers of a worker: every etcd method as raw bytes, plus grpc.health.v1.
+
+Requests are parsed once, only to refuse malformed bytes the way etcd does before anything
+reaches upstream; the original bytes are what travels to the hub. Responses come back as
+etcd's bytes and are returned untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from etcdproxy.core import errors, wire
+from etcdproxy.core.methods import METHODS, Method, Shape
+from etcdproxy.ipc.schema import Metadata
+from etcdproxy.worker.hubclient import HubClient, StreamState
+
+log = logging.getLogger(__name__)
+
+# Client metadata that etcd acts on and the proxy therefore forwards: the auth token, and
+# require-leader (clientv3's WithRequireLeader sets "hasleader: true").
+FORWARDED_METADATA = frozenset({"token", "hasleader"})
+
+HEALTH_SERVICE = "grpc.health.v1.Health"
+_SERVING, _NOT_SERVING = b"\x08\x01", b"\x08\x02"
+
+
+def forwarded_metadata(context: grpc.aio.ServicerContext[Any, Any]) -> Metadata:
+    return [(k, v) for k, v in (context.invocation_metadata() or ()) if k in FORWARDED_METADATA]
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], error: errors.EtcdError) -> None:
+    await context.abort(error.code, error.message)
+
+
+class Handlers:
+    def __init__(self, hub: HubClient) -> None:
+        self.hub = hub
+
+    def generic_handlers(self) -> list[grpc.GenericRpcHandler]:
+        by_service: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+        for method in METHODS:
+            by_service.setdefault(method.service, {})[method.name] = self._handler(method)
+        by_service[HEALTH_SERVICE] = {
+            "Check": grpc.unary_unary_rpc_method_handler(self.health_check),
+            "Watch": grpc.unary_stream_rpc_method_handler(self.health_watch),
+        }
+        return [grpc.method_handlers_generic_handler(svc, handlers) for svc, handlers in by_service.items()]
+
+    def _handler(self, method: Method) -> grpc.RpcMethodHandler:
+        if method.name == "RangeStream":
+            return grpc.unary_stream_rpc_method_handler(self._range_stream)
+        if method.shape is Shape.UNARY:
+            return grpc.unary_unary_rpc_method_handler(self._unary_for(method))
+        if method.shape is Shape.SERVER_STREAM:
+            return grpc.unary_stream_rpc_method_handler(self._server_stream_for(method))
+        return grpc.stream_stream_rpc_method_handler(self._bidi_for(method))
+
+    # ---- unary ---------------------------------------------------------------------------
+
+    def _unary_for(self, method: Method) -> Callable[[bytes, Any], Awaitable[bytes]]:
+        request_class = method.request
+        hub = self.hub
+
+        async def unary(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+            _, problem = wire.parse(request_class, request)
+            if problem is not None:
+                await abort(context, errors.unmarshal_error(problem))
+            req_id, future = hub.call(method, request, forwarded_metadata(context), context.time_remaining())
+            try:
+                code, body = await future
+            except asyncio.CancelledError:
+                hub.cancel(req_id)
+                raise
+            if code == 0:
+                return body  # type: ignore[return-value]
+            await context.abort(errors.CODES[code], str(body))
+            raise AssertionError("unreachable")
+
+        return unary
+
+    # ---- streams -------------------------------------------------------------------------
+
+    async def _relay(
+        self, req_id: int, state: StreamState, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        """Yield upstream messages until the stream ends, then end the call with its status."""
+        hub = self.hub
+        while True:
+            item = await state.inbox.get()
+            if isinstance(item, bytes):
+                yield item
+                hub.stream_delivered(req_id, state)
+                continue
+            code, text = item
+            if code != 0:
+                await context.abort(errors.CODES[code], text)
+            return
+
+    def _server_stream_for(self, method: Method) -> Callable[[bytes, Any], AsyncIterator[bytes]]:
+        request_class = method.request
+        hub = self.hub
+
+        async def server_stream(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+            _, problem = wire.parse(request_class, request)
+            if problem is not None:
+                await abort(context, errors.unmarshal_error(problem))
+            req_id, state = hub.open_stream(method, forwarded_metadata(context))
+            try:
+                hub.stream_send(req_id, request)
+                async for message in self._relay(req_id, state, context):
+                    yield message
+            finally:
+                hub.cancel(req_id)
+
+        return server_stream
+
+    def _bidi_for(self, method: Method) -> Callable[[AsyncIterator[bytes], Any], AsyncIterator[bytes]]:
+        request_class = method.request
+        hub = self.hub
+
+        async def bidi(
+            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[bytes]:
+            req_id, state = hub.open_stream(method, forwarded_metadata(context))
+
+            async def pump() -> None:
+                # Half-close is passed on, never treated as the end of the stream: etcd keeps
+                # sending after a client half-closes, and so do we.
+                async for request in requests:
+                    _, problem = wire.parse(request_class, request)
+                    if problem is not None:
+                        err = errors.unmarshal_error(problem)
+                        hub.end_stream(req_id, err)
+                        return
+                    hub.stream_send(req_id, request)
+                hub.stream_half_close(req_id)
+
+            reader = asyncio.get_running_loop().create_task(pump())
+            try:
+                async for message in self._relay(req_id, state, context):
+                    yield message
+            finally:
+                reader.cancel()
+                hub.cancel(req_id)
+
+        return bidi
+
+    async def _range_stream(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+        await abort(context, errors.RANGE_STREAM_UNSUPPORTED)
+        yield b""  # pragma: no cover - makes this an async generator
+
+    # ---- grpc.health.v1 ------------------------------------------------------------------
+
+    def _health_status(self, request: bytes) -> bytes | None:
+        # HealthCheckRequest{string service = 1}: "" is the server as a whole, like etcd.
+        if request not in (b"", b"\x0a\x00"):
+            return None
+        return _SERVING if self.hub.hub_alive else _NOT_SERVING
+
+    async def health_check(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        status = self._health_status(request)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+        return status  # type: ignore[return-value]
+
+    async def health_watch(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+        last = None
+        while True:
+            status = self._health_status(request) or b"\x08\x03"  # SERVICE_UNKNOWN
+            if status != last:
+                yield status
+                last = status
+            await asyncio.sleep(1.0)

@@ -1,0 +1,80 @@
+"""A worker process: a grpc.aio server on the client port, talking to the hub over IPC.
+
+Workers share --listen-addr through SO_REUSEPORT (the supervisor's port guard makes sure no
+other program holds it). Lifecycle: fork -> main() -> serve() until SIGTERM, then stop
+accepting, end long-lived streams with UNAVAILABLE (clients reconnect to another worker),
+and give unary calls ``graceful_timeout_s`` to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+
+from etcdproxy import proc
+from etcdproxy.config import Config
+from etcdproxy.core import errors
+from etcdproxy.worker.handlers import Handlers
+from etcdproxy.worker.hubclient import HubClient
+
+log = logging.getLogger(__name__)
+
+MAX_INT32 = 2**31 - 1
+
+
+def server_options(config: Config) -> list[tuple[str, int]]:
+    options = [
+        ("grpc.so_reuseport", 1),
+        ("grpc.max_receive_message_length", config.server_max_receive_bytes),
+        ("grpc.max_send_message_length", -1),
+        ("grpc.max_concurrent_streams", min(config.max_concurrent_streams, MAX_INT32)),
+        # etcd's keepalive enforcement: clients may ping no more often than min-time, and
+        # only while they have an active call (PermitWithoutStream=false).
+        ("grpc.http2.min_ping_interval_without_data_ms", int(config.grpc_keepalive_min_time_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 0),
+    ]
+    if config.grpc_keepalive_interval_s > 0:
+        options.append(("grpc.keepalive_time_ms", int(config.grpc_keepalive_interval_s * 1000)))
+    if config.grpc_keepalive_timeout_s > 0:
+        options.append(("grpc.keepalive_timeout_ms", int(config.grpc_keepalive_timeout_s * 1000)))
+    return options
+
+
+async def serve(config: Config, spec: proc.ChildSpec) -> int:
+    loop = asyncio.get_running_loop()
+    hub = HubClient(proc.hub_endpoint(spec.run_dir), spec.index, loop)
+    server = grpc.aio.server(options=server_options(config))
+    server.add_generic_rpc_handlers(Handlers(hub).generic_handlers())
+    try:
+        port = server.add_insecure_port(config.listen_addr)
+    except RuntimeError as exc:
+        log.error("cannot listen on %s: %s", config.listen_addr, exc)
+        return proc.EXIT_BOOT_ERROR
+    if not port:
+        log.error("cannot listen on %s", config.listen_addr)
+        return proc.EXIT_BOOT_ERROR
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        loop.add_signal_handler(sig, stop.set)
+    hub.start()
+    await server.start()
+    heartbeat = loop.create_task(proc.heartbeat_loop(spec))
+    proc.notify_ready(spec)
+    log.info("worker %d serving gRPC on %s", spec.index, config.listen_addr)
+    await stop.wait()
+    log.info("worker %d stopping", spec.index)
+    stopping = loop.create_task(server.stop(config.graceful_timeout_s))
+    await asyncio.sleep(0)  # let the server stop accepting before streams are ended
+    hub.end_streams(errors.WORKER_STOPPING)
+    await stopping
+    heartbeat.cancel()
+    hub.close()
+    return 0
+
+
+def main(config: Config, spec: proc.ChildSpec) -> int:
+    proc.child_init(spec, config.debug)
+    return asyncio.run(serve(config, spec))
