@@ -1,0 +1,383 @@
+"""Process plumbing shared by the supervisor and its children (hub and workers).
+
+The supervisor builds a ``ChildSpec`` (plain data) before fork; the child calls ``child_init()``
+first thing, runs ``heartbeat_loop()`` as a task on its own event loop and calls ``notify_ready()``
+once it serves. Nothing here creates gRPC, ZeroMQ or event-loop objects, so the supervisor can
+import it freely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import faulthandler
+import fcntl
+import glob
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from dataclasses import dataclass
+
+from etcdproxy import logs
+
+log = logging.getLogger(__name__)
+
+# A child exits with this code when it cannot boot (bad config, cannot bind). If it never became
+# ready, the supervisor stops everything and exits 1 instead of respawning it in a loop.
+EXIT_BOOT_ERROR = 3
+
+HUB = "hub"
+WORKER = "worker"
+
+# Signals the supervisor handles itself; a child starts with their default actions.
+SUPERVISOR_SIGNALS: tuple[signal.Signals, ...] = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGCHLD,
+)
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+# Sent to a child when the supervisor dies. KILL, not TERM: a supervisor killed with -9 must not
+# leave a hub or worker behind, and a dying supervisor cannot coordinate a graceful drain anyway.
+PARENT_DEATH_SIGNAL = signal.SIGKILL
+
+
+@dataclass(frozen=True, slots=True)
+class ChildSpec:
+    role: str  # HUB or WORKER
+    index: int  # worker number 0..N-1 (0 for the hub)
+    run_dir: str  # per-instance directory (mode 0700); the hub's socket is hub_endpoint(run_dir)
+    heartbeat_path: str
+    ready_fd: int  # write end of a pipe; the child writes b"R" once it serves; -1 if none
+    supervisor_pid: int
+    generation: int  # how many times this slot was (re)spawned, 0 first
+
+    @property
+    def name(self) -> str:
+        """``hub`` or ``worker 3``: used in titles and supervisor log lines."""
+        return self.role if self.role == HUB else f"{self.role} {self.index}"
+
+
+def hub_endpoint(run_dir: str) -> str:
+    return f"ipc://{run_dir}/hub.sock"
+
+
+def title_for(spec: ChildSpec | None, role_text: str) -> str:
+    """``etcdproxy: <role_text>``; an empty ``role_text`` is derived from ``spec``."""
+    text = role_text or (spec.name if spec is not None else "supervisor")
+    return text if text.startswith("etcdproxy:") else f"etcdproxy: {text}"
+
+
+def set_title(spec: ChildSpec | None, role_text: str) -> None:
+    """Set the process title shown by ps and in /proc/<pid>/cmdline (e.g. ``etcdproxy: worker 3``)."""
+    try:
+        import setproctitle
+    except ImportError:  # a hard dependency; a missing title must not stop the proxy
+        log.debug("setproctitle is not installed, process title unchanged")
+        return
+    setproctitle.setproctitle(title_for(spec, role_text))
+
+
+def set_parent_death_signal(sig: int = PARENT_DEATH_SIGNAL) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent (the forking thread) dies.
+
+    Also used as the ``preexec_fn`` of the embedded etcd. A no-op where prctl does not exist.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"prctl(PR_SET_PDEATHSIG): {os.strerror(errno)}")
+
+
+def log_role(spec: ChildSpec) -> str:
+    """Role tag for log lines: ``hub`` or ``worker-3`` (no space, so lines split cleanly)."""
+    return spec.role if spec.role == HUB else f"{spec.role}-{spec.index}"
+
+
+def child_init(spec: ChildSpec, debug: bool = False) -> None:
+    """First thing a forked child does: die with the supervisor, reset signals, title, logging."""
+    set_parent_death_signal()
+    # The supervisor may have died between fork() and prctl(): then no signal will ever come.
+    if os.getppid() != spec.supervisor_pid:
+        os._exit(1)
+    # The supervisor's handlers only enqueue into its own loop, which does not run here.
+    signal.set_wakeup_fd(-1)
+    for sig in SUPERVISOR_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    # SIGABRT from the supervisor's heartbeat check then dumps every thread's stack to stderr.
+    faulthandler.enable(all_threads=True)
+    set_title(spec, spec.name)
+    logs.setup(log_role(spec), debug)
+
+
+async def heartbeat_loop(spec: ChildSpec, interval_s: float = 1.0) -> None:
+    """Touch the heartbeat file every ``interval_s`` from the child's event loop, forever.
+
+    Runs as a task on the loop that serves requests: a blocked loop stops the heartbeat, and the
+    supervisor aborts the child. Exits the process if the supervisor is gone (orphan check; the
+    parent-death signal is the fast path, this one also covers a failed prctl).
+    """
+    warned = False
+    while True:
+        if os.getppid() != spec.supervisor_pid:
+            log.error("supervisor pid %d is gone, exiting", spec.supervisor_pid)
+            exit_now(1)
+        try:
+            touch(spec.heartbeat_path)
+            warned = False
+        except OSError as exc:
+            if not warned:
+                log.warning("cannot touch heartbeat file %s: %s", spec.heartbeat_path, exc)
+                warned = True
+        await asyncio.sleep(interval_s)
+
+
+def touch(path: str) -> None:
+    """Create ``path`` if needed and set its mtime to now."""
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+
+
+# ready_fd values already written and closed by notify_ready() (ChildSpec is frozen).
+_notified: set[int] = set()
+
+
+def notify_ready(spec: ChildSpec) -> None:
+    """Tell the supervisor this child serves: write b"R" to ``ready_fd`` and close it. Idempotent."""
+    fd = spec.ready_fd
+    if fd < 0 or fd in _notified:
+        return
+    _notified.add(fd)
+    try:
+        os.write(fd, b"R")
+    except OSError as exc:  # EPIPE: the supervisor is gone; heartbeat_loop will end this process
+        log.warning("cannot report readiness to the supervisor: %s", exc)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def exit_now(code: int) -> None:
+    """``os._exit`` after flushing stdio: skips the atexit handlers inherited from the supervisor."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def respawn_delay(
+    previous_s: float, lived_s: float, *, initial_s: float = 0.1, cap_s: float = 5.0, reset_after_s: float = 10.0
+) -> float:
+    """Backoff before respawning a slot whose child lived ``lived_s`` after the last delay ``previous_s``.
+
+    Doubles on each quick death, capped at ``cap_s``; a child that lived longer than
+    ``reset_after_s`` counts as healthy, so the next death waits ``initial_s`` again.
+    """
+    if lived_s > reset_after_s or previous_s <= 0:
+        return initial_s
+    return min(max(previous_s * 2, initial_s), cap_s)
+
+
+def split_host_port(addr: str) -> tuple[str, int]:
+    """``"127.0.0.1:23790"``, ``"[::1]:23790"``, ``"http://h:1"`` -> (host, port). ValueError if bad."""
+    rest = addr.split("://", 1)[1] if "://" in addr else addr
+    rest = rest.rstrip("/")
+    host, sep, port_text = rest.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"listen address {addr!r} is not host:port")
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"listen address {addr!r} has an invalid port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"listen address {addr!r}: an IPv6 host must be in brackets")
+    return host, port
+
+
+def lock_file_name(addr: str) -> str:
+    """File name of the per-listen-address lock: ``etcdproxy-<host>-<port>.lock``, host sanitised."""
+    host, port = split_host_port(addr)
+    safe = "".join(c if c.isalnum() or c in ".-" else "_" for c in host) or "_"
+    return f"etcdproxy-{safe}-{port}.lock"
+
+
+# --- supervisor side: one instance per listen address and run dir, run dir, sd_notify, metrics ---
+# (Here rather than in supervisor.py to keep that module about the process tree only.)
+
+# Longest run dir accepted: sockets in it ("/hub.sock" and whatever else the hub binds) must fit
+# in sun_path (107 characters plus NUL on Linux).
+RUN_DIR_MAX = 80
+
+
+class GuardError(Exception):
+    """Another instance holds the address or run dir, or it cannot be used; message for the operator."""
+
+
+class Guard:
+    """Exclusive flocks held for the supervisor's life, released by closing (or by its death)."""
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+
+    def take_listen_addr(self, addr: str) -> None:
+        """Refuse a second instance on ``addr``: a flock, then a bind probe.
+
+        gRPC sets SO_REUSEPORT, so a second proxy would bind silently and steal connections. The
+        lock catches another etcdproxy even between its probe and its workers' binds; the probe,
+        a plain socket without SO_REUSEPORT, catches any other listener. The probe is closed again
+        at once so the workers can bind.
+        """
+        try:
+            host, port = split_host_port(addr)
+        except ValueError as exc:
+            raise GuardError(f"etcdproxy: {exc}") from exc
+        lock_dir = "/run" if os.access("/run", os.W_OK) else "/tmp"
+        path = os.path.join(lock_dir, lock_file_name(addr))
+        holder = self._flock(path)
+        if holder is not None:
+            raise GuardError(f"etcdproxy: listen-addr {addr} is already in use (etcdproxy pid {holder}, lock {path})")
+        probe_bind(addr, host, port)
+
+    def take_run_dir(self, run_dir: str) -> None:
+        holder = self._flock(os.path.join(run_dir, "supervisor.lock"))
+        if holder is not None:
+            raise GuardError(f"etcdproxy: run-dir {run_dir} is in use by etcdproxy pid {holder}")
+
+    def _flock(self, path: str) -> str | None:
+        """Lock ``path``; return None on success, or the holder's pid (as written in the file)."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:  # e.g. someone else's file in sticky /tmp: the bind probe still guards
+            log.warning("cannot open lock file %s: %s", path, exc)
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            return holder
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fds.append(fd)
+        return None
+
+    def release(self) -> None:
+        # Lock files are left in place: unlinking one races with a process that opened it already.
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
+
+
+def probe_bind(addr: str, host: str, port: int) -> None:
+    """Bind (without SO_REUSEPORT) every address ``host`` resolves to; GuardError if one is taken."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise GuardError(f"etcdproxy: listen-addr {addr}: {exc}") from exc
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as sock:
+            # SO_REUSEADDR only forgives TIME_WAIT leftovers of a previous run; a listener still wins.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise GuardError(f"etcdproxy: listen-addr {addr} is already in use") from exc
+                if exc.errno == errno.EADDRNOTAVAIL and len(infos) > 1:
+                    continue  # e.g. ::1 on a host without IPv6, while 127.0.0.1 works
+                raise GuardError(f"etcdproxy: cannot bind listen-addr {addr}: {exc.strerror}") from exc
+
+
+def make_run_dir(configured: str) -> tuple[str, bool]:
+    """Return (run dir, created by us). Mode 0700: the hub socket must not be reachable by others."""
+    if configured:
+        path = os.path.abspath(configured)
+        created = not os.path.isdir(path)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        with contextlib.suppress(OSError):
+            os.chmod(path, 0o700)
+    else:
+        path = tempfile.mkdtemp(prefix="etcdproxy-")
+        if len(path) > RUN_DIR_MAX:  # a long $TMPDIR: fall back to /tmp
+            os.rmdir(path)
+            path = tempfile.mkdtemp(prefix="etcdproxy-", dir="/tmp")
+        created = True
+    if len(path) > RUN_DIR_MAX:
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise GuardError(f"etcdproxy: run-dir {path} is too long for ipc:// sockets (max {RUN_DIR_MAX} characters)")
+    return path, created
+
+
+def clean_run_dir(path: str, created: bool) -> None:
+    """Remove the run dir we created; in a run dir we were given, only what the process tree left."""
+    if created:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for name in os.listdir(path):
+        if name.startswith("heartbeat-") or name.endswith(".sock") or name == "supervisor.lock":
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(path, name))
+
+
+def sd_notify(state: str) -> bool:
+    """Send ``state`` to systemd if NOTIFY_SOCKET is set (Type=notify); no dependency needed."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):  # abstract namespace
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+    except OSError as exc:
+        log.warning("sd_notify to %s failed: %s", address, exc)
+        return False
+    return True
+
+
+def metrics_dir() -> str:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+
+
+def prepare_metrics_dir() -> None:
+    """prometheus-client multiprocess mode: start from an empty directory (its documented rule)."""
+    path = metrics_dir()
+    if not path:
+        return
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):
+        if name.endswith(".db"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(path, name))
+
+
+def forget_metrics(pid: int) -> None:
+    """What prometheus_client.multiprocess.mark_process_dead does, without importing prometheus
+    into the supervisor (its storage mode is fixed at import time, and children inherit modules)."""
+    path = metrics_dir()
+    if not path:
+        return
+    for name in glob.glob(os.path.join(glob.escape(path), f"gauge_live*_{pid}.db")):
+        with contextlib.suppress(OSError):
+            os.unlink(name)

@@ -1,0 +1,435 @@
+"""The supervisor: fork the hub and the workers, reap, respawn, heartbeats, signals, ordered stop.
+
+Plain synchronous code on purpose: gRPC Python forbids fork() once a channel or server exists in
+the forking process, so this process creates no gRPC, ZeroMQ or event-loop object and can fork a
+replacement hub or worker at any moment. Signal handlers only enqueue; a select() loop woken by
+``signal.set_wakeup_fd`` dispatches ``handle_<signal>``. Each child gets a readiness pipe and a
+heartbeat file (see proc.py). Model: gunicorn's arbiter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import select
+import signal
+import time
+from dataclasses import dataclass
+
+from etcdproxy import logs, proc
+from etcdproxy.config import Config
+from etcdproxy.embedded import EmbeddedEtcd, EmbeddedEtcdError
+from etcdproxy.proc import EXIT_BOOT_ERROR, HUB, WORKER, ChildSpec
+
+log = logging.getLogger(__name__)
+
+TICK_S = 1.0  # longest sleep of the main loop; also the heartbeat check period
+ABORT_GRACE_S = 3.0  # after SIGABRT (faulthandler dumps the stacks) comes SIGKILL
+FAST_STOP_S = 2.0  # per shutdown phase on INT/QUIT
+KILL_WAIT_S = 5.0  # how long to wait for a SIGKILLed child before giving up on it
+
+
+@dataclass(slots=True)
+class Slot:
+    """One place in the process tree (the hub, or worker N) and its current child, if any.
+
+    Mutated only by the Supervisor's main loop.
+    """
+
+    role: str
+    index: int
+    generation: int = -1  # incremented on each spawn, so the first child is generation 0
+    pid: int = 0  # 0 while no child runs (waiting for respawn)
+    ready_fd: int = -1  # read end of the readiness pipe, -1 once closed
+    ready: bool = False  # the current child wrote b"R"
+    started_at: float = 0.0  # monotonic
+    delay_s: float = 0.0  # the last respawn delay, input of proc.respawn_delay
+    respawn_at: float | None = None  # monotonic; set while waiting to respawn
+    heartbeat_path: str = ""
+    heartbeat_mtime_ns: int = 0  # last value seen; compared for change, never against the clock
+    heartbeat_changed_at: float = 0.0  # monotonic time heartbeat_mtime_ns last changed
+    abort_sent_at: float | None = None
+    retiring: bool = False  # removed by TTOU: not respawned
+
+    @property
+    def name(self) -> str:
+        return self.role if self.role == HUB else f"{self.role} {self.index}"
+
+
+def run_child(config: Config, spec: ChildSpec) -> int:
+    """Body of a forked child after child_init(). Imports lazily: the supervisor must stay grpc-free."""
+    if spec.role == HUB:
+        from etcdproxy.hub.process import main
+    else:
+        from etcdproxy.worker.process import main
+    return int(main(config, spec))
+
+
+class BootError(Exception):
+    """The proxy cannot start; the message is for the operator and the exit code is 1."""
+
+
+class Supervisor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.pid = os.getpid()
+        self.slots: list[Slot] = []
+        self.by_pid: dict[int, Slot] = {}
+        self.signals: list[int] = []  # appended by the signal handler, drained by the main loop
+        self.wake_r = self.wake_w = -1
+        self.run_dir = ""
+        self.own_run_dir = False
+        self.guard = proc.Guard()
+        self.etcd: EmbeddedEtcd | None = None
+        self.stop_mode: str | None = None  # None while running, then "graceful" or "fast"
+        self.exit_code = 0
+        self.announced = False
+        self.next_heartbeat_check = 0.0
+
+    # --- life cycle ---
+
+    def run(self) -> int:
+        try:
+            self.boot()
+            self.slots.append(Slot(HUB, 0))
+            self.slots.extend(Slot(WORKER, i) for i in range(self.config.workers))
+            for slot in self.slots:
+                self.spawn(slot)
+            self.loop()
+        except BootError as exc:
+            log.error("%s", exc)
+            self.exit_code = 1
+        except Exception:
+            log.exception("supervisor failed")
+            self.exit_code = 1
+        finally:
+            self.shutdown()
+        return self.exit_code
+
+    def boot(self) -> None:
+        """Everything before the first fork: signals, run dir, port guard, embedded etcd."""
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        for sig in proc.SUPERVISOR_SIGNALS:
+            signal.signal(sig, self._on_signal)
+        try:
+            self.guard.take_listen_addr(self.config.listen_addr)
+            self.run_dir, self.own_run_dir = proc.make_run_dir(self.config.run_dir)
+            self.guard.take_run_dir(self.run_dir)
+        except proc.GuardError as exc:
+            raise BootError(str(exc)) from exc
+        proc.prepare_metrics_dir()
+        if self.config.embedded_etcd:
+            self.etcd = EmbeddedEtcd(debug=self.config.debug)
+            try:
+                self.etcd.start()
+            except EmbeddedEtcdError as exc:
+                raise BootError(f"etcdproxy: {exc}") from exc
+            self.config = dataclasses.replace(self.config, endpoints=(self.etcd.endpoint,))
+        log.info(
+            "supervisor pid %d: listen-addr %s, %d workers, endpoints %s, run dir %s",
+            self.pid,
+            self.config.listen_addr,
+            self.config.workers,
+            ",".join(self.config.endpoints),
+            self.run_dir,
+        )
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.signals.append(signum)  # nothing else: logging or forking here could deadlock
+
+    def loop(self) -> None:
+        while self.stop_mode is None:
+            self.wait(self.next_timeout())
+            self.dispatch_signals()
+            self.reap()
+            if self.stop_mode is not None:
+                break
+            self.respawn_due()
+            self.check_heartbeats()
+            self.maybe_announce()
+
+    def next_timeout(self) -> float:
+        now = time.monotonic()
+        due = [self.next_heartbeat_check] + [s.respawn_at for s in self.slots if s.respawn_at is not None]
+        return max(0.0, min(TICK_S, min(due) - now))
+
+    def wait(self, timeout_s: float) -> None:
+        """Sleep until a signal, a readiness byte or the timeout."""
+        fds = [self.wake_r] + [s.ready_fd for s in self.slots if s.ready_fd >= 0]
+        readable, _, _ = select.select(fds, [], [], timeout_s)
+        if self.wake_r in readable:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self.wake_r, 4096):
+                    pass
+        for slot in self.slots:
+            if slot.ready_fd in readable:
+                self.read_ready(slot)
+
+    def read_ready(self, slot: Slot) -> None:
+        try:
+            data = os.read(slot.ready_fd, 64)
+        except BlockingIOError:
+            return
+        if b"R" in data and not slot.ready:
+            slot.ready = True
+            log.info("%s pid %d is ready", slot.name, slot.pid)
+        if not data or slot.ready:  # EOF, or nothing more to hear on this pipe
+            os.close(slot.ready_fd)
+            slot.ready_fd = -1
+
+    def maybe_announce(self) -> None:
+        if self.announced or not all(s.ready for s in self.slots):
+            return
+        self.announced = True
+        log.info("started gRPC proxy")
+        proc.sd_notify(f"READY=1\nSTATUS=serving on {self.config.listen_addr}\nMAINPID={self.pid}")
+
+    # --- children ---
+
+    def spawn(self, slot: Slot) -> None:
+        slot.generation += 1
+        slot.heartbeat_path = os.path.join(self.run_dir, f"heartbeat-{slot.role}-{slot.index}")
+        proc.touch(slot.heartbeat_path)
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        spec = ChildSpec(slot.role, slot.index, self.run_dir, slot.heartbeat_path, write_fd, self.pid, slot.generation)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            os.close(read_fd)
+            os.close(write_fd)
+            slot.delay_s = proc.respawn_delay(slot.delay_s, 0.0)
+            slot.respawn_at = time.monotonic() + slot.delay_s
+            log.error("cannot fork %s: %s, retrying in %.1f s", slot.name, exc, slot.delay_s)
+            return
+        if pid == 0:
+            self.child(spec, read_fd)  # never returns
+        os.close(write_fd)
+        now = time.monotonic()
+        slot.pid, slot.ready_fd, slot.ready, slot.started_at = pid, read_fd, False, now
+        slot.respawn_at, slot.abort_sent_at = None, None
+        slot.heartbeat_mtime_ns, slot.heartbeat_changed_at = self.heartbeat_mtime(slot), now
+        self.by_pid[pid] = slot
+        log.info("spawned %s pid %d", slot.name, pid)
+
+    def child(self, spec: ChildSpec, read_fd: int) -> None:
+        """In the forked child: drop the supervisor's state, run the role, never return."""
+        code = 1
+        try:
+            proc.child_init(spec, self.config.debug)
+            private = [read_fd, self.wake_r, self.wake_w, *self.guard.fds]
+            private += [s.ready_fd for s in self.slots if s.ready_fd >= 0]
+            for fd in private:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            code = run_child(self.config, spec)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            log.exception("%s crashed", spec.name)
+        finally:
+            proc.exit_now(code)
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.on_exit(pid, status)
+
+    def on_exit(self, pid: int, status: int) -> None:
+        if self.etcd is not None and pid == self.etcd.pid:
+            self.etcd.reaped(status)
+            if self.stop_mode is None:
+                log.error("embedded etcd pid %d exited with code %s, stopping", pid, self.etcd.exit_code)
+                self.exit_code, self.stop_mode = 1, "fast"
+            return
+        slot = self.by_pid.pop(pid, None)
+        if slot is None:
+            log.debug("reaped unknown child pid %d", pid)
+            return
+        code = os.waitstatus_to_exitcode(status)
+        if slot.ready_fd >= 0:  # it may have said ready just before dying
+            self.read_ready(slot)
+            if slot.ready_fd >= 0:
+                os.close(slot.ready_fd)
+                slot.ready_fd = -1
+        proc.forget_metrics(pid)
+        now = time.monotonic()
+        lived_s = now - slot.started_at
+        slot.pid = 0
+        if self.stop_mode is not None:
+            log.info("%s pid %d exited with code %d", slot.name, pid, code)
+        elif slot.retiring:
+            log.info("%s pid %d exited with code %d, not respawning (removed)", slot.name, pid, code)
+            self.slots.remove(slot)
+        elif code == EXIT_BOOT_ERROR and not slot.ready:
+            log.error("%s pid %d could not boot (exit code %d), stopping", slot.name, pid, code)
+            self.exit_code, self.stop_mode = 1, "fast"
+        else:
+            slot.delay_s = proc.respawn_delay(slot.delay_s, lived_s)
+            slot.respawn_at = now + slot.delay_s
+            slot.ready = False
+            log.info("%s pid %d exited with code %d, respawning in %.1f s", slot.name, pid, code, slot.delay_s)
+
+    def respawn_due(self) -> None:
+        now = time.monotonic()
+        for slot in list(self.slots):
+            if slot.pid == 0 and slot.respawn_at is not None and now >= slot.respawn_at:
+                self.spawn(slot)
+
+    @staticmethod
+    def heartbeat_mtime(slot: Slot) -> int:
+        try:
+            return os.stat(slot.heartbeat_path).st_mtime_ns
+        except OSError:
+            return slot.heartbeat_mtime_ns
+
+    def check_heartbeats(self) -> None:
+        """SIGABRT a child whose heartbeat file did not change for heartbeat_timeout_s, SIGKILL later.
+
+        Only changes of the mtime are tracked, against the monotonic clock: a wall-clock jump
+        cannot make every child look silent at once.
+        """
+        now = time.monotonic()
+        if now < self.next_heartbeat_check:
+            return
+        self.next_heartbeat_check = now + TICK_S
+        timeout_s = self.config.heartbeat_timeout_s
+        for slot in self.slots:
+            if slot.pid == 0 or timeout_s <= 0:
+                continue
+            mtime = self.heartbeat_mtime(slot)
+            if mtime != slot.heartbeat_mtime_ns:
+                slot.heartbeat_mtime_ns, slot.heartbeat_changed_at = mtime, now
+                continue
+            silent_s = now - slot.heartbeat_changed_at
+            if slot.abort_sent_at is None and silent_s > timeout_s:
+                log.warning("%s pid %d silent for %.1f s, sending SIGABRT", slot.name, slot.pid, silent_s)
+                self.kill(slot, signal.SIGABRT)
+                slot.abort_sent_at = now
+            elif slot.abort_sent_at is not None and now - slot.abort_sent_at > ABORT_GRACE_S:
+                log.warning("%s pid %d still alive after SIGABRT, sending SIGKILL", slot.name, slot.pid)
+                self.kill(slot, signal.SIGKILL)
+
+    def kill(self, slot: Slot, sig: int) -> None:
+        if slot.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(slot.pid, sig)
+
+    # --- signals (handle_<name>, called from the main loop) ---
+
+    def dispatch_signals(self) -> None:
+        while self.signals:
+            sig = signal.Signals(self.signals.pop(0))
+            handler = getattr(self, f"handle_{sig.name.lower()}", None)
+            if handler is not None:
+                handler()
+
+    def handle_sigterm(self) -> None:
+        if self.stop_mode is None:
+            log.info("SIGTERM: graceful stop")
+            self.stop_mode = "graceful"
+
+    def handle_sigint(self) -> None:
+        if self.stop_mode != "fast":
+            log.info("fast stop")
+            self.stop_mode = "fast"
+
+    handle_sigquit = handle_sigint
+
+    def handle_sighup(self) -> None:
+        log.info("SIGHUP: reload not supported yet, ignoring")
+
+    def handle_sigusr1(self) -> None:
+        log.info("SIGUSR1: logs go to stderr, nothing to reopen")
+
+    def handle_sigusr2(self) -> None:
+        log.info("SIGUSR2: binary upgrade not supported, ignoring")
+
+    def handle_sigttin(self) -> None:
+        if self.stop_mode is not None:
+            return
+        used = {s.index for s in self.slots if s.role == WORKER}
+        index = next(i for i in range(len(used) + 1) if i not in used)
+        slot = Slot(WORKER, index)
+        self.slots.append(slot)
+        log.info("SIGTTIN: adding worker %d", index)
+        self.spawn(slot)
+
+    def handle_sigttou(self) -> None:
+        if self.stop_mode is not None:
+            return
+        workers = [s for s in self.slots if s.role == WORKER and not s.retiring]
+        if len(workers) <= 1:
+            log.info("SIGTTOU: keeping the last worker")
+            return
+        slot = max(workers, key=lambda s: s.index)
+        log.info("SIGTTOU: removing worker %d", slot.index)
+        if slot.pid:
+            slot.retiring = True
+            self.kill(slot, signal.SIGTERM)
+        else:
+            self.slots.remove(slot)
+
+    # --- stop ---
+
+    def shutdown(self) -> None:
+        """Workers first (they drain clients), then the hub, then etcd; then files and locks."""
+        if self.stop_mode is None:
+            self.stop_mode = "fast"
+        if any(s.pid for s in self.slots):
+            proc.sd_notify("STOPPING=1")
+            self.stop_group([s for s in self.slots if s.role == WORKER])
+            self.stop_group([s for s in self.slots if s.role == HUB])
+        if self.etcd is not None:
+            self.etcd.stop()
+        if self.run_dir:
+            proc.clean_run_dir(self.run_dir, self.own_run_dir)
+        self.guard.release()
+        log.info("supervisor exiting with code %d", self.exit_code)
+
+    def stop_group(self, slots: list[Slot]) -> None:
+        """Signal ``slots``' children, wait for them (graceful or fast), SIGKILL what is left."""
+        running = [s for s in slots if s.pid]
+        if not running:
+            return
+        graceful = self.stop_mode == "graceful"
+        sig = signal.SIGTERM if graceful else signal.SIGINT
+        for slot in running:
+            log.info("sending %s to %s pid %d", sig.name, slot.name, slot.pid)
+            self.kill(slot, sig)
+        deadline = time.monotonic() + (self.config.graceful_timeout_s if graceful else FAST_STOP_S)
+        while any(s.pid for s in running) and time.monotonic() < deadline:
+            self.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+            self.dispatch_signals()
+            self.reap()
+            if graceful and self.stop_mode == "fast":  # INT/QUIT during a graceful stop
+                graceful = False
+                deadline = min(deadline, time.monotonic() + FAST_STOP_S)
+                for slot in running:
+                    self.kill(slot, signal.SIGINT)
+        for slot in running:
+            if slot.pid:
+                log.warning("%s pid %d did not stop in time, sending SIGKILL", slot.name, slot.pid)
+                self.kill(slot, signal.SIGKILL)
+        deadline = time.monotonic() + KILL_WAIT_S
+        while any(s.pid for s in running) and time.monotonic() < deadline:
+            self.wait(0.05)
+            self.reap()
+        for slot in running:
+            if slot.pid:
+                log.error("%s pid %d survived SIGKILL, giving up on it", slot.name, slot.pid)
+
+
+def run(config: Config) -> int:
+    """Run the proxy until stopped; returns the process exit code (the CLI exits with it)."""
+    logs.setup("supervisor", config.debug)
+    proc.set_title(None, "supervisor")
+    return Supervisor(config).run()
