@@ -7,7 +7,9 @@ the ``etcd grpc-proxy start`` flags (dashes -> underscores); durations carry the
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import re
+from dataclasses import MISSING, dataclass, field, fields
+from fractions import Fraction
 
 DEFAULT_LISTEN_ADDR = "127.0.0.1:23790"
 # etcd's own request limit (--max-request-bytes 1.5 MiB) plus the 512 KiB gRPC overhead it allows.
@@ -76,3 +78,286 @@ class Config:
     @property
     def server_max_receive_bytes(self) -> int:
         return self.max_request_bytes + GRPC_OVERHEAD_BYTES
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation. Pure functions over a Config so they can be table-tested without click.
+# ---------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A Config the proxy refuses to start with; ``messages`` holds one line per problem."""
+
+    def __init__(self, messages: list[str]) -> None:
+        super().__init__("\n".join(messages))
+        self.messages = messages
+
+
+# Fields that are accepted on the command line (so Go scripts parse) but whose behaviour does
+# not exist yet. Refusing them is safer than silently running a proxy that, say, ignores
+# --namespace and exposes every key. Value: why, or the issue that will implement it.
+NOT_IMPLEMENTED: dict[str, str] = {
+    "discovery_srv": "issue 8",
+    "endpoints_auto_sync_interval_s": "issue 8",
+    "resolver_prefix": "issue 7",
+    "resolver_ttl_s": "issue 7",
+    "namespace": "issue 7",
+    "metrics_addr": "issue 7",
+    "enable_pprof": "Python has no pprof; profile the processes with py-spy instead",
+    # proxy -> etcd TLS
+    "cert": "TLS, issue 8",
+    "key": "TLS, issue 8",
+    "cacert": "TLS, issue 8",
+    "insecure_skip_tls_verify": "TLS, issue 8",
+    # clients -> proxy TLS
+    "cert_file": "TLS, issue 8",
+    "key_file": "TLS, issue 8",
+    "trusted_ca_file": "TLS, issue 8",
+    "listen_cipher_suites": "TLS, issue 8",
+    "auto_tls": "TLS, issue 8",
+    "client_crl_file": "TLS, issue 8",
+    "experimental_serializable_ordering": "experimental flag, no issue yet",
+    "experimental_leasing_prefix": "experimental flag, no issue yet",
+    "experimental_enable_grpc_logging": "experimental flag, no issue yet",
+}
+
+# Numeric values of Go's tls.VersionTLS12/13; "" means "let the TLS library choose" (0).
+_TLS_VERSIONS: dict[str, int] = {"": 0, "TLS1.2": 0x0303, "TLS1.3": 0x0304}
+
+# Durations of implemented flags that make no sense below zero. Go accepts negative values
+# silently; gRPC would then misbehave, so we refuse them.
+_NON_NEGATIVE_DURATIONS = (
+    "dial_keepalive_time_s",
+    "dial_keepalive_timeout_s",
+    "grpc_keepalive_min_time_s",
+    "grpc_keepalive_interval_s",
+    "grpc_keepalive_timeout_s",
+    "graceful_timeout_s",
+    "default_call_timeout_s",
+)
+
+
+def flag_name(field_name: str) -> str:
+    """The command-line flag of a Config field: ``grpc_keepalive_min_time_s`` -> ``--grpc-keepalive-min-time``."""
+    return "--" + field_name.removesuffix("_s").replace("_", "-")
+
+
+def default_of(field_name: str) -> object:
+    """The default value of a Config field (calling its factory if it has one)."""
+    for f in fields(Config):
+        if f.name == field_name:
+            if f.default is not MISSING:
+                return f.default
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+    raise KeyError(field_name)
+
+
+_GO_ESCAPES = {"\a": r"\a", "\b": r"\b", "\f": r"\f", "\n": r"\n", "\r": r"\r", "\t": r"\t", "\v": r"\v"}
+
+
+def go_quote(text: str) -> str:
+    """Go's ``%q``, so messages that quote a value read exactly like the Go proxy's."""
+    out = ['"']
+    for ch in text:
+        code = ord(ch)
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch in _GO_ESCAPES:
+            out.append(_GO_ESCAPES[ch])
+        elif ch.isprintable():
+            out.append(ch)
+        elif code < 0x80:
+            out.append(f"\\x{code:02x}")
+        elif code <= 0xFFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    out.append('"')
+    return "".join(out)
+
+
+# --- Go time.Duration syntax -----------------------------------------------------------------
+
+_NS_PER_UNIT: dict[str, int] = {
+    "ns": 1,
+    "us": 1_000,
+    "\u00b5s": 1_000,  # micro sign
+    "\u03bcs": 1_000,  # Greek mu
+    "ms": 1_000_000,
+    "s": 1_000_000_000,
+    "m": 60_000_000_000,
+    "h": 3_600_000_000_000,
+}
+_MAX_DURATION_NS = 2**63 - 1  # Go durations are int64 nanoseconds
+_NUMBER = re.compile(r"([0-9]*)(?:\.([0-9]*))?")
+_UNIT = re.compile(r"[^0-9.]*")
+
+
+def parse_go_duration_ns(text: str) -> int:
+    """Go's ``time.ParseDuration`` ("1h30m", "1.5s", "-2ms", "0"), as integer nanoseconds.
+
+    Raises ValueError with Go's own message, e.g. ``time: missing unit in duration "5"``.
+    """
+    rest = text
+    negative = rest[:1] == "-"
+    if rest[:1] in ("-", "+"):
+        rest = rest[1:]
+    if rest == "0":
+        return 0
+    if not rest:
+        raise ValueError(f"time: invalid duration {go_quote(text)}")
+    total = Fraction(0)
+    while rest:
+        number = _NUMBER.match(rest)
+        assert number is not None  # the pattern matches the empty string
+        whole, frac = number.group(1), number.group(2)
+        if not whole and not frac:  # "." alone, or a unit with no number before it
+            raise ValueError(f"time: invalid duration {go_quote(text)}")
+        rest = rest[number.end() :]
+        unit_match = _UNIT.match(rest)
+        unit = unit_match.group(0) if unit_match else ""
+        if not unit:
+            raise ValueError(f"time: missing unit in duration {go_quote(text)}")
+        if unit not in _NS_PER_UNIT:
+            raise ValueError(f"time: unknown unit {go_quote(unit)} in duration {go_quote(text)}")
+        rest = rest[len(unit) :]
+        value = Fraction(int(whole or "0")) + (Fraction(int(frac), 10 ** len(frac)) if frac else 0)
+        # Go truncates sub-nanosecond fractions of each component
+        total += int(value * _NS_PER_UNIT[unit])
+        if total > _MAX_DURATION_NS + (1 if negative else 0):
+            raise ValueError(f"time: invalid duration {go_quote(text)}")
+    return -int(total) if negative else int(total)
+
+
+def parse_go_duration(text: str) -> float:
+    """Go duration text -> float seconds (how Config stores durations)."""
+    return parse_go_duration_ns(text) / 1e9
+
+
+def format_go_duration(seconds: float) -> str:
+    """Go's ``Duration.String()``: 7200 -> "2h0m0s", 0.1 -> "100ms", 0 -> "0s"."""
+    ns = round(seconds * 1e9)
+    sign = "-" if ns < 0 else ""
+    ns = abs(ns)
+    if ns == 0:
+        return "0s"
+    if ns < 1_000_000_000:
+        for unit, size in (("ms", 1_000_000), ("\u00b5s", 1_000), ("ns", 1)):
+            if ns >= size:
+                return sign + _trim_fraction(ns, size) + unit
+    hours, ns = divmod(ns, 3_600_000_000_000)
+    minutes, ns = divmod(ns, 60_000_000_000)
+    text = _trim_fraction(ns, 1_000_000_000) + "s"
+    if hours or minutes:
+        text = f"{minutes}m" + text
+    if hours:
+        text = f"{hours}h" + text
+    return sign + text
+
+
+def _trim_fraction(value: int, size: int) -> str:
+    whole, frac = divmod(value, size)
+    if not frac:
+        return str(whole)
+    digits = str(frac).rjust(len(str(size)) - 1, "0").rstrip("0")
+    return f"{whole}.{digits}"
+
+
+def _go_flag_errors(config: Config) -> list[str]:
+    """The checks of ``etcd grpc-proxy start`` (SPEC 18.3), same order and same words.
+
+    Go stops at the first failure; a later check may depend on an earlier one (the TLS
+    version comparison needs both versions parsed), so we stop where Go's code would have.
+    """
+    prefix, ttl = config.resolver_prefix, config.resolver_ttl_s
+    if prefix != "" and ttl < 1:
+        return [f"invalid resolver-ttl {ttl}"]
+    if prefix == "" and ttl > 0:
+        return [f"invalid resolver-prefix {go_quote(prefix)}"]
+    if prefix != "" and ttl > 0 and config.advertise_client_url == "":
+        return [f"invalid advertise-client-url {go_quote(config.advertise_client_url)}"]
+    if config.auto_tls and config.self_signed_cert_validity == 0:
+        return ["selfSignedCertValidity is invalid,it should be greater than 0"]
+    versions: list[int] = []
+    for label, value in (("tls-min-version", config.tls_min_version), ("tls-max-version", config.tls_max_version)):
+        if value not in _TLS_VERSIONS:
+            return [f"{label} is invalid: unexpected TLS version {go_quote(value)} (must be one of: TLS1.2, TLS1.3)"]
+        versions.append(_TLS_VERSIONS[value])
+    min_version, max_version = versions
+    if max_version != 0 and min_version > max_version:
+        return [f"min version ({config.tls_min_version}) is greater than max version ({config.tls_max_version})"]
+    if min_version == _TLS_VERSIONS["TLS1.3"] and config.listen_cipher_suites:
+        return ["cipher suites cannot be configured when only TLS1.3 is enabled"]
+    return []
+
+
+def _valid_host_port(addr: str) -> bool:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        return False
+    # an IPv6 literal must be bracketed, else its last group would pass for the port
+    return not (":" in host and not (host.startswith("[") and host.endswith("]")))
+
+
+def _own_errors(config: Config) -> list[str]:
+    """Checks Go does not make but that would otherwise fail later, deep inside a child process."""
+    errors: list[str] = []
+    if config.workers < 1:
+        errors.append(f"invalid --workers {config.workers}: need at least 1 worker process")
+    if config.max_request_bytes < 1:
+        errors.append(f"invalid --max-request-bytes {config.max_request_bytes}: must be positive")
+    if config.heartbeat_timeout_s <= 0:
+        errors.append(f"invalid --heartbeat-timeout {format_go_duration(config.heartbeat_timeout_s)}: must be positive")
+    for name in _NON_NEGATIVE_DURATIONS:
+        value = getattr(config, name)
+        if value < 0:
+            errors.append(f"invalid {flag_name(name)} {format_go_duration(value)}: must not be negative")
+    if not _valid_host_port(config.listen_addr):
+        errors.append(f"invalid --listen-addr {go_quote(config.listen_addr)}: want host:port")
+    # clientv3.New fails the same way in Go, just later (mustNewClient exits 1 with this text).
+    if not config.endpoints and not config.embedded_etcd:
+        errors.append("etcdclient: no available endpoints")
+    if any(e == "" for e in config.endpoints):
+        errors.append("invalid --endpoints: empty endpoint in the list")
+    return errors
+
+
+def validate(config: Config) -> list[str]:
+    """Every reason ``config`` is invalid, one message each; [] when it is fine.
+
+    The Go proxy's own checks come first (their text is what scripts and operators know).
+    """
+    return _go_flag_errors(config) + _own_errors(config)
+
+
+def unimplemented(config: Config) -> list[str]:
+    """One message per flag set to a behaviour etcdproxy does not have yet ([] = can start)."""
+    messages = [
+        f"{flag_name(name)} is not implemented yet in etcdproxy ({reason}); refusing to start instead of ignoring it"
+        for name, reason in NOT_IMPLEMENTED.items()
+        if getattr(config, name) != default_of(name)
+    ]
+    for endpoint in config.endpoints:
+        scheme, sep, _ = endpoint.partition("://")
+        if not sep or scheme == "http":
+            continue
+        if scheme in ("https", "unixs"):
+            reason = "TLS to etcd, issue 8"
+        else:
+            reason = "only host:port and http:// endpoints are supported"
+        messages.append(
+            f"--endpoints {endpoint}: {scheme}:// endpoints are not implemented yet in etcdproxy ({reason})"
+        )
+    return messages
+
+
+def check(config: Config) -> None:
+    """Raise ConfigError unless the proxy can start with ``config``.
+
+    Validation errors win over "not implemented": a flag that Go itself would reject should
+    get Go's message, not ours.
+    """
+    messages = validate(config) or unimplemented(config)
+    if messages:
+        raise ConfigError(messages)
