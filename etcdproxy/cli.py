@@ -170,7 +170,7 @@ class GoStringSlice(_SliceType):
         try:
             return tuple(next(csv.reader([text], strict=True)))
         except csv.Error as exc:
-            self.fail(f"{text!r} is not a comma-separated list: {exc}", param, ctx)
+            self.fail(f"{go_quote(text)} is not a comma-separated list: {exc}", param, ctx)
 
 
 class GoUint(_IntType):
@@ -187,7 +187,7 @@ class GoUint(_IntType):
         else:
             text = str(value)
             if not text.isascii() or not text.isdigit():
-                self.fail(f"{text!r} is not an unsigned integer", param, ctx)
+                self.fail(f"{go_quote(text)} is not an unsigned integer", param, ctx)
             number = int(text)
         if number > self.max:
             self.fail(f"{number} is out of range (0 to {self.max})", param, ctx)
@@ -213,8 +213,8 @@ def _help_with_default(flag: Flag, default: object) -> str:
     elif flag.kind == "strings":
         assert isinstance(default, tuple)
         shown = "[" + ",".join(default) + "]" if default else ""
-    elif flag.field == "workers" or default in ("", False):
-        shown = ""  # workers: machine-dependent, the help text says so
+    elif flag.field == "workers" or default in ("", False, 0):
+        shown = ""  # zero values are omitted; workers is machine-dependent and its help says so
     else:
         shown = str(default)
     return f"{flag.help}  [default: {shown}]" if shown else flag.help
