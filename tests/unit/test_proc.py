@@ -1,0 +1,230 @@
+"""Pure helpers of proc.py, logs.py and embedded.py: tables, no sockets, no child processes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import pytest
+
+from etcdproxy import logs, proc
+from etcdproxy.proc import HUB, WORKER, ChildSpec
+
+
+def spec(role: str = WORKER, index: int = 3, ready_fd: int = -1, run_dir: str = "/run/etcdproxy") -> ChildSpec:
+    return ChildSpec(role, index, run_dir, f"{run_dir}/heartbeat", ready_fd, os.getpid(), 0)
+
+
+# (previous delay, how long the child lived) -> next delay; defaults 0.1 s doubling to 5 s, reset after 10 s
+@pytest.mark.parametrize(
+    ("previous_s", "lived_s", "expected_s"),
+    [
+        (0.0, 0.0, 0.1),  # first death
+        (0.0, 100.0, 0.1),
+        (0.1, 0.5, 0.2),  # quick deaths double
+        (0.2, 0.5, 0.4),
+        (1.6, 0.5, 3.2),
+        (3.2, 0.5, 5.0),  # capped
+        (5.0, 0.5, 5.0),
+        (5.0, 10.0, 5.0),  # exactly 10 s is not "longer than 10 s"
+        (5.0, 10.1, 0.1),  # lived long enough: healthy again
+        (0.05, 1.0, 0.1),  # never below the initial delay
+    ],
+)
+def test_respawn_delay(previous_s: float, lived_s: float, expected_s: float) -> None:
+    assert proc.respawn_delay(previous_s, lived_s) == pytest.approx(expected_s)
+
+
+def test_respawn_delay_custom_bounds() -> None:
+    assert proc.respawn_delay(0.0, 0.0, initial_s=1.0) == 1.0
+    assert proc.respawn_delay(4.0, 0.0, cap_s=6.0) == 6.0
+    assert proc.respawn_delay(4.0, 3.0, reset_after_s=2.0, initial_s=0.5) == 0.5
+
+
+@pytest.mark.parametrize(
+    ("addr", "expected"),
+    [
+        ("127.0.0.1:23790", ("127.0.0.1", 23790)),
+        ("0.0.0.0:1", ("0.0.0.0", 1)),
+        (":23790", ("", 23790)),
+        ("localhost:65535", ("localhost", 65535)),
+        ("[::1]:23790", ("::1", 23790)),
+        ("[::]:2379", ("::", 2379)),
+        ("http://127.0.0.1:2379", ("127.0.0.1", 2379)),
+        ("https://proxy.example:443/", ("proxy.example", 443)),
+    ],
+)
+def test_split_host_port(addr: str, expected: tuple[str, int]) -> None:
+    assert proc.split_host_port(addr) == expected
+
+
+@pytest.mark.parametrize("addr", ["127.0.0.1", "127.0.0.1:", "127.0.0.1:http", "h:0", "h:65536", "::1:2379", ""])
+def test_split_host_port_rejects(addr: str) -> None:
+    with pytest.raises(ValueError):
+        proc.split_host_port(addr)
+
+
+@pytest.mark.parametrize(
+    ("addr", "name"),
+    [
+        ("127.0.0.1:23790", "etcdproxy-127.0.0.1-23790.lock"),
+        ("[::1]:23790", "etcdproxy-__1-23790.lock"),
+        (":23790", "etcdproxy-_-23790.lock"),
+        ("my-host.example:1", "etcdproxy-my-host.example-1.lock"),
+        ("../../etc:1", "etcdproxy-.._.._etc-1.lock"),  # never a path separator
+    ],
+)
+def test_lock_file_name(addr: str, name: str) -> None:
+    assert proc.lock_file_name(addr) == name
+    assert "/" not in proc.lock_file_name(addr)
+
+
+@pytest.mark.parametrize(
+    ("child", "role_text", "title"),
+    [
+        (None, "supervisor", "etcdproxy: supervisor"),
+        (None, "", "etcdproxy: supervisor"),
+        (spec(HUB, 0), "hub", "etcdproxy: hub"),
+        (spec(HUB, 0), "", "etcdproxy: hub"),
+        (spec(WORKER, 3), "", "etcdproxy: worker 3"),
+        (spec(WORKER, 3), "worker 3", "etcdproxy: worker 3"),
+        (spec(WORKER, 3), "etcdproxy: worker 3", "etcdproxy: worker 3"),
+    ],
+)
+def test_title_for(child: ChildSpec | None, role_text: str, title: str) -> None:
+    assert proc.title_for(child, role_text) == title
+
+
+@pytest.mark.parametrize(
+    ("child", "name", "log_role"),
+    [
+        (spec(HUB, 0), "hub", "hub"),
+        (spec(WORKER, 0), "worker 0", "worker-0"),
+        (spec(WORKER, 12), "worker 12", "worker-12"),
+    ],
+)
+def test_child_names(child: ChildSpec, name: str, log_role: str) -> None:
+    assert child.name == name
+    assert proc.log_role(child) == log_role
+
+
+def test_hub_endpoint() -> None:
+    assert proc.hub_endpoint("/run/etcdproxy") == "ipc:///run/etcdproxy/hub.sock"
+
+
+def test_notify_ready_writes_once_and_closes() -> None:
+    read_fd, write_fd = os.pipe()
+    try:
+        child = spec(ready_fd=write_fd)
+        proc.notify_ready(child)
+        proc.notify_ready(child)  # idempotent: no second byte, no error on the closed fd
+        assert os.read(read_fd, 10) == b"R"
+        assert os.read(read_fd, 10) == b""  # EOF: the write end is closed
+    finally:
+        os.close(read_fd)
+
+
+def test_notify_ready_without_pipe() -> None:
+    proc.notify_ready(spec(ready_fd=-1))
+
+
+def test_touch(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "heartbeat")
+    proc.touch(path)
+    assert os.path.exists(path)
+    os.utime(path, ns=(0, 0))
+    proc.touch(path)
+    assert os.stat(path).st_mtime_ns > 0
+
+
+def test_guard_flock_refuses_second_holder(tmp_path: os.PathLike[str]) -> None:
+    first, second = proc.Guard(), proc.Guard()
+    try:
+        first.take_run_dir(str(tmp_path))
+        with pytest.raises(proc.GuardError, match=f"in use by etcdproxy pid {os.getpid()}"):
+            second.take_run_dir(str(tmp_path))
+        first.release()
+        second.take_run_dir(str(tmp_path))  # released: free again
+    finally:
+        first.release()
+        second.release()
+
+
+def test_make_run_dir_given(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "run")
+    assert proc.make_run_dir(path) == (path, True)
+    assert os.stat(path).st_mode & 0o777 == 0o700
+    assert proc.make_run_dir(path) == (path, False)  # exists: not ours to delete later
+    for name in ("heartbeat-hub-0", "hub.sock", "keep.txt"):
+        proc.touch(os.path.join(path, name))
+    proc.clean_run_dir(path, created=False)
+    assert os.listdir(path) == ["keep.txt"]
+    proc.clean_run_dir(path, created=True)
+    assert not os.path.exists(path)
+
+
+def test_make_run_dir_too_long(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "x" * proc.RUN_DIR_MAX)
+    with pytest.raises(proc.GuardError, match="too long"):
+        proc.make_run_dir(path)
+    assert not os.path.exists(path)
+
+
+def test_make_run_dir_temp() -> None:
+    path, created = proc.make_run_dir("")
+    try:
+        assert created
+        assert os.path.basename(path).startswith("etcdproxy-")
+        assert len(proc.hub_endpoint(path)) <= 107
+    finally:
+        os.rmdir(path)
+
+
+def test_sd_notify_without_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert proc.sd_notify("READY=1") is False
+
+
+@pytest.mark.parametrize(("role", "expected"), [("hub", "hub[%(process)d]"), ("100%", "100%%[%(process)d]")])
+def test_log_format(role: str, expected: str) -> None:
+    fmt = logs.format_string(role)
+    assert expected in fmt
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "hello %s", ("world",), None)
+    line = logging.Formatter(fmt).format(record)
+    assert line.endswith("INFO x: hello world")
+    assert f"[{os.getpid()}]" in line
+
+
+def test_logs_setup_is_idempotent() -> None:
+    root = logging.getLogger()
+    before = list(root.handlers)
+    level = root.level
+    try:
+        logs.setup("hub", debug=False)
+        logs.setup("worker-1", debug=True)
+        ours = [h for h in root.handlers if h.get_name() == "etcdproxy-stderr"]
+        assert len(ours) == 1
+        assert root.level == logging.DEBUG
+    finally:
+        for handler in list(root.handlers):
+            if handler not in before:
+                root.removeHandler(handler)
+        root.setLevel(level)
+        logging.captureWarnings(False)
+
+
+def test_supervisor_signals_include_stop_signals() -> None:
+    assert {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD} <= set(proc.SUPERVISOR_SIGNALS)
+
+
+def test_embedded_etcd_binary() -> None:
+    from etcdproxy import embedded
+
+    try:
+        path = embedded.etcd_binary()
+    except embedded.EmbeddedEtcdError as exc:
+        assert embedded.INSTALL_HINT in str(exc)
+    else:
+        assert path.endswith("/etcdbin/etcd")
+        assert os.access(path, os.X_OK)
