@@ -90,10 +90,14 @@ class Hub:
 
     def _on_frame(self, identity: bytes, frame: bytes) -> None:
         try:
-            message = codec.decode(frame)
+            messages = codec.decode_frame(frame)
         except codec.CodecError as exc:
             log.error("dropping bad frame from %r: %s", identity, exc)
             return
+        for message in messages:
+            self._on_message(identity, message)
+
+    def _on_message(self, identity: bytes, message: s.Message) -> None:
         worker = self.workers.get(identity)
         if worker is None:
             worker = self.workers[identity] = WorkerState(identity)

@@ -1,4 +1,8 @@
-"""encode(message) -> one frame; decode(frame) -> message. msgpack, never pickle. Pure."""
+"""encode(message) -> bytes; decode_frame(frame) -> messages. msgpack, never pickle. Pure.
+
+A ZeroMQ frame carries one or more encoded messages back to back (msgpack is a streaming
+format), so a sender can batch everything it produced in one event-loop tick into one frame.
+"""
 
 from __future__ import annotations
 
@@ -27,11 +31,28 @@ def encode(message: Message) -> bytes:
     return msgpack.packb([int(message.kind), *(getattr(message, n) for n in names)], use_bin_type=True)
 
 
-def decode(frame: bytes) -> Message:
+def decode(data: bytes) -> Message:
+    """One message encoded alone."""
     try:
-        items: Any = msgpack.unpackb(frame, raw=False, use_list=True)
+        items: Any = msgpack.unpackb(data, raw=False, use_list=True)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise CodecError(f"undecodable message: {exc}") from exc
+    return _build(items)
+
+
+def decode_frame(frame: bytes) -> list[Message]:
+    """Every message of a (possibly batched) frame, in order."""
+    unpacker = msgpack.Unpacker(raw=False, use_list=True)
+    unpacker.feed(frame)
+    try:
+        return [_build(items) for items in unpacker]
+    except CodecError:
+        raise
+    except Exception as exc:
         raise CodecError(f"undecodable frame: {exc}") from exc
+
+
+def _build(items: Any) -> Message:
     if not isinstance(items, list) or not items:
         raise CodecError("frame is not a non-empty array")
     try:

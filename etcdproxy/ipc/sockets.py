@@ -94,19 +94,30 @@ class WorkerLink(_Driver):
         sock.connect(endpoint)
         super().__init__(sock, loop)
         self._on_frame = on_frame
+        self._outbox: list[bytes] = []
 
     def _deliver(self, frames: list[bytes]) -> None:
         self._on_frame(frames[-1])
 
-    def send(self, frame: bytes) -> bool:
-        """Queue one frame to the hub; False if the DEALER queue is full (hub gone for long)."""
+    def send(self, data: bytes) -> None:
+        """Queue encoded messages; everything queued in one loop tick leaves as one frame."""
+        if not self._outbox:
+            self.loop.call_soon(self._flush)
+        self._outbox.append(data)
+
+    def _flush(self) -> None:
+        if self._closed or not self._outbox:
+            return
+        frame = b"".join(self._outbox)
+        self._outbox.clear()
         try:
             self.sock.send(frame, zmq.NOBLOCK)
         except zmq.Again:
-            return False
+            # The DEALER queue is full only if the hub has been gone for a long time; the
+            # worker's own recovery (epochs, deadlines) covers whatever this loses.
+            log.error("IPC queue to the hub is full; dropping %d bytes", len(frame))
         finally:
             self._after_send()
-        return True
 
 
 class HubLink(_Driver):
@@ -139,6 +150,8 @@ class HubLink(_Driver):
         self._on_unreachable = on_unreachable
         self._backlog: dict[bytes, collections.deque[bytes]] = {}
         self._retry_handle: asyncio.TimerHandle | None = None
+        # messages produced in this loop tick, per worker; sent as one frame per worker
+        self._outbox: dict[bytes, list[bytes]] = {}
 
     def _deliver(self, frames: list[bytes]) -> None:
         if len(frames) >= 2:
@@ -148,11 +161,29 @@ class HubLink(_Driver):
         q = self._backlog.get(identity)
         return len(q) if q else 0
 
-    def send(self, identity: bytes, frame: bytes) -> bool:
+    def send(self, identity: bytes, data: bytes) -> None:
+        """Queue encoded messages for a worker; they leave at the end of this loop tick."""
+        box = self._outbox.get(identity)
+        if box is None:
+            if not self._outbox:
+                self.loop.call_soon(self._flush_outbox)
+            self._outbox[identity] = [data]
+        else:
+            box.append(data)
+
+    def _flush_outbox(self) -> None:
+        outbox, self._outbox = self._outbox, {}
+        for identity, box in outbox.items():
+            self._send_frame(identity, b"".join(box))
+
+    def _send_frame(self, identity: bytes, frame: bytes) -> bool:
         """Send or queue; False only when the worker is unreachable or its backlog is full."""
+        if self._closed:
+            return False
         q = self._backlog.get(identity)
         if q:  # keep order: never overtake frames already waiting
             if len(q) >= self.BACKLOG_LIMIT:
+                log.error("worker %r backlog full; dropping a frame (its streams will see a gap)", identity)
                 return False
             q.append(frame)
             return True
@@ -173,6 +204,7 @@ class HubLink(_Driver):
 
     def forget(self, identity: bytes) -> None:
         self._backlog.pop(identity, None)
+        self._outbox.pop(identity, None)
 
     def _arm_retry(self) -> None:
         if self._retry_handle is None and not self._closed:

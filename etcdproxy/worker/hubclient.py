@@ -195,7 +195,10 @@ class HubClient:
     # ---- hub frames ----------------------------------------------------------------------
 
     def _on_frame(self, frame: bytes) -> None:
-        message = codec.decode(frame)
+        for message in codec.decode_frame(frame):
+            self._on_message(message)
+
+    def _on_message(self, message: s.Message) -> None:
         self._last_heard = self.loop.time()
         epoch, seq = message.epoch, message.seq  # type: ignore[union-attr]
         if epoch != self.epoch or seq != self._expected_seq:
