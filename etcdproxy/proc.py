@@ -20,8 +20,10 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 
 from etcdproxy import logs
@@ -316,6 +318,8 @@ def make_run_dir(configured: str) -> tuple[str, bool]:
         with contextlib.suppress(OSError):
             os.chmod(path, 0o700)
     else:
+        for stale in sweep_stale_run_dirs(tempfile.gettempdir()):
+            log.info("removed %s, left behind by a killed etcdproxy", stale)
         path = tempfile.mkdtemp(prefix="etcdproxy-")
         if len(path) > RUN_DIR_MAX:  # a long $TMPDIR: fall back to /tmp
             os.rmdir(path)
@@ -326,6 +330,44 @@ def make_run_dir(configured: str) -> tuple[str, bool]:
             shutil.rmtree(path, ignore_errors=True)
         raise GuardError(f"etcdproxy: run-dir {path} is too long for ipc:// sockets (max {RUN_DIR_MAX} characters)")
     return path, created
+
+
+def sweep_stale_run_dirs(parent: str, min_age_s: float = 10.0) -> list[str]:
+    """Remove the temp run dirs of supervisors that were killed (kill -9 leaves nobody to clean up).
+
+    A live supervisor holds ``supervisor.lock`` in its run dir locked for its whole life and writes
+    it right after creating the dir, so a lock file older than ``min_age_s`` that we can lock is an
+    orphan's. Dirs without a lock file, or of another user, are left alone.
+    """
+    removed: list[str] = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(parent, name)
+        lock = os.path.join(path, "supervisor.lock")
+        if not name.startswith("etcdproxy-"):
+            continue
+        try:
+            info = os.lstat(path)  # never follow a symlink into someone else's tree
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            if time.time() - os.stat(lock).st_mtime < min_age_s:
+                continue
+            fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def clean_run_dir(path: str, created: bool) -> None:

@@ -51,7 +51,8 @@ class Slot:
     heartbeat_mtime_ns: int = 0  # last value seen; compared for change, never against the clock
     heartbeat_changed_at: float = 0.0  # monotonic time heartbeat_mtime_ns last changed
     abort_sent_at: float | None = None
-    retiring: bool = False  # removed by TTOU: not respawned
+    retiring: bool = False  # removed by TTOU or replaced by HUP: not respawned
+    replaces: Slot | None = None  # HUP: the old worker to stop once this one is ready
 
     @property
     def name(self) -> str:
@@ -122,7 +123,7 @@ class Supervisor:
             raise BootError(str(exc)) from exc
         proc.prepare_metrics_dir()
         if self.config.embedded_etcd:
-            self.etcd = EmbeddedEtcd(debug=self.config.debug)
+            self.etcd = EmbeddedEtcd(debug=self.config.debug, parent_dir=self.run_dir)
             try:
                 self.etcd.start()
             except EmbeddedEtcdError as exc:
@@ -176,6 +177,10 @@ class Supervisor:
         if b"R" in data and not slot.ready:
             slot.ready = True
             log.info("%s pid %d is ready", slot.name, slot.pid)
+            old, slot.replaces = slot.replaces, None
+            if old is not None and old.pid:
+                log.info("stopping the %s it replaces, pid %d", old.name, old.pid)
+                self.kill(old, signal.SIGTERM)
         if not data or slot.ready:  # EOF, or nothing more to hear on this pipe
             os.close(slot.ready_fd)
             slot.ready_fd = -1
@@ -191,7 +196,9 @@ class Supervisor:
 
     def spawn(self, slot: Slot) -> None:
         slot.generation += 1
-        slot.heartbeat_path = os.path.join(self.run_dir, f"heartbeat-{slot.role}-{slot.index}")
+        # One file per child: during a HUP roll, two children share an index.
+        name = f"heartbeat-{slot.role}-{slot.index}-{slot.generation}"
+        slot.heartbeat_path = os.path.join(self.run_dir, name)
         proc.touch(slot.heartbeat_path)
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
@@ -220,7 +227,7 @@ class Supervisor:
         code = 1
         try:
             proc.child_init(spec, self.config.debug)
-            private = [read_fd, self.wake_r, self.wake_w, *self.guard.fds]
+            private = [read_fd, self.wake_r, self.wake_w, *self.guard.fds, *(self.etcd.fds if self.etcd else [])]
             private += [s.ready_fd for s in self.slots if s.ready_fd >= 0]
             for fd in private:
                 with contextlib.suppress(OSError):
@@ -261,6 +268,8 @@ class Supervisor:
                 os.close(slot.ready_fd)
                 slot.ready_fd = -1
         proc.forget_metrics(pid)
+        with contextlib.suppress(OSError):
+            os.unlink(slot.heartbeat_path)
         now = time.monotonic()
         lived_s = now - slot.started_at
         slot.pid = 0
@@ -281,7 +290,7 @@ class Supervisor:
     def respawn_due(self) -> None:
         now = time.monotonic()
         for slot in list(self.slots):
-            if slot.pid == 0 and slot.respawn_at is not None and now >= slot.respawn_at:
+            if slot.pid == 0 and not slot.retiring and slot.respawn_at is not None and now >= slot.respawn_at:
                 self.spawn(slot)
 
     @staticmethod
@@ -345,7 +354,22 @@ class Supervisor:
     handle_sigquit = handle_sigint
 
     def handle_sighup(self) -> None:
-        log.info("SIGHUP: reload not supported yet, ignoring")
+        """Roll the workers: start a new one per index, stop the old one once the new one serves.
+
+        The config stays the same, but hub and worker modules are imported after fork, so new
+        workers run the code on disk now.
+        """
+        if self.stop_mode is not None:
+            return
+        old = [s for s in self.slots if s.role == WORKER and not s.retiring]
+        log.info("SIGHUP: config reload not supported yet; rolling %d workers", len(old))
+        for slot in old:
+            slot.retiring = True
+            if not slot.pid:  # waiting for a respawn: nothing to stop
+                self.slots.remove(slot)
+            fresh = Slot(WORKER, slot.index, generation=slot.generation, replaces=slot if slot.pid else None)
+            self.slots.append(fresh)
+            self.spawn(fresh)
 
     def handle_sigusr1(self) -> None:
         log.info("SIGUSR1: logs go to stderr, nothing to reopen")

@@ -456,7 +456,12 @@ def test_ttin_ttou_change_the_worker_count(start_proxy: Callable[..., Proxy], du
     assert sorted(proxy.children().values()) == ["etcdproxy: hub", "etcdproxy: worker 0"]
     proxy.popen.send_signal(signal.SIGTTOU)  # the last worker stays
     proxy.wait_for("SIGTTOU: keeping the last worker")
-    proxy.popen.send_signal(signal.SIGHUP)
+    old_worker = proxy.child("etcdproxy: worker 0")
+    proxy.popen.send_signal(signal.SIGHUP)  # rolls the workers
     proxy.wait_for("reload not supported yet")
+    proxy.wait_for(f"worker 0 pid {old_worker} exited with code 0, not respawning")
+    new_worker = proxy.child("etcdproxy: worker 0")
+    assert new_worker != old_worker
+    assert sorted(proxy.children().values()) == ["etcdproxy: hub", "etcdproxy: worker 0"]
     proxy.popen.send_signal(signal.SIGTERM)
     assert proxy.popen.wait(20) == 0

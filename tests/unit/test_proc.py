@@ -228,3 +228,31 @@ def test_embedded_etcd_binary() -> None:
     else:
         assert path.endswith("/etcdbin/etcd")
         assert os.access(path, os.X_OK)
+
+
+def test_sweep_stale_run_dirs(tmp_path: os.PathLike[str]) -> None:
+    parent = str(tmp_path)
+    old = 1_000_000_000
+
+    def run_dir(name: str, lock_age: str) -> str:
+        path = os.path.join(parent, name)
+        os.mkdir(path)
+        if lock_age != "none":
+            proc.touch(os.path.join(path, "supervisor.lock"))
+        if lock_age == "old":
+            os.utime(os.path.join(path, "supervisor.lock"), (old, old))
+        return path
+
+    stale = run_dir("etcdproxy-stale", "old")
+    held = run_dir("etcdproxy-held", "old")
+    fresh = run_dir("etcdproxy-fresh", "new")  # a supervisor that has not locked yet
+    unlocked = run_dir("etcdproxy-nolock", "none")
+    other = run_dir("other-stale", "old")
+    guard = proc.Guard()
+    try:
+        guard.take_run_dir(held)
+        os.utime(os.path.join(held, "supervisor.lock"), (old, old))
+        assert proc.sweep_stale_run_dirs(parent) == [stale]
+    finally:
+        guard.release()
+    assert sorted(os.listdir(parent)) == sorted(os.path.basename(p) for p in (held, fresh, unlocked, other))
