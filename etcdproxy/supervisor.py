@@ -68,6 +68,18 @@ def run_child(config: Config, spec: ChildSpec) -> int:
     return int(main(config, spec))
 
 
+def exit_action(*, stopping: bool, retiring: bool, code: int, ready: bool) -> str:
+    """What a child's exit means: "none" (we are stopping), "remove" (TTOU or replaced by HUP),
+    "fatal" (a boot error before it ever served: respawning would loop), or "respawn"."""
+    if stopping:
+        return "none"
+    if retiring:
+        return "remove"
+    if code == EXIT_BOOT_ERROR and not ready:
+        return "fatal"
+    return "respawn"
+
+
 class BootError(Exception):
     """The proxy cannot start; the message is for the operator and the exit code is 1."""
 
@@ -94,11 +106,13 @@ class Supervisor:
     def run(self) -> int:
         try:
             self.boot()
-            self.slots.append(Slot(HUB, 0))
-            self.slots.extend(Slot(WORKER, i) for i in range(self.config.workers))
-            for slot in self.slots:
-                self.spawn(slot)
-            self.loop()
+            self.dispatch_signals()  # a TERM during a slow embedded etcd start: do not fork at all
+            if self.stop_mode is None:
+                self.slots.append(Slot(HUB, 0))
+                self.slots.extend(Slot(WORKER, i) for i in range(self.config.workers))
+                for slot in self.slots:
+                    self.spawn(slot)
+                self.loop()
         except BootError as exc:
             log.error("%s", exc)
             self.exit_code = 1
@@ -227,6 +241,7 @@ class Supervisor:
         code = 1
         try:
             proc.child_init(spec, self.config.debug)
+            os.environ.pop("NOTIFY_SOCKET", None)  # only the supervisor speaks to systemd
             private = [read_fd, self.wake_r, self.wake_w, *self.guard.fds, *(self.etcd.fds if self.etcd else [])]
             private += [s.ready_fd for s in self.slots if s.ready_fd >= 0]
             for fd in private:
@@ -273,12 +288,13 @@ class Supervisor:
         now = time.monotonic()
         lived_s = now - slot.started_at
         slot.pid = 0
-        if self.stop_mode is not None:
+        action = exit_action(stopping=self.stop_mode is not None, retiring=slot.retiring, code=code, ready=slot.ready)
+        if action == "none":
             log.info("%s pid %d exited with code %d", slot.name, pid, code)
-        elif slot.retiring:
+        elif action == "remove":
             log.info("%s pid %d exited with code %d, not respawning (removed)", slot.name, pid, code)
             self.slots.remove(slot)
-        elif code == EXIT_BOOT_ERROR and not slot.ready:
+        elif action == "fatal":
             log.error("%s pid %d could not boot (exit code %d), stopping", slot.name, pid, code)
             self.exit_code, self.stop_mode = 1, "fast"
         else:

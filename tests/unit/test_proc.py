@@ -256,3 +256,23 @@ def test_sweep_stale_run_dirs(tmp_path: os.PathLike[str]) -> None:
     finally:
         guard.release()
     assert sorted(os.listdir(parent)) == sorted(os.path.basename(p) for p in (held, fresh, unlocked, other))
+
+
+@pytest.mark.parametrize(
+    ("stopping", "retiring", "code", "ready", "action"),
+    [
+        (False, False, -9, True, "respawn"),
+        (False, False, 0, True, "respawn"),  # a hub or worker never exits on its own: bring it back
+        (False, False, 1, False, "respawn"),  # a crash while booting: backoff, not a stop
+        (False, False, proc.EXIT_BOOT_ERROR, False, "fatal"),  # cannot bind / bad config
+        (False, False, proc.EXIT_BOOT_ERROR, True, "respawn"),  # served before: not a boot error
+        (False, True, -9, True, "remove"),  # TTOU, or replaced by a HUP roll
+        (False, True, proc.EXIT_BOOT_ERROR, False, "remove"),
+        (True, False, proc.EXIT_BOOT_ERROR, False, "none"),  # stopping: nothing is respawned
+        (True, True, 0, True, "none"),
+    ],
+)
+def test_exit_action(stopping: bool, retiring: bool, code: int, ready: bool, action: str) -> None:
+    from etcdproxy.supervisor import exit_action
+
+    assert exit_action(stopping=stopping, retiring=retiring, code=code, ready=ready) == action
