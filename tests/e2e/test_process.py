@@ -392,7 +392,10 @@ DUMMY = textwrap.dedent(
     async def child(config, spec):
         proc.child_init(spec, config.debug)
         stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        if MODE == "stubborn" and spec.role == "worker":
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # never drains: must be killed
+        else:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         heartbeat = asyncio.create_task(proc.heartbeat_loop(spec, 0.2))
         if MODE == "boot-error" and spec.role == "hub":
             return proc.EXIT_BOOT_ERROR
@@ -465,3 +468,49 @@ def test_ttin_ttou_change_the_worker_count(start_proxy: Callable[..., Proxy], du
     assert sorted(proxy.children().values()) == ["etcdproxy: hub", "etcdproxy: worker 0"]
     proxy.popen.send_signal(signal.SIGTERM)
     assert proxy.popen.wait(20) == 0
+
+
+@pytest.mark.timeout(60)
+def test_sd_notify_ready_and_stopping(start_proxy: Callable[..., Proxy], dummy_script: Path, tmp_path: Path) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        path = tmp_path / "notify.sock"
+        systemd.bind(str(path))
+        systemd.settimeout(20)
+        address = f"--listen-addr=127.0.0.1:{free_port()}"
+        proxy = start_proxy(address, "--workers=2", script=dummy_script, NOTIFY_SOCKET=str(path))
+        ready = systemd.recv(4096).decode()
+        assert "READY=1" in ready.splitlines()
+        assert f"MAINPID={proxy.pid}" in ready.splitlines()
+        assert READY_LINE in proxy.output()  # READY=1 is sent after the line tests wait for
+        assert cmdline(proxy.pid) == "etcdproxy: supervisor"
+        proxy.popen.send_signal(signal.SIGTERM)
+        assert systemd.recv(4096) == b"STOPPING=1"
+        assert proxy.popen.wait(20) == 0
+
+
+@pytest.mark.timeout(60)
+def test_graceful_stop_kills_a_worker_that_does_not_drain(
+    start_proxy: Callable[..., Proxy], dummy_script: Path
+) -> None:
+    proxy = start_dummy(start_proxy, dummy_script, "stubborn", "--workers=2")
+    proxy.wait_for(READY_LINE)
+    started = time.monotonic()
+    proxy.popen.send_signal(signal.SIGTERM)
+    assert proxy.popen.wait(20) == 0
+    assert time.monotonic() - started >= 2.0  # --graceful-timeout=2s was honoured
+    assert "worker 0 pid" in proxy.output() and "did not stop in time, sending SIGKILL" in proxy.output()
+    assert "sending SIGTERM to hub" in proxy.output()  # the hub is stopped after the workers
+    assert not [pid for pid in proxy.spawned() if alive(pid)]
+
+
+@pytest.mark.timeout(60)
+def test_sigint_is_a_fast_stop(start_proxy: Callable[..., Proxy], dummy_script: Path) -> None:
+    proxy = start_dummy(start_proxy, dummy_script, "stubborn", "--workers=2", "--graceful-timeout=30s")
+    proxy.wait_for(READY_LINE)
+    started = time.monotonic()
+    proxy.popen.send_signal(signal.SIGINT)
+    assert proxy.popen.wait(20) == 0
+    assert time.monotonic() - started < 10  # not the 30 s graceful timeout
+    assert "sending SIGINT to worker 0" in proxy.output()
+    assert "did not stop in time" not in proxy.output()  # SIGINT ends a worker that ignores TERM
+    assert not [pid for pid in proxy.spawned() if alive(pid)]
