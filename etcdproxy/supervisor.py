@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 TICK_S = 1.0  # longest sleep of the main loop; also the heartbeat check period
 ABORT_GRACE_S = 3.0  # after SIGABRT (faulthandler dumps the stacks) comes SIGKILL
 FAST_STOP_S = 2.0  # per shutdown phase on INT/QUIT
+STOP_MARGIN_S = 1.0  # added to graceful_timeout_s per phase of a graceful stop
 KILL_WAIT_S = 5.0  # how long to wait for a SIGKILLed child before giving up on it
 
 
@@ -445,7 +446,9 @@ class Supervisor:
         for slot in running:
             log.info("sending %s to %s pid %d", sig.name, slot.name, slot.pid)
             self.kill(slot, sig)
-        deadline = time.monotonic() + (self.config.graceful_timeout_s if graceful else FAST_STOP_S)
+        # A child spends up to graceful_timeout_s draining, then exits: give it a moment more.
+        limit_s = self.config.graceful_timeout_s + STOP_MARGIN_S if graceful else FAST_STOP_S
+        deadline = time.monotonic() + limit_s
         while any(s.pid for s in running) and time.monotonic() < deadline:
             self.wait(min(0.2, max(0.0, deadline - time.monotonic())))
             self.dispatch_signals()
