@@ -203,6 +203,7 @@ def machine_busy_s() -> float:
 class TreeStats:
     cpu_s: float = 0.0
     peak_rss_mb: float = 0.0
+    start_rss_mb: float = 0.0
     pids: int = 0
 
 
@@ -241,6 +242,8 @@ class Sampler:
             st.pids = max(st.pids, len(pids))
             rss = sum(_rss_kb(pid) for pid in pids) / 1024
             st.peak_rss_mb = max(st.peak_rss_mb, rss)
+            if first:
+                st.start_rss_mb = rss
 
     def __enter__(self) -> Sampler:
         self._busy0 = machine_busy_s()
@@ -269,14 +272,15 @@ class Sampler:
 
 # ---------------------------------------------------------------- etcd /metrics
 
+Metrics = dict[str, list[tuple[dict[str, str], float]]]
 _LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
-def scrape(url: str, timeout: float = 5.0) -> dict[str, list[tuple[dict[str, str], float]]]:
+def scrape(url: str, timeout: float = 5.0) -> Metrics:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         text = r.read().decode()
-    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    out: Metrics = {}
     for line in text.splitlines():
         if not line or line[0] == "#":
             continue
@@ -289,7 +293,7 @@ def scrape(url: str, timeout: float = 5.0) -> dict[str, list[tuple[dict[str, str
     return out
 
 
-def metric(m: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str) -> float:
+def metric(m: Metrics, name: str, **labels: str) -> float:
     return sum(v for lab, v in m.get(name, []) if all(lab.get(k) == want for k, want in labels.items()))
 
 
