@@ -101,6 +101,7 @@ class Supervisor:
         self.exit_code = 0
         self.announced = False
         self.next_heartbeat_check = 0.0
+        self.saved_handlers: dict[int, signal._HANDLER] = {}
 
     # --- life cycle ---
 
@@ -129,7 +130,7 @@ class Supervisor:
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         for sig in proc.SUPERVISOR_SIGNALS:
-            signal.signal(sig, self._on_signal)
+            self.saved_handlers[sig] = signal.signal(sig, self._on_signal)
         try:
             self.guard.take_listen_addr(self.config.listen_addr)
             self.run_dir, self.own_run_dir = proc.make_run_dir(self.config.run_dir)
@@ -434,6 +435,14 @@ class Supervisor:
         if self.run_dir:
             proc.clean_run_dir(self.run_dir, self.own_run_dir)
         self.guard.release()
+        # Leave the process as we found it (matters when run() is called in-process, as in tests).
+        signal.set_wakeup_fd(-1)
+        for sig, handler in self.saved_handlers.items():
+            signal.signal(sig, handler)
+        for fd in (self.wake_r, self.wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self.wake_r = self.wake_w = -1
         log.info("supervisor exiting with code %d", self.exit_code)
 
     def stop_group(self, slots: list[Slot]) -> None:
