@@ -14,7 +14,9 @@ import random
 import signal
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import zmq
@@ -58,6 +60,14 @@ class Hub:
         self.link = HubLink(self.ctx, proc.hub_endpoint(spec.run_dir), self._on_frame, self._on_unreachable, self.loop)
         self.hostname = socket.gethostname()
         self._stop = asyncio.Event()
+        # Components (watch hub, lease hub) register the message kinds they handle and are
+        # told when a worker goes away; both tables are filled in __init__ and then read-only.
+        self.handlers: dict[s.Kind, Callable[[WorkerState, Any], None]] = {}
+        self.worker_gone: list[Callable[[WorkerState], None]] = []
+        self.closers: list[Callable[[], Awaitable[None]]] = []
+
+    def register(self, kind: s.Kind, handler: Callable[[WorkerState, Any], None]) -> None:
+        self.handlers[kind] = handler
 
     # ---- sending -------------------------------------------------------------------------
 
@@ -67,6 +77,13 @@ class Hub:
 
     def _send(self, worker: WorkerState, message: s.HubMessage) -> None:
         self.link.send(worker.identity, codec.encode(message))
+
+    def next_seq(self, worker: WorkerState) -> int:
+        return self._seq(worker)
+
+    def send(self, worker: WorkerState, message: s.HubMessage) -> None:
+        """Send a message built with ``self.epoch`` and ``self.next_seq(worker)``."""
+        self._send(worker, message)
 
     def reply(self, worker: WorkerState, req_id: int, code: int, body: bytes | str) -> None:
         self._send(worker, s.Reply(self.epoch, self._seq(worker), req_id, code, body))
@@ -80,6 +97,8 @@ class Hub:
             self._drop(worker)
 
     def _drop(self, worker: WorkerState) -> None:
+        for gone in self.worker_gone:
+            gone(worker)
         for task in worker.calls.values():
             task.cancel()
         for stream in worker.streams.values():
@@ -137,6 +156,12 @@ class Hub:
             stream = worker.streams.pop(message.req_id, None)
             if stream is not None:
                 stream.cancel()
+        else:
+            handler = self.handlers.get(kind)
+            if handler is None:
+                log.error("no handler for %s from %s", kind.name, identity.decode())
+            else:
+                handler(worker, message)
 
     # ---- unary ---------------------------------------------------------------------------
 
@@ -207,6 +232,8 @@ class Hub:
             task.cancel()
         for worker in self.workers.values():
             self._drop(worker)
+        for close in self.closers:
+            await close()
         self.link.close()
         await self.channel.close(grace=1.0)
         self.ctx.term()

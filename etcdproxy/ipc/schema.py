@@ -18,7 +18,7 @@ import enum
 from dataclasses import dataclass
 
 # Bumped whenever a message below changes shape; checked in the Hello/Pong exchange.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # metadata forwarded from a client call to etcd: (key, value) pairs such as ("token", "...")
 Metadata = list[tuple[str, str]]
@@ -34,12 +34,23 @@ class Kind(enum.IntEnum):
     STREAM_SEND = 6
     STREAM_HALF_CLOSE = 7
     STREAM_ACK = 8
+    WATCH_CREATE = 9
+    WATCH_CANCEL = 10
+    WATCH_PROGRESS_REQUEST = 11
+    LEASE_KEEPALIVE = 12
     # hub -> worker
     PONG = 20
     REPLY = 21
     STREAM_RECV = 22
     STREAM_END = 23
     STALE = 24
+    WATCH_CREATED = 25
+    WATCH_CANCELED = 26
+    WATCH_EVENTS = 27
+    WATCH_REPLAY = 28
+    WATCH_PROGRESS = 29
+    LEASE_ANSWER = 30
+    LEASE_NO_LEADER = 31
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,8 +187,181 @@ class Stale:
     kind: Kind = Kind.STALE
 
 
-WorkerMessage = Hello | Ping | Unary | Cancel | StreamOpen | StreamSend | StreamHalfClose | StreamAck
-HubMessage = Pong | Reply | StreamRecv | StreamEnd | Stale
+# ---- watch hub (issue 4) --------------------------------------------------------------------
+# An event travels hub -> worker as [mod_revision, is_delete, bytes with prev_kv, bytes without]:
+# the serialized mvccpb.Event twice, so the worker never decodes and never re-encodes events.
+WireEvent = tuple[int, bool, bytes, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class WatchCreate:
+    """Register c-watcher ``wid`` (unique within the worker process) on [key, range_end).
+
+    ``start_revision`` 0 means "from now". ``resume`` is set when the worker re-registers a
+    c-watcher after a hub restart: the client already got its created response.
+    """
+
+    epoch: int
+    wid: int
+    key: bytes
+    range_end: bytes
+    start_revision: int
+    metadata: Metadata
+    resume: bool
+    kind: Kind = Kind.WATCH_CREATE
+
+
+@dataclass(frozen=True, slots=True)
+class WatchCancel:
+    epoch: int
+    wid: int
+    kind: Kind = Kind.WATCH_CANCEL
+
+
+@dataclass(frozen=True, slots=True)
+class WatchProgressRequest:
+    """A client asked for progress (RequestProgress) on a stream holding these c-watchers."""
+
+    epoch: int
+    req_id: int
+    metadata: Metadata
+    kind: Kind = Kind.WATCH_PROGRESS_REQUEST
+
+
+@dataclass(frozen=True, slots=True)
+class WatchCreated:
+    """c-watcher ``wid`` joined s-watcher ``sw_id``; it must deliver events from ``next_revision``.
+
+    ``header`` is the serialized ResponseHeader of the created response.
+    """
+
+    epoch: int
+    seq: int
+    wid: int
+    sw_id: int
+    next_revision: int
+    header: bytes
+    kind: Kind = Kind.WATCH_CREATED
+
+
+@dataclass(frozen=True, slots=True)
+class WatchCanceled:
+    """Cancel c-watchers: ``wid`` alone (>= 0), or every c-watcher of ``sw_id`` (wid -1).
+
+    ``created`` tells whether the cancel is the answer to the create (a rejection).
+    """
+
+    epoch: int
+    seq: int
+    wid: int
+    sw_id: int
+    header: bytes
+    compact_revision: int
+    reason: str
+    created: bool
+    kind: Kind = Kind.WATCH_CANCELED
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvents:
+    """One upstream response of s-watcher ``sw_id``, for every c-watcher of it in the worker.
+
+    No events: a progress notification; ``progress_only`` marks one the hub asked for itself
+    (it advances revisions but is not shown to clients as a progress notification).
+    """
+
+    epoch: int
+    seq: int
+    sw_id: int
+    header: bytes
+    events: list[WireEvent]
+    progress_only: bool
+    kind: Kind = Kind.WATCH_EVENTS
+
+
+@dataclass(frozen=True, slots=True)
+class WatchReplay:
+    """Events from the hub's history for c-watcher ``wid`` alone (it joined late)."""
+
+    epoch: int
+    seq: int
+    wid: int
+    header: bytes
+    events: list[WireEvent]
+    kind: Kind = Kind.WATCH_REPLAY
+
+
+@dataclass(frozen=True, slots=True)
+class WatchProgress:
+    """Answer to WatchProgressRequest: every event up to header.revision was sent before it."""
+
+    epoch: int
+    seq: int
+    req_id: int
+    header: bytes
+    kind: Kind = Kind.WATCH_PROGRESS
+
+
+# ---- lease hub (issue 5) ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseKeepAlive:
+    """A client asked to renew ``lease_id`` once; the hub answers with LeaseAnswer."""
+
+    epoch: int
+    lease_id: int
+    kind: Kind = Kind.LEASE_KEEPALIVE
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseAnswer:
+    """The serialized LeaseKeepAliveResponse for every client waiting on ``lease_id``."""
+
+    epoch: int
+    seq: int
+    lease_id: int
+    payload: bytes
+    kind: Kind = Kind.LEASE_ANSWER
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseNoLeader:
+    """etcd lost its leader: require-leader keepalive streams end with etcdserver: no leader."""
+
+    epoch: int
+    seq: int
+    kind: Kind = Kind.LEASE_NO_LEADER
+
+
+WorkerMessage = (
+    Hello
+    | Ping
+    | Unary
+    | Cancel
+    | StreamOpen
+    | StreamSend
+    | StreamHalfClose
+    | StreamAck
+    | WatchCreate
+    | WatchCancel
+    | WatchProgressRequest
+    | LeaseKeepAlive
+)
+HubMessage = (
+    Pong
+    | Reply
+    | StreamRecv
+    | StreamEnd
+    | Stale
+    | WatchCreated
+    | WatchCanceled
+    | WatchEvents
+    | WatchReplay
+    | WatchProgress
+    | LeaseAnswer
+    | LeaseNoLeader
+)
 Message = WorkerMessage | HubMessage
 
 CLASSES: dict[Kind, type[Message]] = {
@@ -194,4 +378,15 @@ CLASSES: dict[Kind, type[Message]] = {
     Kind.STREAM_RECV: StreamRecv,
     Kind.STREAM_END: StreamEnd,
     Kind.STALE: Stale,
+    Kind.WATCH_CREATE: WatchCreate,
+    Kind.WATCH_CANCEL: WatchCancel,
+    Kind.WATCH_PROGRESS_REQUEST: WatchProgressRequest,
+    Kind.WATCH_CREATED: WatchCreated,
+    Kind.WATCH_CANCELED: WatchCanceled,
+    Kind.WATCH_EVENTS: WatchEvents,
+    Kind.WATCH_REPLAY: WatchReplay,
+    Kind.WATCH_PROGRESS: WatchProgress,
+    Kind.LEASE_KEEPALIVE: LeaseKeepAlive,
+    Kind.LEASE_ANSWER: LeaseAnswer,
+    Kind.LEASE_NO_LEADER: LeaseNoLeader,
 }

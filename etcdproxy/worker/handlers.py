@@ -40,6 +40,8 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], error: errors.EtcdE
 class Handlers:
     def __init__(self, hub: HubClient) -> None:
         self.hub = hub
+        # Methods served by a dedicated component instead of plain forwarding (path -> handler).
+        self.overrides: dict[str, grpc.RpcMethodHandler] = {}
 
     def generic_handlers(self) -> list[grpc.GenericRpcHandler]:
         by_service: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
@@ -52,6 +54,8 @@ class Handlers:
         return [grpc.method_handlers_generic_handler(svc, handlers) for svc, handlers in by_service.items()]
 
     def _handler(self, method: Method) -> grpc.RpcMethodHandler:
+        if method.path in self.overrides:
+            return self.overrides[method.path]
         if method.name == "RangeStream":
             return grpc.unary_stream_rpc_method_handler(self._range_stream)
         if method.shape is Shape.UNARY:

@@ -16,7 +16,9 @@ import itertools
 import logging
 import os
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from etcdproxy.core import errors
 from etcdproxy.core.methods import Method
@@ -63,7 +65,8 @@ class HubClient:
         self.ctx = new_context()
         identity = f"w{worker_index}-{os.getpid()}".encode()
         self.link = WorkerLink(self.ctx, endpoint, identity, self._on_frame, loop)
-        self.epoch = 0  # 0: no live hub known
+        self.epoch = 0  # 0: no live hub known (start-up, or it went silent)
+        self._adopted_epoch = 0  # the hub whose state components registered last
         self._expected_seq = 0
         self._last_heard = 0.0
         self._ids = itertools.count(1)
@@ -71,6 +74,11 @@ class HubClient:
         self.streams: dict[int, StreamState] = {}
         self._unsent: deque[tuple[int, bool]] = deque()  # (req_id, is_stream) waiting for a hub
         self._ping_task: asyncio.Task[None] | None = None
+        # Components (watch, lease) register handlers for their hub message kinds, and
+        # callbacks run after a new hub epoch was adopted (to re-register their state there).
+        self.handlers: dict[s.Kind, Callable[[Any], None]] = {}
+        self.on_new_epoch: list[Callable[[], None]] = []
+        self.on_gap: list[Callable[[], None]] = []
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -155,6 +163,10 @@ class HubClient:
         else:
             self.link.send(codec.encode(s.StreamSend(state.epoch, req_id, payload)))
 
+    def send(self, message: s.WorkerMessage) -> None:
+        """Send a component message (built with ``self.epoch``) to the hub."""
+        self.link.send(codec.encode(message))
+
     def stream_send(self, req_id: int, payload: bytes) -> None:
         """Pass one client message on (held back until the stream's open reached a hub)."""
         state = self.streams.get(req_id)
@@ -218,13 +230,23 @@ class HubClient:
                 self._end_stream(message.req_id, state, message.code, message.message)
         elif isinstance(message, s.Stale):
             self._retry_or_fail(message.req_id)
+        else:
+            handler = self.handlers.get(message.kind)
+            if handler is None:
+                log.error("no handler for hub message %s", message.kind.name)
+            else:
+                handler(message)
 
     def _resync(self, epoch: int, seq: int) -> None:
         """A new hub (epoch changed) or a lost frame (seq gap): recover per the invariants."""
         previous = self.epoch
+        new_epoch = epoch != self._adopted_epoch
+        self._adopted_epoch = epoch
         if epoch == previous:
             log.error("IPC gap from the hub: expected seq %d, got %d", self._expected_seq, seq)
             self.end_streams(errors.HUB_GAP, previous)
+            for callback in self.on_gap:
+                callback()
             stale = [rid for rid, p in self.calls.items() if p.epoch == previous]
         else:
             if previous:
@@ -239,6 +261,9 @@ class HubClient:
         for req_id in stale:
             self._retry_or_fail(req_id)
         self._flush_unsent()
+        if new_epoch:
+            for callback in self.on_new_epoch:
+                callback()
 
     def _retry_or_fail(self, req_id: int) -> None:
         pending = self.calls.get(req_id)
