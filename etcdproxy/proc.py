@@ -402,16 +402,20 @@ def metrics_dir() -> str:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
 
 
-def prepare_metrics_dir() -> None:
-    """prometheus-client multiprocess mode: start from an empty directory (its documented rule)."""
+def prepare_metrics_dir(run_dir: str) -> str:
+    """prometheus-client multiprocess mode for the whole tree: empty the directory (its documented
+    rule) and return it. Defaults PROMETHEUS_MULTIPROC_DIR to ``{run_dir}/metrics`` before any fork,
+    so every child, which imports prometheus_client after fork, shares one directory."""
     path = metrics_dir()
     if not path:
-        return
-    os.makedirs(path, exist_ok=True)
+        path = os.path.join(run_dir, "metrics")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    os.makedirs(path, mode=0o700, exist_ok=True)
     for name in os.listdir(path):
         if name.endswith(".db"):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(path, name))
+    return path
 
 
 def forget_metrics(pid: int) -> None:

@@ -137,7 +137,7 @@ class Supervisor:
             self.guard.take_run_dir(self.run_dir)
         except proc.GuardError as exc:
             raise BootError(str(exc)) from exc
-        proc.prepare_metrics_dir()
+        log.debug("metrics dir %s", proc.prepare_metrics_dir(self.run_dir))
         if self.config.embedded_etcd:
             self.etcd = EmbeddedEtcd(debug=self.config.debug, parent_dir=self.run_dir)
             try:

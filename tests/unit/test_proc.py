@@ -276,3 +276,17 @@ def test_exit_action(stopping: bool, retiring: bool, code: int, ready: bool, act
     from etcdproxy.supervisor import exit_action
 
     assert exit_action(stopping=stopping, retiring=retiring, code=code, ready=ready) == action
+
+
+def test_prepare_metrics_dir(tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")  # recorded, so the value set below is undone
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    path = proc.prepare_metrics_dir(str(tmp_path))
+    assert path == os.path.join(tmp_path, "metrics")
+    assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == path  # inherited by every child forked later
+    for name in ("counter_12.db", "gauge_livesum_12.db", "gauge_livesum_13.db", "notes.txt"):
+        proc.touch(os.path.join(path, name))
+    proc.forget_metrics(12)  # a reaped child: its live gauges go, its counters stay
+    assert sorted(os.listdir(path)) == ["counter_12.db", "gauge_livesum_13.db", "notes.txt"]
+    assert proc.prepare_metrics_dir("/elsewhere") == path  # an explicit setting wins; files wiped
+    assert os.listdir(path) == ["notes.txt"]
