@@ -175,8 +175,10 @@ class Supervisor:
 
     def wait(self, timeout_s: float) -> None:
         """Sleep until a signal, a readiness byte or the timeout."""
-        fds = [self.wake_r] + [s.ready_fd for s in self.slots if s.ready_fd >= 0]
-        readable, _, _ = select.select(fds, [], [], timeout_s)
+        poller = select.poll()  # not select(): no FD_SETSIZE limit on descriptor numbers
+        for fd in [self.wake_r] + [s.ready_fd for s in self.slots if s.ready_fd >= 0]:
+            poller.register(fd, select.POLLIN)
+        readable = {fd for fd, _ in poller.poll(timeout_s * 1000)}  # POLLHUP too: EOF is read below
         if self.wake_r in readable:
             with contextlib.suppress(BlockingIOError):
                 while os.read(self.wake_r, 4096):
