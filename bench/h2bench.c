@@ -197,7 +197,8 @@ static double o_rate = 200;     /* watch: puts/s, 0 = as fast as possible */
 static int o_inflight = 16;     /* writer/unary in-flight per connection */
 static double o_duration = 5;   /* lease/unary seconds */
 static double o_timeout = 60;   /* hard deadline for the whole run */
-static double o_drain = 10;     /* watch: max wait for stragglers after last put */
+static double o_drain = 60;     /* watch: max wait for stragglers after the last put */
+static double o_idle = 3;       /* watch: ...but give up after this long without a new event */
 static int o_leases = 1000, o_window = 10;
 static int o_storm = 1000, o_parallel = 20;
 static const char *o_prefix = "bench";
@@ -677,6 +678,7 @@ static int mode_watch(void) {
   /* writer: one connection straight to etcd, so only the watch path differs between targets */
   if (all_created) {
     conn *wc = conn_new(o_wport, -1);
+    wc->finished = 1; /* etcd closing it at the end is fine */
     /* let the writer connection come up and the watchers settle */
     double t_settle = now() + 0.3;
     while (now() < t_settle) poll_once(5);
@@ -700,6 +702,7 @@ static int mode_watch(void) {
     }
   }
   double t_writes_done = now();
+  ready("writes-done");
   /* The reference history of a key is every revision the writer got back for it plus any revision a
      watcher saw on it that the writer never got back (a put that timed out but committed): only this
      run's writer touches these keys. Each watcher must hold exactly that history, strictly increasing
@@ -715,7 +718,11 @@ static int mode_watch(void) {
     if (pass == 1) {
       double drain_end = t_writes_done + o_drain;
       if (drain_end > deadline) drain_end = deadline;
-      while (g_events < expected && now() < drain_end) poll_once(5);
+      while (g_events < expected && now() < drain_end) {
+        double last = g_last_recv > t_writes_done ? g_last_recv : t_writes_done;
+        if (now() - last > o_idle) break;
+        poll_once(5);
+      }
       if (have_unknown == 0 && g_events >= expected) break;
       /* recount with the unknown revisions seen by now */
       nunk = 0;
@@ -765,7 +772,12 @@ static int mode_watch(void) {
       if (r) lat_add(&lat, w->t[j] - r->t);
     }
   }
-  if (missing) err("%ld events missing at %ld watchers after %.1fs drain", missing, lagging, t_end - t_writes_done);
+  if (missing) {
+    double sp = g_last_recv - g_first_put;
+    err("%ld of %ld events not delivered to %ld watchers (lost or too slow: %.0f events/s; gave up %.1fs after the "
+        "last put, %.1fs after the last event)",
+        missing, expected, lagging, sp > 0 ? (double)g_events / sp : 0.0, t_end - t_writes_done, t_end - g_last_recv);
+  }
   double span = g_last_recv - g_first_put;
   printf("RESULT {\"mode\":\"watch\",\"watchers\":%d,\"created\":%ld,\"create_s\":%.4f,\"puts\":%ld,"
          "\"put_span_s\":%.4f,\"events\":%ld,\"expected\":%ld,\"missing\":%ld,\"canceled\":%ld,"
@@ -1044,7 +1056,7 @@ static void usage(void) {
   fprintf(stderr,
           "usage: h2bench --mode=watch|lease|unary|storm --port=P [--writer-port=P] [--conns=N]\n"
           "  watch: --streams=S --per-stream=K --watchers=W --keys=N --puts=N --rate=R(0=burst) --inflight=N "
-          "--drain=S\n"
+          "--drain=S --idle=S\n"
           "  lease: --leases=N --conns=N --window=N --duration=S\n"
           "  unary: --method=put|range --serializable=0|1 --conns=N --inflight=N --duration=S\n"
           "  storm: --storm=N --parallel=N\n"
@@ -1056,7 +1068,7 @@ int main(int argc, char **argv) {
       {"mode", 1, 0, 'm'},     {"port", 1, 0, 'p'},        {"writer-port", 1, 0, 'W'}, {"conns", 1, 0, 'c'},
       {"streams", 1, 0, 's'},  {"per-stream", 1, 0, 'k'},  {"watchers", 1, 0, 'w'},    {"keys", 1, 0, 'K'},
       {"puts", 1, 0, 'n'},     {"rate", 1, 0, 'r'},        {"inflight", 1, 0, 'i'},    {"duration", 1, 0, 'd'},
-      {"timeout", 1, 0, 't'},  {"drain", 1, 0, 'D'},       {"leases", 1, 0, 'l'},      {"window", 1, 0, 'x'},
+      {"timeout", 1, 0, 't'},  {"drain", 1, 0, 'D'}, {"idle", 1, 0, 'I'},       {"leases", 1, 0, 'l'},      {"window", 1, 0, 'x'},
       {"storm", 1, 0, 'S'},    {"parallel", 1, 0, 'P'},    {"prefix", 1, 0, 'f'},      {"method", 1, 0, 'M'},
       {"serializable", 1, 0, 'z'}, {"host", 1, 0, 'h'},    {0, 0, 0, 0}};
   int ch;
@@ -1076,6 +1088,7 @@ int main(int argc, char **argv) {
     case 'd': o_duration = atof(optarg); break;
     case 't': o_timeout = atof(optarg); break;
     case 'D': o_drain = atof(optarg); break;
+    case 'I': o_idle = atof(optarg); break;
     case 'l': o_leases = atoi(optarg); break;
     case 'x': o_window = atoi(optarg); break;
     case 'S': o_storm = atoi(optarg); break;
