@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 TICK_S = 1.0  # longest sleep of the main loop; also the heartbeat check period
 ABORT_GRACE_S = 3.0  # after SIGABRT (faulthandler dumps the stacks) comes SIGKILL
 FAST_STOP_S = 2.0  # per shutdown phase on INT/QUIT
+START_WARNING_S = 30.0  # log who is not ready yet this often until "started gRPC proxy"
 STOP_MARGIN_S = 1.0  # added to graceful_timeout_s per phase of a graceful stop
 KILL_WAIT_S = 5.0  # how long to wait for a SIGKILLed child before giving up on it
 
@@ -101,6 +102,7 @@ class Supervisor:
         self.exit_code = 0
         self.announced = False
         self.next_heartbeat_check = 0.0
+        self.next_start_warning = time.monotonic() + START_WARNING_S
         self.saved_handlers: dict[int, signal._HANDLER] = {}
 
     # --- life cycle ---
@@ -204,7 +206,13 @@ class Supervisor:
             slot.ready_fd = -1
 
     def maybe_announce(self) -> None:
-        if self.announced or not all(s.ready for s in self.slots):
+        if self.announced:
+            return
+        waiting = [s.name for s in self.slots if not s.ready]
+        if waiting:
+            if time.monotonic() > self.next_start_warning:
+                self.next_start_warning = time.monotonic() + START_WARNING_S
+                log.warning("not started yet, waiting for: %s", ", ".join(waiting))
             return
         self.announced = True
         log.info("started gRPC proxy")
