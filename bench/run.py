@@ -332,6 +332,7 @@ class Bench:
             run.proxy_cpu_per_1k = proxy.cpu_s / ops * 1000
             run.proxy_rss_mb = proxy.peak_rss_mb
             run.proxy_rss_start_mb = proxy.start_rss_mb
+            run.details["proxy_tree_pids"] = proxy.pids
         if etcd:
             run.etcd_cpu_s = etcd.cpu_s
             run.etcd_cpu_per_1k = etcd.cpu_s / ops * 1000
@@ -686,6 +687,18 @@ class Bench:
                     notes.append(f"- {scen} / {LABELS[name]}: ✗ " + "; ".join(x[:300] for x in row["reasons"]))
                 if row and row["writer_notes"]:
                     notes.append(f"- {scen} / {LABELS[name]}: note: " + "; ".join(row["writer_notes"]))
+        busy = [r.loadgen_cores for r in self.runs if r.loadgen_cores > LOADGEN_WARN]
+        if busy:
+            notes.append(
+                f"- warning: {len(busy)} run(s) had a load generator above {LOADGEN_WARN} cores (max {max(busy):.2f}); "
+                "those runs may be load-generator bound"
+            )
+        noise = [r.noise_cores for r in self.runs if r.noise_cores is not None]
+        if noise and statistics.median(noise) > NOISE_WARN:
+            notes.append(
+                f"- warning: processes outside this benchmark used a median {statistics.median(noise):.2f} cores "
+                f"(max {max(noise):.2f}) of this machine during the runs; absolute numbers are distorted by that"
+            )
         return "\n".join(lines + (["", *notes] if notes else []))
 
     def chart(self, png: Path) -> str:
@@ -705,7 +718,11 @@ class Bench:
                 ax = axes[j][i]
                 vals = [(med[scen].get(n) or {}).get(key) or 0.0 for n in TARGETS]
                 ax.bar(range(3), vals, color=[colors[n] for n in TARGETS])
-                ax.set_xticks(range(3), ["etcd", "Go", "ours"], fontsize=8)
+                for k, n in enumerate(TARGETS):
+                    row = med[scen].get(n)
+                    if j == 0 and row and row["ok"] < row["n"]:
+                        ax.annotate("✗", (k, 0), ha="center", va="bottom", color="red", fontsize=12)
+                ax.set_xticks(range(3), ["etcd", "Go proxy", "etcdproxy"], fontsize=7)
                 unit = (med[scen].get("etcd") or {}).get("unit", "")
                 ax.set_title(f"{scen}\n{title if j else unit}", fontsize=8)
                 ax.tick_params(axis="y", labelsize=7)
@@ -743,6 +760,8 @@ ROW_KEYS = (
 
 
 NO_RATIO = ("loadgen_cores", "noise_cores")
+LOADGEN_WARN = 0.8  # h2load runs with one thread and h2bench has one: near 1.0 it is the bottleneck
+NOISE_WARN = 0.2
 
 
 def _get(r: Run, key: str) -> float | None:
@@ -890,6 +909,7 @@ def main() -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored (nohup, &)
     rc = 1
     try:
         rc = bench.main()
