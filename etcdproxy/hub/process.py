@@ -26,6 +26,8 @@ from etcdproxy.config import Config
 from etcdproxy.core.cluster import proxy_member_list
 from etcdproxy.core.methods import METHODS, Method, Shape, by_name
 from etcdproxy.hub.forward import OK, Forwarder, UpstreamStream
+from etcdproxy.hub.lease import LeaseHub
+from etcdproxy.hub.watch import WatchHub
 from etcdproxy.ipc import codec
 from etcdproxy.ipc import schema as s
 from etcdproxy.ipc.sockets import HubLink, new_context
@@ -65,6 +67,9 @@ class Hub:
         self.handlers: dict[s.Kind, Callable[[WorkerState, Any], None]] = {}
         self.worker_gone: list[Callable[[WorkerState], None]] = []
         self.closers: list[Callable[[], Awaitable[None]]] = []
+
+        self.watches = WatchHub(self)
+        self.leases = LeaseHub(self)
 
     def register(self, kind: s.Kind, handler: Callable[[WorkerState, Any], None]) -> None:
         self.handlers[kind] = handler
@@ -129,8 +134,8 @@ class Hub:
         epoch: int = message.epoch  # type: ignore[union-attr]
         if epoch != self.epoch:
             # Addressed to a previous hub: never execute it (it may have run there).
-            req_id: int = message.req_id  # type: ignore[union-attr]
             if kind is s.Kind.UNARY or kind is s.Kind.STREAM_OPEN:
+                req_id: int = message.req_id  # type: ignore[union-attr]
                 self._send(worker, s.Stale(self.epoch, self._seq(worker), req_id))
             return
         if isinstance(message, s.Unary):

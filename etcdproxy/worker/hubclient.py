@@ -230,6 +230,8 @@ class HubClient:
                 self._end_stream(message.req_id, state, message.code, message.message)
         elif isinstance(message, s.Stale):
             self._retry_or_fail(message.req_id)
+        elif message.kind is s.Kind.PONG:
+            pass  # liveness only: _last_heard and the epoch/seq check above did the work
         else:
             handler = self.handlers.get(message.kind)
             if handler is None:

@@ -19,6 +19,8 @@ from etcdproxy.config import Config
 from etcdproxy.core import errors
 from etcdproxy.worker.handlers import Handlers
 from etcdproxy.worker.hubclient import HubClient
+from etcdproxy.worker.lease import LeaseServicer
+from etcdproxy.worker.watch import WatchService
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,11 @@ async def serve(config: Config, spec: proc.ChildSpec) -> int:
     loop = asyncio.get_running_loop()
     hub = HubClient(proc.hub_endpoint(spec.run_dir), spec.index, loop)
     server = grpc.aio.server(options=server_options(config))
-    server.add_generic_rpc_handlers(Handlers(hub).generic_handlers())
+    handlers = Handlers(hub)
+    handlers.overrides["/etcdserverpb.Watch/Watch"] = WatchService(hub).handler()
+    leases = LeaseServicer(hub)
+    handlers.overrides["/etcdserverpb.Lease/LeaseKeepAlive"] = leases.handler()
+    server.add_generic_rpc_handlers(handlers.generic_handlers())
     try:
         port = server.add_insecure_port(config.listen_addr)
     except RuntimeError as exc:
@@ -69,6 +75,7 @@ async def serve(config: Config, spec: proc.ChildSpec) -> int:
     stopping = loop.create_task(server.stop(config.graceful_timeout_s))
     await asyncio.sleep(0)  # let the server stop accepting before streams are ended
     hub.end_streams(errors.WORKER_STOPPING)
+    leases.stop(errors.WORKER_STOPPING)
     await stopping
     heartbeat.cancel()
     hub.close()

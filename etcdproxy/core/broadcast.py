@@ -1,0 +1,124 @@
+"""s-watchers (broadcasts): revision bookkeeping, history and the join rule. Pure.
+
+One Broadcast is one upstream etcd watch on an exact [key, range_end), shared by every
+c-watcher of every worker that can be served from it. Revisions:
+
+* ``frontier`` F: every event with revision <= F has been received from etcd (None until
+  known). It advances with each event batch (last event revision; etcd never splits one
+  revision over responses, and the hub re-assembles fragments) and with progress
+  notifications (etcd sends them only for synced watchers).
+* ``floor`` H0: ``history`` holds every event with revision in [H0, F]. A c-watcher starting
+  at revision S >= H0 can join: the hub replays history from S and live events follow.
+  Starting at S > F is a future start: it joins and the worker filters older events.
+* The history is bounded (events and bytes); evicting a batch raises the floor past it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from etcdproxy.ipc.schema import WireEvent
+
+HISTORY_EVENTS = 4096
+HISTORY_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class Batch:
+    revision: int  # revision of the last event
+    events: list[WireEvent]
+    size: int
+
+
+@dataclass(slots=True)
+class Broadcast:
+    sw_id: int
+    key: bytes
+    range_end: bytes
+    # revision asked of etcd when (re-)creating the upstream watch; 0 = "from now"
+    start_revision: int
+    frontier: int | None = None
+    floor: int | None = None
+    history: deque[Batch] = field(default_factory=deque)
+    history_events: int = 0
+    history_bytes: int = 0
+    # receivers: (worker identity, wid) -> start revision they were admitted with
+    receivers: dict[tuple[bytes, int], int] = field(default_factory=dict)
+    # receivers waiting for the upstream created response, in arrival order, with the
+    # header their created response must carry (b"" = the upstream created header)
+    waiting: list[tuple[bytes, int]] = field(default_factory=list)
+    join_headers: dict[tuple[bytes, int], bytes] = field(default_factory=dict)
+    live: bool = False  # the upstream created response arrived
+    dead: bool = False  # etcd cancelled it; never joined again
+    sent: bool = False  # the upstream create request left (a rev-0 join after that is not exact)
+
+    def __post_init__(self) -> None:
+        if self.start_revision > 0:
+            self.frontier = self.start_revision - 1
+            self.floor = self.start_revision
+
+    # ---- joining -------------------------------------------------------------------------
+
+    def can_join(self, start_revision: int) -> bool:
+        """True if a c-watcher starting at ``start_revision`` (> 0) can be served every event."""
+        return not self.dead and self.floor is not None and start_revision >= self.floor
+
+    def can_wait_for(self, start_revision: int) -> bool:
+        """A c-watcher may wait for a rev-0 create in flight: if it then starts below the
+        floor etcd reports, the hub moves it elsewhere (see WatchHub.on_created)."""
+        return not self.dead and not self.live and self.start_revision == 0 and start_revision > 0
+
+    def can_join_now(self) -> bool:
+        """A "from now" c-watcher may share a rev-0 create that has not been sent yet: it then
+        starts exactly where etcd starts the upstream watch."""
+        return not self.dead and self.start_revision == 0 and not self.sent and not self.live
+
+    def replay_from(self, start_revision: int) -> list[WireEvent]:
+        """History events with revision >= start_revision, oldest first."""
+        out: list[WireEvent] = []
+        for batch in self.history:
+            if batch.revision >= start_revision:
+                out.extend(e for e in batch.events if e[0] >= start_revision)
+        return out
+
+    # ---- upstream responses --------------------------------------------------------------
+
+    def on_created(self, header_revision: int) -> None:
+        """Upstream created: a rev-0 watch starts after the store revision in its header."""
+        self.live = True
+        if self.frontier is None:
+            self.frontier = header_revision
+            self.floor = header_revision + 1
+
+    def on_events(self, events: list[WireEvent]) -> None:
+        size = sum(len(e[2]) for e in events)
+        last = events[-1][0]
+        if self.frontier is None or last > self.frontier:
+            self.frontier = last
+        if self.floor is None:
+            self.floor = events[0][0]
+        self.history.append(Batch(last, events, size))
+        self.history_events += len(events)
+        self.history_bytes += size
+        while self.history and (self.history_events > HISTORY_EVENTS or self.history_bytes > HISTORY_BYTES):
+            old = self.history.popleft()
+            self.history_events -= len(old.events)
+            self.history_bytes -= old.size
+            self.floor = old.revision + 1
+
+    def on_progress(self, header_revision: int) -> None:
+        """All events up to header_revision were sent (etcd only says so for synced watchers)."""
+        if self.frontier is None or header_revision > self.frontier:
+            self.frontier = header_revision
+        if self.floor is None:
+            self.floor = header_revision + 1
+
+    def resume_revision(self) -> int:
+        """Where to re-create the upstream watch after the stream broke: no gap, no duplicate."""
+        return 0 if self.frontier is None else self.frontier + 1
+
+    # ---- receivers -----------------------------------------------------------------------
+
+    def workers(self) -> set[bytes]:
+        return {identity for identity, _ in self.receivers}

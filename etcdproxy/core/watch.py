@@ -1,0 +1,185 @@
+"""Per-client watcher logic (c-watchers): filtering and the WatchResponse wire encoding. Pure.
+
+A worker receives each upstream event batch of an s-watcher once and serves every c-watcher
+of it from the same bytes: events arrive already serialized twice (with and without prev_kv),
+each c-watcher keeps those it wants, and a response is the concatenation of protobuf fields
+(field order is free in protobuf), so only ``watch_id`` differs between clients.
+
+Invariant: ``next_revision`` is the lowest revision a c-watcher may still deliver; every event
+below it was delivered (or filtered) already, so replays and overlapping batches after a
+re-join or a hub restart never produce a duplicate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from etcdproxy.etcdpb import rpc_pb2
+
+# WatchCreateRequest.FilterType
+NOPUT = rpc_pb2.WatchCreateRequest.NOPUT
+NODELETE = rpc_pb2.WatchCreateRequest.NODELETE
+
+# etcd's mvcc.AutoWatchID: a create with watch_id 0 gets the next free id of the stream.
+AUTO_WATCH_ID = 0
+INVALID_WATCH_ID = -1
+DUPLICATE_WATCH_ID = "mvcc: duplicate watch ID provided on the WatchStream"
+
+# etcd splits a fragmented response so that no part exceeds its max request size.
+FRAGMENT_LIMIT_BYTES = 1572864
+
+# field keys of WatchResponse (field number << 3 | wire type)
+_HEADER, _WATCH_ID, _CREATED, _CANCELED, _COMPACT_REVISION = 0x0A, 0x10, 0x18, 0x20, 0x28
+_CANCEL_REASON, _FRAGMENT, _EVENTS = 0x32, 0x38, 0x5A
+
+
+def varint(value: int) -> bytes:
+    """Protobuf varint; negative int64 values take ten bytes (two's complement)."""
+    value &= 0xFFFFFFFFFFFFFFFF
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def length_delimited(key: int, payload: bytes) -> bytes:
+    return bytes((key,)) + varint(len(payload)) + payload
+
+
+def event_field(event: bytes) -> bytes:
+    """One serialized mvccpb.Event as a WatchResponse.events field."""
+    return length_delimited(_EVENTS, event)
+
+
+def encode_response(
+    watch_id: int,
+    header: bytes,
+    events: Sequence[bytes] = (),
+    *,
+    created: bool = False,
+    canceled: bool = False,
+    compact_revision: int = 0,
+    cancel_reason: str = "",
+    fragment: bool = False,
+) -> bytes:
+    """A serialized WatchResponse; ``events`` are already event fields (see event_field)."""
+    parts = [length_delimited(_HEADER, header)]
+    if watch_id:
+        parts.append(bytes((_WATCH_ID,)) + varint(watch_id))
+    if created:
+        parts.append(b"\x18\x01")
+    if canceled:
+        parts.append(b"\x20\x01")
+    if compact_revision:
+        parts.append(bytes((_COMPACT_REVISION,)) + varint(compact_revision))
+    if cancel_reason:
+        parts.append(length_delimited(_CANCEL_REASON, cancel_reason.encode()))
+    if fragment:
+        parts.append(b"\x38\x01")
+    parts.extend(events)
+    return b"".join(parts)
+
+
+def fragments(events: Sequence[bytes], limit: int = FRAGMENT_LIMIT_BYTES) -> list[list[bytes]]:
+    """Split event fields into runs of at most ``limit`` bytes (a single larger event stays whole)."""
+    runs: list[list[bytes]] = [[]]
+    size = 0
+    for event in events:
+        if runs[-1] and size + len(event) > limit:
+            runs.append([])
+            size = 0
+        runs[-1].append(event)
+        size += len(event)
+    return runs
+
+
+def valid_range(key: bytes, range_end: bytes) -> bool:
+    """etcd accepts a single key, ``range_end == b"\\x00"`` (all keys >= key), or key < range_end."""
+    return not range_end or range_end == b"\x00" or key < range_end
+
+
+@dataclass(slots=True)
+class CWatcher:
+    """One client watcher, owned by the worker serving its stream."""
+
+    watch_id: int
+    wid: int  # the worker-wide id the hub knows it by
+    key: bytes
+    range_end: bytes
+    start_revision: int
+    noput: bool = False
+    nodelete: bool = False
+    prev_kv: bool = False
+    progress_notify: bool = False
+    fragment: bool = False
+    next_revision: int = 0  # 0 until the hub says where it starts
+    sw_id: int = 0
+    created: bool = False  # the created response was queued for the client
+    canceled: bool = False
+    last_header: bytes = b""
+    # event fields accepted but not yet written to the client, and the newest header
+    pending: list[bytes] = field(default_factory=list)
+    pending_bytes: int = 0
+    pending_header: bytes = b""
+    pending_progress: bool = False
+
+    @classmethod
+    def from_request(cls, watch_id: int, wid: int, create: rpc_pb2.WatchCreateRequest) -> CWatcher:
+        filters = set(create.filters)
+        return cls(
+            watch_id=watch_id,
+            wid=wid,
+            key=create.key,
+            range_end=create.range_end,
+            start_revision=create.start_revision,
+            noput=NOPUT in filters,
+            nodelete=NODELETE in filters,
+            prev_kv=create.prev_kv,
+            progress_notify=create.progress_notify,
+            fragment=create.fragment,
+        )
+
+    def accept(self, events: Iterable[Sequence[object]]) -> int:
+        """Queue the wanted events of one batch; returns how many bytes were queued.
+
+        ``events`` are hub WireEvents [mod_revision, is_delete, with_prev_kv, without_prev_kv]
+        in revision order. Events below next_revision were already delivered and are skipped;
+        next_revision then moves past the batch, so events of one revision are never split.
+        """
+        added = 0
+        last = 0
+        for revision, is_delete, with_prev, without_prev in events:  # type: ignore[misc]
+            last = revision  # type: ignore[assignment]
+            if revision < self.next_revision:  # type: ignore[operator]
+                continue
+            if self.nodelete if is_delete else self.noput:
+                continue
+            data: bytes = with_prev if self.prev_kv else without_prev  # type: ignore[assignment]
+            field_bytes = event_field(data)
+            self.pending.append(field_bytes)
+            added += len(field_bytes)
+        if last >= self.next_revision:
+            self.next_revision = last + 1
+        self.pending_bytes += added
+        return added
+
+    def take_responses(self) -> list[bytes]:
+        """Serialized responses for everything pending (fragmented if the client asked)."""
+        events, self.pending = self.pending, []
+        header = self.pending_header or self.last_header
+        self.pending_bytes = 0
+        self.pending_header = b""
+        progress, self.pending_progress = self.pending_progress, False
+        if not events:
+            if not progress:
+                return []
+            self.last_header = header
+            return [encode_response(self.watch_id, header)]
+        self.last_header = header
+        if not self.fragment or sum(map(len, events)) <= FRAGMENT_LIMIT_BYTES:
+            return [encode_response(self.watch_id, header, events)]
+        runs = fragments(events)
+        return [encode_response(self.watch_id, header, run, fragment=i < len(runs) - 1) for i, run in enumerate(runs)]

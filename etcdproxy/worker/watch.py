@@ -1,0 +1,334 @@
+"""The Watch servicer of a worker: client streams, c-watchers, and delivery from the hub.
+
+Each client stream has its own writer (the servicer's async generator); the hub's messages
+only append to c-watchers and wake writers, so a slow client never delays another. Under
+load a writer naturally batches: it builds a c-watcher's response at write time from every
+event pending for it (etcd also batches revisions into one response).
+
+Shared state (``by_wid``, ``by_sw``, each stream's tables) is mutated only on the worker's
+event loop. Invariants: a client sees ``created`` before any event of a watch, and after a
+hub restart every created c-watcher is re-registered from ``next_revision`` (resume=True),
+so clients see neither a gap, nor a duplicate, nor a second created response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from etcdproxy.core import errors, wire
+from etcdproxy.core.watch import (
+    AUTO_WATCH_ID,
+    DUPLICATE_WATCH_ID,
+    INVALID_WATCH_ID,
+    CWatcher,
+    encode_response,
+)
+from etcdproxy.etcdpb import rpc_pb2
+from etcdproxy.ipc import schema as s
+from etcdproxy.worker.handlers import forwarded_metadata
+from etcdproxy.worker.hubclient import HubClient
+
+log = logging.getLogger(__name__)
+
+# A stream whose client does not read may buffer this much before its watches are cancelled.
+SLOW_STREAM_BYTES = 64 * 1024 * 1024
+SLOW_REASON = "etcdproxy: watch stream too slow (more than {} bytes of events buffered); re-create the watch"
+NO_LEADER = "etcdserver: no leader"
+
+
+@dataclass(slots=True, eq=False)
+class WatchStream:
+    metadata: s.Metadata
+    require_leader: bool
+    watchers: dict[int, CWatcher] = field(default_factory=dict)  # by watch_id
+    next_watch_id: int = 0
+    out: deque[bytes] = field(default_factory=deque)  # ready responses, in order
+    dirty: dict[int, CWatcher] = field(default_factory=dict)  # watch_id -> watcher with pending events
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    buffered: int = 0
+    end: errors.EtcdError | None = None
+
+    def allocate_id(self, requested: int) -> int | None:
+        """etcd's rule: 0 picks the next free id, any other id is used unless taken."""
+        if requested != AUTO_WATCH_ID:
+            return None if requested in self.watchers else requested
+        while self.next_watch_id in self.watchers:
+            self.next_watch_id += 1
+        watch_id = self.next_watch_id
+        self.next_watch_id += 1
+        return watch_id
+
+    def flush(self, watcher: CWatcher) -> None:
+        """Move a watcher's pending events into the ordered output (before a control response)."""
+        if self.dirty.pop(watcher.watch_id, None) is not None:
+            self.buffered -= watcher.pending_bytes
+            self.out.extend(watcher.take_responses())
+
+    def push(self, response: bytes) -> None:
+        self.out.append(response)
+        self.wake.set()
+
+
+class WatchService:
+    def __init__(self, hub: HubClient) -> None:
+        self.hub = hub
+        self._wids = itertools.count(1)
+        self.by_wid: dict[int, tuple[WatchStream, CWatcher]] = {}
+        self.by_sw: dict[int, dict[int, tuple[WatchStream, CWatcher]]] = {}
+        self.progress_waiters: dict[int, WatchStream] = {}
+        self._progress_ids = itertools.count(1)
+        self.last_header = b""
+        hub.handlers[s.Kind.WATCH_CREATED] = self.on_created
+        hub.handlers[s.Kind.WATCH_CANCELED] = self.on_canceled
+        hub.handlers[s.Kind.WATCH_EVENTS] = self.on_events
+        hub.handlers[s.Kind.WATCH_REPLAY] = self.on_replay
+        hub.handlers[s.Kind.WATCH_PROGRESS] = self.on_progress
+        hub.on_new_epoch.append(self.on_new_epoch)
+        hub.on_gap.append(self.on_gap)
+
+    def handler(self) -> grpc.RpcMethodHandler:
+        return grpc.stream_stream_rpc_method_handler(self.watch)
+
+    # ---- the client stream ---------------------------------------------------------------
+
+    async def watch(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        metadata = forwarded_metadata(context)
+        stream = WatchStream(metadata, dict(metadata).get("hasleader") == "true")
+        reader = asyncio.get_running_loop().create_task(self._read(requests, stream))
+        try:
+            while True:
+                if stream.out:
+                    yield stream.out.popleft()
+                    continue
+                if stream.dirty:
+                    watch_id = next(iter(stream.dirty))
+                    stream.flush(stream.dirty[watch_id])
+                    continue
+                if stream.end is not None:
+                    await context.abort(stream.end.code, stream.end.message)
+                stream.wake.clear()
+                await stream.wake.wait()
+        finally:
+            reader.cancel()
+            for watcher in list(stream.watchers.values()):
+                self._forget(stream, watcher, tell_hub=True)
+
+    async def _read(self, requests: AsyncIterator[bytes], stream: WatchStream) -> None:
+        # A half-closed stream stays open and keeps delivering, like etcd.
+        async for data in requests:
+            request, problem = wire.parse(rpc_pb2.WatchRequest, data)
+            if problem is not None:
+                self._end(stream, errors.unmarshal_error(problem))
+                return
+            which = request.WhichOneof("request_union")
+            if which == "create_request":
+                self._create(stream, request.create_request)
+            elif which == "cancel_request":
+                self._cancel(stream, request.cancel_request.watch_id)
+            elif which == "progress_request":
+                req_id = next(self._progress_ids)
+                self.progress_waiters[req_id] = stream
+                self._send_when_up(lambda e, r=req_id: s.WatchProgressRequest(e, r, stream.metadata))
+
+    def _end(self, stream: WatchStream, error: errors.EtcdError) -> None:
+        stream.end = error
+        stream.wake.set()
+
+    def _send_when_up(self, build: Any) -> None:
+        # Without a live hub the message would be lost; on_new_epoch re-sends all state.
+        if self.hub.epoch:
+            self.hub.send(build(self.hub.epoch))
+
+    def _create(self, stream: WatchStream, create: rpc_pb2.WatchCreateRequest) -> None:
+        watch_id = stream.allocate_id(create.watch_id)
+        if watch_id is None:
+            stream.push(
+                encode_response(
+                    INVALID_WATCH_ID, self.last_header, created=True, canceled=True, cancel_reason=DUPLICATE_WATCH_ID
+                )
+            )
+            return
+        watcher = CWatcher.from_request(watch_id, next(self._wids), create)
+        stream.watchers[watch_id] = watcher
+        self.by_wid[watcher.wid] = (stream, watcher)
+        self._send_when_up(lambda e: self._create_message(e, stream, watcher))
+
+    def _create_message(self, epoch: int, stream: WatchStream, watcher: CWatcher) -> s.WatchCreate:
+        resume = watcher.created
+        start = watcher.next_revision if resume else watcher.start_revision
+        return s.WatchCreate(epoch, watcher.wid, watcher.key, watcher.range_end, start, stream.metadata, resume)
+
+    def _cancel(self, stream: WatchStream, watch_id: int) -> None:
+        watcher = stream.watchers.get(watch_id)
+        if watcher is None:
+            return  # unknown id: etcd does not answer either
+        stream.flush(watcher)
+        self._forget(stream, watcher, tell_hub=True)
+        stream.push(encode_response(watch_id, watcher.last_header or self.last_header, canceled=True))
+
+    def _forget(self, stream: WatchStream, watcher: CWatcher, tell_hub: bool) -> None:
+        watcher.canceled = True
+        stream.watchers.pop(watcher.watch_id, None)
+        if stream.dirty.pop(watcher.watch_id, None) is not None:
+            stream.buffered -= watcher.pending_bytes
+        self.by_wid.pop(watcher.wid, None)
+        if watcher.sw_id:
+            members = self.by_sw.get(watcher.sw_id)
+            if members is not None:
+                members.pop(watcher.wid, None)
+                if not members:
+                    del self.by_sw[watcher.sw_id]
+        if tell_hub:
+            self._send_when_up(lambda e: s.WatchCancel(e, watcher.wid))
+
+    # ---- hub messages --------------------------------------------------------------------
+
+    def on_created(self, message: s.WatchCreated) -> None:
+        entry = self.by_wid.get(message.wid)
+        if entry is None:
+            return
+        stream, watcher = entry
+        if message.header:
+            self.last_header = message.header
+        watcher.sw_id = message.sw_id
+        self.by_sw.setdefault(message.sw_id, {})[watcher.wid] = entry
+        watcher.next_revision = max(watcher.next_revision, message.next_revision)
+        watcher.last_header = message.header or watcher.last_header
+        if not watcher.created:
+            watcher.created = True
+            stream.push(encode_response(watcher.watch_id, message.header or self.last_header, created=True))
+
+    def on_canceled(self, message: s.WatchCanceled) -> None:
+        if message.header:
+            self.last_header = message.header
+        if message.wid >= 0:
+            entry = self.by_wid.get(message.wid)
+            targets = [entry] if entry is not None else []
+        else:
+            targets = list(self.by_sw.get(message.sw_id, {}).values())
+        for stream, watcher in targets:
+            if message.reason == NO_LEADER and stream.require_leader:
+                self._end(stream, errors.NO_LEADER)
+                continue
+            stream.flush(watcher)
+            self._forget(stream, watcher, tell_hub=False)
+            header = message.header or watcher.last_header or self.last_header
+            if message.created and not watcher.created:
+                # etcd's rejection of a create: id -1, created and canceled at once
+                stream.push(
+                    encode_response(
+                        INVALID_WATCH_ID,
+                        header,
+                        created=True,
+                        canceled=True,
+                        compact_revision=message.compact_revision,
+                        cancel_reason=message.reason,
+                    )
+                )
+            else:
+                stream.push(
+                    encode_response(
+                        watcher.watch_id,
+                        header,
+                        canceled=True,
+                        compact_revision=message.compact_revision,
+                        cancel_reason=message.reason,
+                    )
+                )
+
+    def _deliver(
+        self, stream: WatchStream, watcher: CWatcher, header: bytes, events: list[Any], progress: bool
+    ) -> None:
+        if events:
+            added = watcher.accept(events)
+            if not added:
+                return
+            stream.buffered += added
+        elif not progress:
+            return
+        else:
+            watcher.pending_progress = True
+        watcher.pending_header = header
+        stream.dirty[watcher.watch_id] = watcher
+        if stream.buffered > SLOW_STREAM_BYTES:
+            self._cancel_slow(stream)
+        stream.wake.set()
+
+    def on_events(self, message: s.WatchEvents) -> None:
+        members = self.by_sw.get(message.sw_id)
+        if not members:
+            return
+        self.last_header = message.header
+        events = message.events
+        if not events:
+            revision = rpc_pb2.ResponseHeader.FromString(message.header).revision
+            for stream, watcher in list(members.values()):
+                watcher.next_revision = max(watcher.next_revision, revision + 1)
+                if watcher.progress_notify and not message.progress_only:
+                    self._deliver(stream, watcher, message.header, [], True)
+            return
+        for stream, watcher in list(members.values()):
+            self._deliver(stream, watcher, message.header, events, False)
+
+    def on_replay(self, message: s.WatchReplay) -> None:
+        entry = self.by_wid.get(message.wid)
+        if entry is not None:
+            self._deliver(entry[0], entry[1], message.header or self.last_header, message.events, False)
+
+    def on_progress(self, message: s.WatchProgress) -> None:
+        stream = self.progress_waiters.pop(message.req_id, None)
+        if stream is None:
+            return
+        for watcher in list(stream.dirty.values()):
+            stream.flush(watcher)
+        # etcd answers RequestProgress with watch id -1: every event up to the revision was sent
+        stream.push(encode_response(INVALID_WATCH_ID, message.header or self.last_header))
+
+    def _cancel_slow(self, stream: WatchStream) -> None:
+        reason = SLOW_REASON.format(SLOW_STREAM_BYTES)
+        log.warning("cancelling the watches of a client that does not read (%d bytes buffered)", stream.buffered)
+        for watcher in list(stream.watchers.values()):
+            self._forget(stream, watcher, tell_hub=True)
+            watcher.pending.clear()
+            stream.push(
+                encode_response(
+                    watcher.watch_id, watcher.last_header or self.last_header, canceled=True, cancel_reason=reason
+                )
+            )
+        stream.buffered = 0
+
+    # ---- hub restarts --------------------------------------------------------------------
+
+    def on_new_epoch(self) -> None:
+        """A new hub knows nothing: register every c-watcher again, created ones from where
+        they stand (resume), the others as they were asked for."""
+        self.by_sw.clear()
+        for stream, watcher in list(self.by_wid.values()):
+            watcher.sw_id = 0
+            self.hub.send(self._create_message(self.hub.epoch, stream, watcher))
+        for req_id, stream in list(self.progress_waiters.items()):
+            self.hub.send(s.WatchProgressRequest(self.hub.epoch, req_id, stream.metadata))
+
+    def on_gap(self) -> None:
+        """A lost hub message may have carried events: end every watch with a reason."""
+        for stream, watcher in list(self.by_wid.values()):
+            stream.flush(watcher)
+            self._forget(stream, watcher, tell_hub=True)
+            stream.push(
+                encode_response(
+                    watcher.watch_id,
+                    watcher.last_header or self.last_header,
+                    canceled=True,
+                    cancel_reason=errors.HUB_GAP.message,
+                )
+            )
