@@ -1,0 +1,178 @@
+"""Table tests for the pure watch logic: response encoding, c-watcher filtering, broadcasts."""
+
+from __future__ import annotations
+
+import pytest
+
+from etcdproxy.core.broadcast import HISTORY_EVENTS, Broadcast
+from etcdproxy.core.watch import CWatcher, encode_response, event_field, fragments, valid_range, varint
+from etcdproxy.etcdpb import kv_pb2, rpc_pb2
+
+
+def event(revision: int, key: bytes = b"k", delete: bool = False, prev: bool = True) -> tuple[int, bool, bytes, bytes]:
+    kv = kv_pb2.KeyValue(key=key, mod_revision=revision, value=b"v%d" % revision)
+    full = kv_pb2.Event(type=kv_pb2.Event.DELETE if delete else kv_pb2.Event.PUT, kv=kv)
+    bare = full.SerializeToString()
+    if prev:
+        full.prev_kv.CopyFrom(kv_pb2.KeyValue(key=key, mod_revision=revision - 1))
+    return revision, delete, full.SerializeToString(), bare
+
+
+HEADER = rpc_pb2.ResponseHeader(cluster_id=1, member_id=2, revision=9, raft_term=3).SerializeToString()
+
+
+@pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 2**31, 2**63 - 1, -1, -2])
+def test_varint_matches_protobuf(value: int) -> None:
+    # field 2 (watch_id, int64) of WatchResponse: key 0x10 then the varint
+    expected = rpc_pb2.WatchResponse(watch_id=value).SerializeToString()
+    assert (b"\x10" + varint(value) if value else b"") == expected
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "events"),
+    [
+        ({}, []),
+        ({"created": True}, []),
+        (
+            {
+                "canceled": True,
+                "cancel_reason": "etcdserver: mvcc: required revision has been compacted",
+                "compact_revision": 7,
+            },
+            [],
+        ),
+        ({"created": True, "canceled": True}, []),
+        ({"fragment": True}, [1, 2]),
+        ({}, [5]),
+    ],
+)
+@pytest.mark.parametrize("watch_id", [0, 3, -1])
+def test_encode_response_round_trips(kwargs: dict[str, object], events: list[int], watch_id: int) -> None:
+    evs = [event(r) for r in events]
+    data = encode_response(watch_id, HEADER, [event_field(e[2]) for e in evs], **kwargs)  # type: ignore[arg-type]
+    parsed = rpc_pb2.WatchResponse.FromString(data)
+    assert parsed.watch_id == watch_id
+    assert parsed.header.revision == 9 and parsed.header.member_id == 2
+    for name, value in kwargs.items():
+        assert getattr(parsed, name) == value
+    assert [e.kv.mod_revision for e in parsed.events] == events
+    assert all(e.HasField("prev_kv") for e in parsed.events)
+
+
+@pytest.mark.parametrize(
+    ("key", "range_end", "valid"),
+    [
+        (b"a", b"", True),
+        (b"a", b"b", True),
+        (b"a", b"a", False),
+        (b"b", b"a", False),
+        (b"foo", b"\x00", True),
+        (b"\x00", b"\x00", True),
+    ],
+)
+def test_valid_range(key: bytes, range_end: bytes, valid: bool) -> None:
+    assert valid_range(key, range_end) is valid
+
+
+def watcher(**kwargs: object) -> CWatcher:
+    w = CWatcher(watch_id=4, wid=1, key=b"k", range_end=b"", start_revision=0)
+    for name, value in kwargs.items():
+        setattr(w, name, value)
+    return w
+
+
+# (watcher settings, batches of event revisions (negative: delete), expected delivered revisions)
+CASES = [
+    ({"next_revision": 1}, [[2, 3], [4]], [2, 3, 4]),
+    ({"next_revision": 4}, [[2, 3], [4, 5]], [4, 5]),  # joined late: older events already seen
+    ({"next_revision": 3}, [[2, 3], [3, 4]], [3, 4]),  # a replayed batch overlapping the live one
+    ({"next_revision": 1, "noput": True}, [[2, -3, 4]], [-3]),
+    ({"next_revision": 1, "nodelete": True}, [[2, -3, 4]], [2, 4]),
+    ({"next_revision": 10}, [[2, 3]], []),
+]
+
+
+@pytest.mark.parametrize(("settings", "batches", "expected"), CASES)
+def test_cwatcher_accept(settings: dict[str, object], batches: list[list[int]], expected: list[int]) -> None:
+    w = watcher(**settings)
+    for batch in batches:
+        w.accept([event(abs(r), delete=r < 0) for r in batch])
+    w.pending_header = HEADER
+    delivered = []
+    for data in w.take_responses():
+        parsed = rpc_pb2.WatchResponse.FromString(data)
+        assert parsed.watch_id == 4
+        delivered += [-e.kv.mod_revision if e.type == kv_pb2.Event.DELETE else e.kv.mod_revision for e in parsed.events]
+    assert delivered == expected
+    # events advance next_revision even when filtered, so a later replay can't duplicate them
+    last = max(abs(r) for batch in batches for r in batch)
+    assert w.next_revision == max(settings["next_revision"], last + 1)  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("prev_kv", [True, False])
+def test_prev_kv_only_when_asked(prev_kv: bool) -> None:
+    w = watcher(next_revision=1, prev_kv=prev_kv)
+    w.accept([event(2)])
+    (data,) = w.take_responses()
+    assert rpc_pb2.WatchResponse.FromString(data).events[0].HasField("prev_kv") is prev_kv
+
+
+def test_fragmented_response_splits_and_flags() -> None:
+    big = [b"x" * 1000] * 5
+    runs = fragments([event_field(b) for b in big], limit=2100)
+    assert [len(r) for r in runs] == [2, 2, 1]
+    w = watcher(next_revision=1, fragment=True)
+    big_event = kv_pb2.Event(kv=kv_pb2.KeyValue(key=b"k", value=b"y" * 1_000_000)).SerializeToString()
+    w.pending = [event_field(big_event), event_field(big_event)]
+    w.pending_header = HEADER
+    parts = [rpc_pb2.WatchResponse.FromString(d) for d in w.take_responses()]
+    assert [p.fragment for p in parts] == [True, False]
+
+
+def test_progress_only_when_nothing_pending() -> None:
+    w = watcher(next_revision=1)
+    w.pending_progress = True
+    w.pending_header = HEADER
+    (data,) = w.take_responses()
+    parsed = rpc_pb2.WatchResponse.FromString(data)
+    assert not parsed.events and parsed.header.revision == 9
+    assert w.take_responses() == []
+
+
+# ---- broadcasts --------------------------------------------------------------------------
+
+
+def test_explicit_start_broadcast_joins() -> None:
+    b = Broadcast(1, b"k", b"", start_revision=10)
+    assert (b.frontier, b.floor) == (9, 10)
+    assert b.can_join(10) and b.can_join(50) and not b.can_join(9)
+    b.on_created(20)
+    b.on_events([event(10), event(11)])
+    assert b.frontier == 11 and [e[0] for e in b.replay_from(11)] == [11]
+
+
+def test_from_now_broadcast() -> None:
+    b = Broadcast(1, b"k", b"", start_revision=0)
+    assert b.can_join_now() and not b.can_join(5)
+    b.sent = True
+    assert not b.can_join_now() and b.can_wait_for(5)
+    b.on_created(41)
+    assert (b.frontier, b.floor, b.resume_revision()) == (41, 42, 42)
+    assert b.can_join(42) and not b.can_join(41)
+    b.on_progress(50)
+    assert b.frontier == 50 and b.resume_revision() == 51
+
+
+def test_history_is_bounded_and_raises_the_floor() -> None:
+    b = Broadcast(1, b"k", b"", start_revision=1)
+    for r in range(1, HISTORY_EVENTS + 11):
+        b.on_events([event(r)])
+    assert b.history_events == HISTORY_EVENTS
+    assert b.floor == 11 and b.can_join(11) and not b.can_join(10)
+    assert b.replay_from(11)[0][0] == 11
+
+
+def test_dead_broadcast_is_never_joined() -> None:
+    b = Broadcast(1, b"k", b"", start_revision=5)
+    b.dead = True
+    assert not b.can_join(5) and not b.can_join_now()
