@@ -200,6 +200,7 @@ static double o_timeout = 60;   /* hard deadline for the whole run */
 static double o_drain = 60;     /* watch: max wait for stragglers after the last put */
 static double o_idle = 3;       /* watch: ...but give up after this long without a new event */
 static int o_leases = 1000, o_window = 10;
+static int o_ttl = 10; /* lease TTL; the Go proxy answers repeat keepalives of a lease only every TTL/3 */
 static int o_storm = 1000, o_parallel = 20;
 static const char *o_prefix = "bench";
 static const char *o_method = "put";
@@ -713,20 +714,11 @@ static int mode_watch(void) {
   putrec *unk = NULL;
   size_t nunk = 0, capunk = 0;
   long expected = 0;
-  int have_unknown = -1; /* recomputed after the drain */
-  for (int pass = 0; pass < 2; pass++) {
-    if (pass == 1) {
-      double drain_end = t_writes_done + o_drain;
-      if (drain_end > deadline) drain_end = deadline;
-      while (g_events < expected && now() < drain_end) {
-        double last = g_last_recv > t_writes_done ? g_last_recv : t_writes_done;
-        if (now() - last > o_idle) break;
-        poll_once(5);
-      }
-      if (have_unknown == 0 && g_events >= expected) break;
-      /* recount with the unknown revisions seen by now */
-      nunk = 0;
-    }
+  double drain_end = t_writes_done + o_drain < deadline ? t_writes_done + o_drain : deadline;
+  for (int gave_up = 0;;) {
+    /* (re)collect revisions the writer never got back; events per watcher never exceed its reference, so
+       g_events == expected means every watcher is complete */
+    nunk = 0;
     for (int i = 0; i < o_watchers; i++) {
       watcher *w = &g_w[i];
       for (size_t j = 0; j < w->n; j++) {
@@ -746,12 +738,18 @@ static int mode_watch(void) {
     for (size_t j = 0; j < nunk; j++)
       if (!u || unk[j].rev != unk[u - 1].rev) unk[u++] = unk[j];
     nunk = u;
-    have_unknown = nunk > 0;
     expected = 0;
     for (int i = 0; i < o_watchers; i++) {
       expected += per_key[g_w[i].key];
       for (size_t j = 0; j < nunk; j++) expected += unk[j].key == g_w[i].key;
     }
+    if (gave_up || g_events >= expected) break;
+    while (g_events < expected && now() < drain_end) {
+      double last = g_last_recv > t_writes_done ? g_last_recv : t_writes_done;
+      if (now() - last > o_idle) break;
+      poll_once(5);
+    }
+    if (g_events < expected) gave_up = 1; /* one more pass for the final tally */
   }
   double t_end = now();
   g_stopping = 1;
@@ -886,7 +884,7 @@ static int mode_lease(void) {
   while (g_grant_issued < o_leases && now() < deadline && !gc->dead) {
     while (g_grant_issued < o_leases && g_inflight_w < 64) {
       uint8_t msg[16];
-      size_t n = pb_varint(msg, 1, 600); /* TTL seconds: outlives the run */
+      size_t n = pb_varint(msg, 1, (uint64_t)o_ttl);
       unary(gc, "/etcdserverpb.Lease/LeaseGrant", msg, n, grant_done, 0, 0);
       g_grant_issued++;
       g_inflight_w++;
@@ -924,7 +922,8 @@ static int mode_lease(void) {
   long ok_at_stop = g_ka_ok;
   g_sending = 0;
   long outstanding = 0;
-  double drain_end = now() + 5 < deadline ? now() + 5 : deadline;
+  double wait = o_ttl / 3.0 + 2;
+  double drain_end = now() + wait < deadline ? now() + wait : deadline;
   for (;;) {
     outstanding = 0;
     for (int i = 0; i < o_conns; i++) outstanding += g_lc[i].outstanding;
@@ -932,7 +931,7 @@ static int mode_lease(void) {
     poll_once(5);
   }
   g_stopping = 1;
-  if (outstanding) err("%ld keepalives unanswered", outstanding);
+  if (outstanding) err("%ld keepalives unanswered %.1fs after the last was sent", outstanding, wait);
   printf("RESULT {\"mode\":\"lease\",\"leases\":%d,\"clients\":%d,\"window\":%d,\"sent\":%ld,\"answered\":%ld,"
          "\"unanswered\":%ld,\"rate\":%.1f,",
          o_leases, o_conns, o_window, g_ka_sent, g_ka_ok, outstanding, (double)ok_at_stop / (t1 - t0));
@@ -1057,7 +1056,7 @@ static void usage(void) {
           "usage: h2bench --mode=watch|lease|unary|storm --port=P [--writer-port=P] [--conns=N]\n"
           "  watch: --streams=S --per-stream=K --watchers=W --keys=N --puts=N --rate=R(0=burst) --inflight=N "
           "--drain=S --idle=S\n"
-          "  lease: --leases=N --conns=N --window=N --duration=S\n"
+          "  lease: --leases=N --conns=N --window=N --duration=S --ttl=S\n"
           "  unary: --method=put|range --serializable=0|1 --conns=N --inflight=N --duration=S\n"
           "  storm: --storm=N --parallel=N\n"
           "  all: --prefix=KEYPREFIX --timeout=S --host=IP\n");
@@ -1068,7 +1067,7 @@ int main(int argc, char **argv) {
       {"mode", 1, 0, 'm'},     {"port", 1, 0, 'p'},        {"writer-port", 1, 0, 'W'}, {"conns", 1, 0, 'c'},
       {"streams", 1, 0, 's'},  {"per-stream", 1, 0, 'k'},  {"watchers", 1, 0, 'w'},    {"keys", 1, 0, 'K'},
       {"puts", 1, 0, 'n'},     {"rate", 1, 0, 'r'},        {"inflight", 1, 0, 'i'},    {"duration", 1, 0, 'd'},
-      {"timeout", 1, 0, 't'},  {"drain", 1, 0, 'D'}, {"idle", 1, 0, 'I'},       {"leases", 1, 0, 'l'},      {"window", 1, 0, 'x'},
+      {"timeout", 1, 0, 't'},  {"drain", 1, 0, 'D'}, {"idle", 1, 0, 'I'}, {"ttl", 1, 0, 'T'},       {"leases", 1, 0, 'l'},      {"window", 1, 0, 'x'},
       {"storm", 1, 0, 'S'},    {"parallel", 1, 0, 'P'},    {"prefix", 1, 0, 'f'},      {"method", 1, 0, 'M'},
       {"serializable", 1, 0, 'z'}, {"host", 1, 0, 'h'},    {0, 0, 0, 0}};
   int ch;
@@ -1089,6 +1088,7 @@ int main(int argc, char **argv) {
     case 't': o_timeout = atof(optarg); break;
     case 'D': o_drain = atof(optarg); break;
     case 'I': o_idle = atof(optarg); break;
+    case 'T': o_ttl = atoi(optarg); break;
     case 'l': o_leases = atoi(optarg); break;
     case 'x': o_window = atoi(optarg); break;
     case 'S': o_storm = atoi(optarg); break;

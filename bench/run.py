@@ -63,6 +63,7 @@ class Params:
     lease_n: int = 1000
     lease_clients: int = 10
     lease_window: int = 10  # keepalives in flight per client (closed loop)
+    lease_ttl: int = 10  # the Go proxy answers a lease's repeat keepalives only every TTL/3
     storm_conns: int = 5000
     storm_parallel: int = 50
     drain: float = 60.0  # max wait for watch stragglers after the last put...
@@ -555,9 +556,10 @@ class Bench:
                 f"--leases={p.lease_n}",
                 f"--conns={p.lease_clients}",
                 f"--window={p.lease_window}",
+                f"--ttl={p.lease_ttl}",
                 f"--duration={dur:.1f}",
             ],
-            dur + 20,
+            dur + p.lease_ttl / 3 + 20,
         )
         run.throughput, run.unit, run.ops = r.get("rate", 0.0), "keepalives/s", r.get("answered", 0)
 
