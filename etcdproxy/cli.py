@@ -108,6 +108,12 @@ FLAGS: tuple[Flag, ...] = (
     Flag("graceful_timeout_s", "duration", "how long a stop waits for calls and streams to finish", own=True),
     Flag("heartbeat_timeout_s", "duration", "restart a child process silent for this long", own=True),
     Flag("default_call_timeout_s", "duration", "deadline for upstream calls without one (0 = none)", own=True),
+    Flag(
+        "lease_keepalive_window_s",
+        "duration",
+        "answer a lease keepalive from an upstream renewal sent this recently, with the TTL left (0 = always renew)",
+        own=True,
+    ),
 )
 GO_FLAGS: frozenset[str] = frozenset(f.name for f in FLAGS if not f.own)
 _BOOL_FLAGS: frozenset[str] = frozenset(f.name for f in FLAGS if f.kind == "bool")

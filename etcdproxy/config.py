@@ -74,6 +74,9 @@ class Config:
     heartbeat_timeout_s: float = 30.0
     # Time the hub waits for an upstream unary call when the client gave no deadline.
     default_call_timeout_s: float = 0.0
+    # Answer a keepalive from an upstream renewal of its lease sent at most this long ago, with
+    # the remaining TTL (core/lease.py); 0 = every keepalive goes upstream (concurrent ones once).
+    lease_keepalive_window_s: float = 0.5
 
     @property
     def server_max_receive_bytes(self) -> int:
@@ -134,6 +137,7 @@ _NON_NEGATIVE_DURATIONS = (
     "grpc_keepalive_timeout_s",
     "graceful_timeout_s",
     "default_call_timeout_s",
+    "lease_keepalive_window_s",
 )
 
 

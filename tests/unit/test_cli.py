@@ -375,6 +375,7 @@ OWN_DEFAULTS: dict[str, Any] = {
     "--graceful-timeout": "10s",
     "--heartbeat-timeout": "30s",
     "--default-call-timeout": "0",
+    "--lease-keepalive-window": "500ms",
 }
 
 

@@ -1,0 +1,186 @@
+"""The lease hub: ONE upstream LeaseKeepAlive stream for every client of every worker.
+
+Workers send LeaseKeepAlive(lease_id) when a client asks (once per lease while their clients'
+requests are outstanding); the hub renews upstream on demand only, with at most one renewal in
+flight per lease, and sends the serialized LeaseKeepAliveResponse (LeaseAnswer) to every worker
+that asked. A keepalive arriving within ``--lease-keepalive-window`` of the last renewal is
+answered from it with the remaining TTL (rules in core/lease.py).
+
+The upstream stream is opened lazily (first keepalive) with ``hasleader=true`` and re-opened with
+backoff whenever it breaks; renewals that were in flight or waiting are sent again on the new
+stream, so no keepalive is lost across a reconnect or an endpoint switch. When etcd reports
+``etcdserver: no leader`` the workers are told (LeaseNoLeader) so require-leader client streams
+end like they would on etcd; the others wait for the leader to come back and then get answers.
+etcd answers TTL 0 for unknown, revoked or expired leases; those answers pass through untouched.
+
+Shared state (``book``, ``_outbox``, ``_call``) is mutated only from the hub's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from etcdproxy.core import errors
+from etcdproxy.core.lease import RenewalBook, Verdict, keepalive_request, parse_response
+from etcdproxy.core.methods import Method, by_name
+from etcdproxy.etcdpb import rpc_pb2 as pb
+from etcdproxy.ipc import schema as s
+
+if TYPE_CHECKING:
+    from etcdproxy.hub.process import Hub, WorkerState
+
+log = logging.getLogger(__name__)
+
+PATH = "/etcdserverpb.Lease/LeaseKeepAlive"
+LEASE_REVOKE = by_name("etcdserverpb.Lease", "LeaseRevoke")
+# The proxy's own stream always requires a leader: a leaderless member must not swallow renewals.
+METADATA = (("hasleader", "true"),)
+BACKOFF_MIN_S = 0.05
+BACKOFF_MAX_S = 1.0
+PRUNE_EVERY_S = 1.0
+
+
+class RevokeAwareForwarder:
+    """The hub's Forwarder, telling the renewal book about every LeaseRevoke it forwards.
+
+    Installed over ``hub.forwarder`` (wrapping whatever is there) so the unary path stays the
+    hub's own; anything but ``unary`` is delegated untouched.
+    """
+
+    def __init__(self, inner: Any, book: RenewalBook[bytes]) -> None:
+        self._inner = inner
+        self._book = book
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def unary(self, method: Method, payload: bytes, metadata: s.Metadata, timeout_s: float | None) -> Any:
+        if method is not LEASE_REVOKE:
+            return await self._inner.unary(method, payload, metadata, timeout_s)
+        lease_id = int(pb.LeaseRevokeRequest.FromString(payload).ID)  # the worker checked the bytes
+        self._book.revoking(lease_id)
+        try:
+            return await self._inner.unary(method, payload, metadata, timeout_s)
+        finally:
+            self._book.revoking(lease_id)
+
+
+class LeaseHub:
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.book: RenewalBook[bytes] = RenewalBook(hub.config.lease_keepalive_window_s)  # waiters: worker identities
+        self._outbox: asyncio.Queue[int] | None = None  # leases to write on the current stream
+        self._call: Any = None  # the current upstream call, None while (re)connecting
+        self._wanted = asyncio.Event()  # set while a renewal waits for a stream
+        self._task: asyncio.Task[None] | None = None
+        self._pruner: asyncio.Task[None] | None = None
+        self.renewals_sent = 0  # upstream keepalive requests written (tests and logs)
+        hub.register(s.Kind.LEASE_KEEPALIVE, self._on_keepalive)
+        hub.worker_gone.append(self._on_worker_gone)
+        hub.closers.append(self.close)
+        hub.forwarder = RevokeAwareForwarder(hub.forwarder, self.book)  # type: ignore[assignment]
+
+    # ---- worker side ---------------------------------------------------------------------
+
+    def _on_keepalive(self, worker: WorkerState, message: s.LeaseKeepAlive) -> None:
+        lease_id = message.lease_id
+        verdict, payload = self.book.request(lease_id, worker.identity, self.hub.loop.time())
+        if verdict is Verdict.ANSWER:
+            self._answer(worker, lease_id, payload)
+        elif verdict is Verdict.SEND:
+            self._send(lease_id)
+
+    def _on_worker_gone(self, worker: WorkerState) -> None:
+        self.book.worker_gone(worker.identity)
+
+    def _answer(self, worker: WorkerState, lease_id: int, payload: bytes) -> None:
+        hub = self.hub
+        hub.send(worker, s.LeaseAnswer(hub.epoch, hub.next_seq(worker), lease_id, payload))
+
+    def _broadcast_no_leader(self) -> None:
+        hub = self.hub
+        for worker in list(hub.workers.values()):
+            hub.send(worker, s.LeaseNoLeader(hub.epoch, hub.next_seq(worker)))
+
+    # ---- upstream ------------------------------------------------------------------------
+
+    def _send(self, lease_id: int) -> None:
+        """Renew ``lease_id`` on the current stream, or have the stream (re)opened for it."""
+        if self._outbox is not None:
+            self.book.sent(lease_id, self.hub.loop.time())
+            self._outbox.put_nowait(lease_id)
+            return
+        self._wanted.set()
+        if self._task is None:
+            self._task = self.hub.loop.create_task(self._run())
+            self._pruner = self.hub.loop.create_task(self._prune_loop())
+
+    async def _write_loop(self, call: Any, outbox: asyncio.Queue[int]) -> None:
+        while True:
+            lease_id = await outbox.get()
+            await call.write(keepalive_request(lease_id))
+            self.renewals_sent += 1
+
+    def _on_response(self, payload: bytes) -> None:
+        lease_id, ttl = parse_response(payload)
+        workers = self.hub.workers
+        for identity in self.book.answered(lease_id, ttl, payload):
+            worker = workers.get(identity)
+            if worker is not None:
+                self._answer(worker, lease_id, payload)
+
+    async def _run(self) -> None:
+        """Keep one upstream stream while renewals are wanted; re-send what a broken one lost."""
+        backoff = BACKOFF_MIN_S
+        while True:
+            await self._wanted.wait()
+            self._wanted.clear()
+            call = self.hub.channel.stream_stream(PATH)(metadata=METADATA, wait_for_ready=True)
+            outbox: asyncio.Queue[int] = asyncio.Queue()
+            self._call, self._outbox = call, outbox
+            writer = self.hub.loop.create_task(self._write_loop(call, outbox))
+            for lease_id in self.book.unsent():
+                self._send(lease_id)
+            try:
+                while True:
+                    message = await call.read()
+                    if message is grpc.aio.EOF:
+                        log.warning("upstream LeaseKeepAlive stream ended by etcd; re-opening")
+                        break
+                    self._on_response(message)
+                    backoff = BACKOFF_MIN_S
+            except grpc.aio.AioRpcError as exc:
+                details = exc.details() or ""
+                if details == errors.NO_LEADER.message:
+                    log.warning("upstream LeaseKeepAlive: etcd has no leader; telling require-leader clients")
+                    self._broadcast_no_leader()
+                else:
+                    log.warning("upstream LeaseKeepAlive stream failed (%s: %s); re-opening", exc.code().name, details)
+            except Exception:  # a bug must not stop renewals for good
+                log.exception("upstream LeaseKeepAlive stream: unexpected error; re-opening")
+            finally:
+                writer.cancel()
+                call.cancel()
+                self._call = self._outbox = None
+                self.book.stream_lost()
+            # Renewals that were in flight are wanted again, plus whatever arrived meanwhile.
+            if self.book.unsent():
+                self._wanted.set()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _prune_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PRUNE_EVERY_S)
+            self.book.prune(self.hub.loop.time())
+
+    async def close(self) -> None:
+        for task in (self._task, self._pruner):
+            if task is not None:
+                task.cancel()
+        if self._call is not None:
+            self._call.cancel()
