@@ -144,6 +144,7 @@ class Bench:
         self.runs: list[Run] = []
         self.meta: dict[str, Any] = {}
         self.seq = 0
+        self.gauge_base: dict[str, float] = {}
 
     # ------------------------------------------------------------ time
     def remaining(self) -> float:
@@ -516,8 +517,8 @@ class Bench:
 
             def ready(line: str) -> None:
                 # gauges once all watchers are created and again after the last put (max of both), minus what
-                # etcd had before this run
-                g, g0 = self.gauges(), run.details["gauges_before"]
+                # idle etcd had with all three targets started (their own background watches)
+                g, g0 = self.gauges(), self.gauge_base
                 for k, v in g.items():
                     run.reached_etcd[k] = max(run.reached_etcd.get(k, 0.0), v - g0.get(k, 0.0))
                 if line.startswith("READY watchers"):
@@ -596,6 +597,8 @@ class Bench:
             self.targets["etcdproxy"].note = "not available: disabled by --no-etcdproxy"
         else:
             self.start_etcdproxy()
+        time.sleep(0.5)
+        self.gauge_base = self.gauges()
         self.meta = {
             "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "command": " ".join(["python", "bench/run.py", *sys.argv[1:]]),
@@ -603,6 +606,7 @@ class Bench:
             "workers": self.args.workers,
             "versions": self.versions(),
             "targets": {n: {"available": t.available, "note": t.note} for n, t in self.targets.items()},
+            "etcd_idle_gauges": self.gauge_base,
         }
         for name, t in self.targets.items():
             self.log(f"{LABELS[name]}: {'port ' + str(t.port) if t.available else t.note}")
@@ -788,11 +792,16 @@ def _rows_for(scen: str, unit: str) -> list[tuple[str, str, str]]:
         "watch-fanout": [
             ("etcd watchers", "reached_etcd.watchers", ".0f"),
             ("etcd watch streams", "reached_etcd.watch_streams", ".0f"),
+            ("Range calls reaching etcd", "reached_etcd.range_calls", ".0f"),
         ],
-        "watch-burst": [("etcd watchers", "reached_etcd.watchers", ".0f")],
+        "watch-burst": [
+            ("etcd watchers", "reached_etcd.watchers", ".0f"),
+            ("etcd watch streams", "reached_etcd.watch_streams", ".0f"),
+        ],
         "watch-scale": [
             ("etcd watchers", "reached_etcd.watchers", ".0f"),
             ("etcd watch streams", "reached_etcd.watch_streams", ".0f"),
+            ("Range calls reaching etcd", "reached_etcd.range_calls", ".0f"),
             ("watch creation s", "details.create_s", ".2f"),
         ],
         "lease-keepalive": [
