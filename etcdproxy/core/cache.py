@@ -1,0 +1,373 @@
+"""RangeCache: serialized Range responses keyed by (identity, serialized request), pure logic.
+
+Rules (SPEC 3.2, with the Go proxy's defects of SPEC 20 #1-#4, C, D, E, T fixed):
+* Key = (identity, request bytes with ``serializable=true``). identity is the auth token ("" without
+  auth), so a user never gets an answer cached for another identity (#1).
+* Wire intervals: ``range_end == ""`` is the point ``key``; ``range_end == "\\x00"`` means +infinity,
+  so ``key = range_end = "\\x00"`` is the whole keyspace (#2). An interval is ``(start, end)`` with
+  ``end is None`` for +infinity.
+* Entries with ``revision == 0`` (latest) are indexed by interval and dropped by every overlapping
+  invalidation; entries with a fixed revision are immutable snapshots, never invalidated, only
+  evicted, flushed, or refused once compacted. Latest reads stay cacheable after a Compact (C);
+  ``0 < revision < compacted`` answers OUT_OF_RANGE like etcd.
+* Bounded by entries and bytes (LRU, T); the index holds exactly the live entries (D).
+* Fill race (#4, "invalidate after the write as well as before"): a miss takes a ``Ticket`` before
+  its request leaves; ``fill`` refuses the answer if an overlapping invalidation (or a flush) came
+  after the ticket, or if the answer's revision is older than the newest invalidated revision known
+  at ticket time (an answer from a lagging member that misses a write already invalidated).
+
+Not thread-safe; each worker owns one instance and mutates it from its event loop only.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from etcdproxy.core import errors
+from etcdproxy.etcdpb import rpc_pb2
+
+Interval = tuple[bytes, bytes | None]  # [start, end), end None = +infinity
+CacheKey = tuple[str, bytes]  # (identity, serialized RangeRequest with serializable=true)
+
+ENTRY_OVERHEAD_BYTES = 200  # rough per-entry bookkeeping cost counted against max_bytes
+INVALIDATION_LOG = 4096  # invalidations remembered for fill checks; older tickets are refused
+
+
+def to_interval(key: bytes, range_end: bytes) -> Interval:
+    """etcd's [key, range_end) on the wire -> an Interval ("\\x00" = +infinity)."""
+    if range_end == b"\x00":
+        return (b"" if key == b"\x00" else key), None
+    if not range_end:
+        return key, key + b"\x00"
+    return key, range_end
+
+
+def is_point(interval: Interval) -> bool:
+    start, end = interval
+    return end == start + b"\x00"
+
+
+def overlaps(a: Interval, b: Interval) -> bool:
+    (a0, a1), (b0, b1) = a, b
+    return (a1 is None or b0 < a1) and (b1 is None or a0 < b1) and (a1 is None or a0 < a1) and (b1 is None or b0 < b1)
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """clientv3's GetPrefixRangeEnd: the first key after every key starting with ``prefix``."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return b"\x00"
+    return stripped[:-1] + bytes([stripped[-1] + 1])
+
+
+# ---- what a write touches ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Invalidation:
+    """What a completed write makes stale: intervals, everything (flush), and/or a compaction."""
+
+    intervals: tuple[tuple[bytes, bytes], ...] = ()  # wire (key, range_end) pairs
+    flush: bool = False
+    compact_revision: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.intervals and not self.flush and not self.compact_revision
+
+
+AUTH_READ_ONLY = frozenset({"Authenticate", "AuthStatus", "UserGet", "UserList", "RoleGet", "RoleList"})
+# Codes with which etcd certainly did not apply a write; anything else (OK, UNAVAILABLE, UNKNOWN,
+# DEADLINE_EXCEEDED, ...) may have been applied and invalidates (SPEC 20 E: failed-but-applied).
+NOT_APPLIED_CODES = frozenset({3, 5, 7, 9, 11, 16})  # INVALID_ARGUMENT NOT_FOUND PERMISSION_DENIED ...
+
+
+def txn_intervals(txn: rpc_pb2.TxnRequest, out: list[tuple[bytes, bytes]]) -> None:
+    """Every compare and every write op of both branches, at every nesting level (conservative)."""
+    for compare in txn.compare:
+        out.append((compare.key, compare.range_end))
+    for op in (*txn.success, *txn.failure):
+        which = op.WhichOneof("request")
+        if which == "request_put":
+            out.append((op.request_put.key, b""))
+        elif which == "request_delete_range":
+            out.append((op.request_delete_range.key, op.request_delete_range.range_end))
+        elif which == "request_txn":
+            txn_intervals(op.request_txn, out)
+
+
+def invalidation_for(service: str, name: str, request: bytes, code: int) -> Invalidation | None:
+    """What a call to ``service.name`` with ``request`` that ended with ``code`` invalidates (None: nothing)."""
+    if code in NOT_APPLIED_CODES:
+        return None
+    try:
+        if service == "etcdserverpb.KV":
+            if name == "Put":
+                return Invalidation(((rpc_pb2.PutRequest.FromString(request).key, b""),))
+            if name == "DeleteRange":
+                req = rpc_pb2.DeleteRangeRequest.FromString(request)
+                return Invalidation(((req.key, req.range_end),))
+            if name == "Txn":
+                out: list[tuple[bytes, bytes]] = []
+                txn_intervals(rpc_pb2.TxnRequest.FromString(request), out)
+                return Invalidation(tuple(out))
+            if name == "Compact":
+                return Invalidation(compact_revision=rpc_pb2.CompactionRequest.FromString(request).revision)
+            return None
+        if service == "etcdserverpb.Lease" and name == "LeaseRevoke":
+            return Invalidation(flush=True)  # the attached keys are not known here
+        if service == "etcdserverpb.Auth" and name not in AUTH_READ_ONLY:
+            return Invalidation(flush=True)  # permissions or identities may have changed
+        if service == "v3electionpb.Election" and name in ("Campaign", "Proclaim", "Resign"):
+            return Invalidation(flush=True)  # keys under the election name, not worth decoding
+        if service == "v3lockpb.Lock" and name in ("Lock", "Unlock"):
+            return Invalidation(flush=True)
+    except Exception:  # undecodable request: etcd rejected it, but be safe
+        return Invalidation(flush=True)
+    return None
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+
+
+def header_revision(response: bytes) -> int:
+    """``header.revision`` of any etcd response (header is field 1) without decoding the rest; 0 if absent."""
+    try:
+        pos = 0
+        while pos < len(response):
+            tag, pos = _varint(response, pos)
+            number, wire_type = tag >> 3, tag & 7
+            if wire_type == 2:
+                length, pos = _varint(response, pos)
+                if number == 1:
+                    return rpc_pb2.ResponseHeader.FromString(response[pos : pos + length]).revision
+                pos += length
+            elif wire_type == 0:
+                _, pos = _varint(response, pos)
+            elif wire_type == 1:
+                pos += 8
+            elif wire_type == 5:
+                pos += 4
+            else:
+                return 0
+    except (IndexError, ValueError):
+        return 0
+    return 0
+
+
+# ---- the cache -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """Taken before a miss goes upstream; ``fill`` checks that nothing relevant happened since."""
+
+    seq: int
+    flush_seq: int
+    floor: int
+
+
+@dataclass(slots=True)
+class Entry:
+    key: CacheKey
+    response: bytes
+    interval: Interval | None  # None: a fixed-revision snapshot, not indexed
+    revision: int
+    size: int
+
+
+@dataclass(slots=True)
+class RangeCache:
+    max_entries: int = 2048
+    max_bytes: int = 64 << 20
+    enabled: bool = True
+    entries: OrderedDict[CacheKey, Entry] = field(default_factory=OrderedDict)
+    size_bytes: int = 0
+    compacted: int = 0  # highest revision compacted through this proxy
+    floor: int = 0  # newest revision known to be invalidated (or the revision the cache was enabled at)
+    hits: int = 0
+    misses: int = 0
+    # interval index: exactly the live indexed entries
+    _points: dict[bytes, set[CacheKey]] = field(default_factory=dict)
+    _point_keys: list[bytes] = field(default_factory=list)  # sorted keys of _points
+    _ranges: dict[Interval, set[CacheKey]] = field(default_factory=dict)
+    # fill checks
+    _seq: int = 0
+    _flush_seq: int = 0
+    _log: deque[tuple[int, Interval]] = field(default_factory=lambda: deque(maxlen=INVALIDATION_LOG))
+
+    @property
+    def keys(self) -> int:
+        return len(self.entries)
+
+    @property
+    def max_entry_bytes(self) -> int:
+        return self.max_bytes // 4
+
+    # ---- reads ---------------------------------------------------------------------------
+
+    def lookup(self, identity: str, request: bytes) -> bytes | errors.EtcdError | None:
+        """A stored response for a serializable request, COMPACTED, or None (miss; not counted)."""
+        if not self.enabled:
+            return None
+        key = (identity, request)
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        self.hits += 1
+        if 0 < entry.revision < self.compacted:
+            self._remove(entry)
+            return errors.COMPACTED
+        self.entries.move_to_end(key)
+        return entry.response
+
+    def compacted_error(self, revision: int) -> errors.EtcdError | None:
+        """etcd's answer for a read at a compacted revision, known without asking etcd."""
+        if self.enabled and 0 < revision < self.compacted:
+            return errors.COMPACTED
+        return None
+
+    def ticket(self) -> Ticket:
+        return Ticket(self._seq, self._flush_seq, self.floor)
+
+    def still_valid(self, ticket: Ticket, interval: Interval) -> bool:
+        """No flush and no invalidation overlapping ``interval`` since ``ticket`` was taken."""
+        if not self.enabled or ticket.flush_seq != self._flush_seq:
+            return False
+        if self._seq == ticket.seq:
+            return True
+        if self._seq - ticket.seq > len(self._log):
+            return False  # the log no longer covers the ticket
+        for seq, invalidated in reversed(self._log):
+            if seq <= ticket.seq:
+                break
+            if overlaps(invalidated, interval):
+                return False
+        return True
+
+    def fill(
+        self,
+        ticket: Ticket,
+        identity: str,
+        request: bytes,
+        key: bytes,
+        range_end: bytes,
+        revision: int,
+        response: bytes,
+    ) -> bool:
+        """Store a successful answer unless something made it possibly stale; True if stored."""
+        interval = to_interval(key, range_end)
+        if not self.still_valid(ticket, interval):
+            return False
+        if revision == 0 and header_revision(response) < ticket.floor:
+            return False  # from a member behind a write whose invalidation we already saw
+        if 0 < revision < self.compacted:
+            return False
+        size = len(response) + len(request) + len(identity) + ENTRY_OVERHEAD_BYTES
+        if size > self.max_entry_bytes:
+            return False
+        cache_key = (identity, request)
+        old = self.entries.get(cache_key)
+        if old is not None:
+            self._remove(old)
+        entry = Entry(cache_key, response, interval if revision == 0 else None, revision, size)
+        self.entries[cache_key] = entry
+        self.size_bytes += size
+        if entry.interval is not None:
+            self._index(entry.interval, cache_key)
+        while len(self.entries) > self.max_entries or self.size_bytes > self.max_bytes:
+            self._remove(next(iter(self.entries.values())))
+        return True
+
+    # ---- invalidation --------------------------------------------------------------------
+
+    def invalidate(self, key: bytes, range_end: bytes, revision: int = 0) -> int:
+        """Drop every latest-revision entry overlapping wire [key, range_end); returns how many."""
+        interval = to_interval(key, range_end)
+        self._seq += 1
+        self._log.append((self._seq, interval))
+        self.floor = max(self.floor, revision)
+        victims: set[CacheKey] = set()
+        start, end = interval
+        if is_point(interval):
+            victims.update(self._points.get(start, ()))
+        else:
+            lo = bisect.bisect_left(self._point_keys, start)
+            hi = len(self._point_keys) if end is None else bisect.bisect_left(self._point_keys, end)
+            for point in self._point_keys[lo:hi]:
+                victims.update(self._points[point])
+        for indexed, keys in self._ranges.items():
+            if overlaps(indexed, interval):
+                victims.update(keys)
+        for cache_key in victims:
+            self._remove(self.entries[cache_key])
+        return len(victims)
+
+    def compact(self, revision: int) -> None:
+        self.compacted = max(self.compacted, revision)
+
+    def flush(self) -> None:
+        """Drop everything (auth change, lease revoke, lost invalidations)."""
+        self._flush_seq += 1
+        self.entries.clear()
+        self._points.clear()
+        self._point_keys.clear()
+        self._ranges.clear()
+        self.size_bytes = 0
+
+    def disable(self) -> None:
+        """Stop serving and filling (invalidations may be missed from now on)."""
+        self.enabled = False
+        self.flush()
+
+    def enable(self, revision: int) -> None:
+        """Serve again from empty; answers older than ``revision`` are refused."""
+        self.flush()
+        self.enabled = True
+        self.floor = max(self.floor, revision)
+
+    # ---- index ---------------------------------------------------------------------------
+
+    def _index(self, interval: Interval, cache_key: CacheKey) -> None:
+        if is_point(interval):
+            point = interval[0]
+            keys = self._points.get(point)
+            if keys is None:
+                keys = self._points[point] = set()
+                bisect.insort(self._point_keys, point)
+            keys.add(cache_key)
+        else:
+            self._ranges.setdefault(interval, set()).add(cache_key)
+
+    def _remove(self, entry: Entry) -> None:
+        del self.entries[entry.key]
+        self.size_bytes -= entry.size
+        interval = entry.interval
+        if interval is None:
+            return
+        if is_point(interval):
+            point = interval[0]
+            keys = self._points[point]
+            keys.discard(entry.key)
+            if not keys:
+                del self._points[point]
+                del self._point_keys[bisect.bisect_left(self._point_keys, point)]
+        else:
+            keys = self._ranges[interval]
+            keys.discard(entry.key)
+            if not keys:
+                del self._ranges[interval]
+
+    def index_size(self) -> int:
+        """Cache keys referenced by the index (== indexed live entries; tests check it never leaks)."""
+        return sum(len(k) for k in self._points.values()) + sum(len(k) for k in self._ranges.values())
