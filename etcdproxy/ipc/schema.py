@@ -18,7 +18,7 @@ import enum
 from dataclasses import dataclass
 
 # Bumped whenever a message below changes shape; checked in the Hello/Pong exchange.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # metadata forwarded from a client call to etcd: (key, value) pairs such as ("token", "...")
 Metadata = list[tuple[str, str]]
@@ -38,6 +38,8 @@ class Kind(enum.IntEnum):
     WATCH_CANCEL = 10
     WATCH_PROGRESS_REQUEST = 11
     LEASE_KEEPALIVE = 12
+    CACHE_SYNC = 16
+    CACHE_ACK = 17
     # hub -> worker
     PONG = 20
     REPLY = 21
@@ -51,6 +53,8 @@ class Kind(enum.IntEnum):
     WATCH_PROGRESS = 29
     LEASE_ANSWER = 30
     LEASE_NO_LEADER = 31
+    CACHE_STATE = 36
+    CACHE_INVALIDATE = 37
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,6 +338,56 @@ class LeaseNoLeader:
     kind: Kind = Kind.LEASE_NO_LEADER
 
 
+# ---- range cache (issue 6) -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSync:
+    """The worker flushed its cache (start, hub restart, lost frame); the hub answers CacheState."""
+
+    epoch: int
+    kind: Kind = Kind.CACHE_SYNC
+
+
+@dataclass(frozen=True, slots=True)
+class CacheAck:
+    """The worker applied CacheInvalidate ``ack_id`` (the hub holds the writer's reply until then)."""
+
+    epoch: int
+    ack_id: int
+    kind: Kind = Kind.CACHE_ACK
+
+
+@dataclass(frozen=True, slots=True)
+class CacheState:
+    """Serve hits (flush first; refuse answers older than ``revision``) or stop serving them.
+
+    Off while the hub's invalidation watch is down: writes made elsewhere would go unseen.
+    """
+
+    epoch: int
+    seq: int
+    enabled: bool
+    revision: int
+    kind: Kind = Kind.CACHE_STATE
+
+
+@dataclass(frozen=True, slots=True)
+class CacheInvalidate:
+    """Drop entries: wire [key, range_end) ``intervals``, or everything (``flush``); raise the
+    compacted revision. ``revision`` is the write's revision (0: unknown); ``ack_id`` 0: no ack.
+    """
+
+    epoch: int
+    seq: int
+    ack_id: int
+    intervals: list[tuple[bytes, bytes]]
+    flush: bool
+    compact_revision: int
+    revision: int
+    kind: Kind = Kind.CACHE_INVALIDATE
+
+
 WorkerMessage = (
     Hello
     | Ping
@@ -347,6 +401,8 @@ WorkerMessage = (
     | WatchCancel
     | WatchProgressRequest
     | LeaseKeepAlive
+    | CacheSync
+    | CacheAck
 )
 HubMessage = (
     Pong
@@ -361,6 +417,8 @@ HubMessage = (
     | WatchProgress
     | LeaseAnswer
     | LeaseNoLeader
+    | CacheState
+    | CacheInvalidate
 )
 Message = WorkerMessage | HubMessage
 
@@ -389,4 +447,8 @@ CLASSES: dict[Kind, type[Message]] = {
     Kind.LEASE_KEEPALIVE: LeaseKeepAlive,
     Kind.LEASE_ANSWER: LeaseAnswer,
     Kind.LEASE_NO_LEADER: LeaseNoLeader,
+    Kind.CACHE_SYNC: CacheSync,
+    Kind.CACHE_ACK: CacheAck,
+    Kind.CACHE_STATE: CacheState,
+    Kind.CACHE_INVALIDATE: CacheInvalidate,
 }
