@@ -114,6 +114,9 @@ FLAGS: tuple[Flag, ...] = (
         "answer a lease keepalive from an upstream renewal sent this recently, with the TTL left (0 = always renew)",
         own=True,
     ),
+    Flag("cache", "bool", "answer serializable Ranges from a cache kept fresh by an upstream watch", own=True),
+    Flag("cache_max_entries", "int", "range cache entries per worker process", own=True),
+    Flag("cache_max_bytes", "int", "range cache bytes per worker process", own=True),
 )
 GO_FLAGS: frozenset[str] = frozenset(f.name for f in FLAGS if not f.own)
 _BOOL_FLAGS: frozenset[str] = frozenset(f.name for f in FLAGS if f.kind == "bool")
@@ -222,7 +225,7 @@ def _help_with_default(flag: Flag, default: object) -> str:
     elif flag.field == "workers" or default in ("", False, 0):
         shown = ""  # zero values are omitted; workers is machine-dependent and its help says so
     else:
-        shown = str(default)
+        shown = "true" if default is True else str(default)  # Go prints booleans in lower case
     return f"{flag.help}  [default: {shown}]" if shown else flag.help
 
 

@@ -77,6 +77,11 @@ class Config:
     # Answer a keepalive from an upstream renewal of its lease sent at most this long ago, with
     # the remaining TTL (core/lease.py); 0 = every keepalive goes upstream (concurrent ones once).
     lease_keepalive_window_s: float = 0.5
+    # Range cache (core/cache.py): serializable Ranges answered by the workers, invalidated by every
+    # write through the proxy and by the hub's upstream watch; bounds are per worker process.
+    cache: bool = True
+    cache_max_entries: int = 2048
+    cache_max_bytes: int = 64 << 20
 
     @property
     def server_max_receive_bytes(self) -> int:
@@ -311,6 +316,8 @@ def _own_errors(config: Config) -> list[str]:
         errors.append(f"invalid --workers {config.workers}: need at least 1 worker process")
     if config.max_request_bytes < 1:
         errors.append(f"invalid --max-request-bytes {config.max_request_bytes}: must be positive")
+    if config.cache_max_entries < 1 or config.cache_max_bytes < 1:
+        errors.append("invalid --cache-max-entries/--cache-max-bytes: must be positive (use --cache=false to disable)")
     if config.heartbeat_timeout_s <= 0:
         errors.append(f"invalid --heartbeat-timeout {format_go_duration(config.heartbeat_timeout_s)}: must be positive")
     for name in _NON_NEGATIVE_DURATIONS:

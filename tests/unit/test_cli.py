@@ -376,6 +376,9 @@ OWN_DEFAULTS: dict[str, Any] = {
     "--heartbeat-timeout": "30s",
     "--default-call-timeout": "0",
     "--lease-keepalive-window": "500ms",
+    "--cache": True,
+    "--cache-max-entries": 2048,
+    "--cache-max-bytes": 64 << 20,
 }
 
 
