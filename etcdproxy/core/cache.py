@@ -150,7 +150,8 @@ def header_revision(response: bytes) -> int:
             if wire_type == 2:
                 length, pos = _varint(response, pos)
                 if number == 1:
-                    return rpc_pb2.ResponseHeader.FromString(response[pos : pos + length]).revision
+                    revision: int = rpc_pb2.ResponseHeader.FromString(response[pos : pos + length]).revision
+                    return revision
                 pos += length
             elif wire_type == 0:
                 _, pos = _varint(response, pos)

@@ -25,6 +25,7 @@ from etcdproxy import proc, upstream
 from etcdproxy.config import Config
 from etcdproxy.core.cluster import proxy_member_list
 from etcdproxy.core.methods import METHODS, Method, Shape, by_name
+from etcdproxy.hub.cache import CacheHub
 from etcdproxy.hub.forward import OK, Forwarder, UpstreamStream
 from etcdproxy.hub.lease import LeaseHub
 from etcdproxy.hub.watch import WatchHub
@@ -70,6 +71,7 @@ class Hub:
 
         self.watches = WatchHub(self)
         self.leases = LeaseHub(self)
+        self.cache = CacheHub(self) if config.cache else None
 
     def register(self, kind: s.Kind, handler: Callable[[WorkerState, Any], None]) -> None:
         self.handlers[kind] = handler
@@ -183,7 +185,11 @@ class Hub:
     async def _unary(self, worker: WorkerState, method: Method, message: s.Unary) -> None:
         try:
             code, body = await self.forwarder.unary(method, message.payload, message.metadata, message.timeout_s)
+            if self.cache is not None:  # every worker drops what the call changed before the reply
+                await self.cache.after_call(worker, method, message.payload, code, body)
         except asyncio.CancelledError:
+            if self.cache is not None:
+                self.cache.after_cancel(method, message.payload)
             return  # the client gave up; nobody waits for an answer
         except Exception as exc:
             log.exception("unary %s failed", method.path)

@@ -17,6 +17,7 @@ import grpc
 from etcdproxy import proc
 from etcdproxy.config import Config
 from etcdproxy.core import errors
+from etcdproxy.worker.cache import RangeService
 from etcdproxy.worker.handlers import Handlers
 from etcdproxy.worker.hubclient import HubClient
 from etcdproxy.worker.lease import LeaseServicer
@@ -53,6 +54,8 @@ async def serve(config: Config, spec: proc.ChildSpec) -> int:
     handlers.overrides["/etcdserverpb.Watch/Watch"] = WatchService(hub).handler()
     leases = LeaseServicer(hub)
     handlers.overrides["/etcdserverpb.Lease/LeaseKeepAlive"] = leases.handler()
+    if config.cache:
+        handlers.overrides["/etcdserverpb.KV/Range"] = RangeService(hub, config).handler()
     server.add_generic_rpc_handlers(handlers.generic_handlers())
     try:
         port = server.add_insecure_port(config.listen_addr)

@@ -1,0 +1,219 @@
+"""The hub's part of the range cache: invalidations for every worker, and when they may serve hits.
+
+The caches live in the workers (worker/cache.py); the hub sees every write and runs one
+upstream watch, so it tells all workers what became stale:
+
+* Writes through this proxy: after the write's upstream call ends (OK, or an error with which
+  it may have been applied), a ``CacheInvalidate`` goes to every worker, and the writer's reply
+  is held until every other worker acknowledged it (the writer's own worker gets it on the same
+  ordered link, before the reply). So once a client has its answer, no worker serves the old
+  value: read-your-writes holds across connections and workers. A worker that does not ack
+  within ``ACK_TIMEOUT_S`` is logged and the reply goes out anyway.
+* Writes made elsewhere (direct clients, other proxies, lease expiry): one upstream watch on the
+  whole keyspace; each event batch becomes a ``CacheInvalidate`` of its keys. Staleness of a
+  cached serializable read is bounded by the watch latency. While the watch is not established
+  (start-up, etcd down, reconnecting, refused e.g. because etcd auth is on and the proxy has no
+  credentials of its own) workers are told ``CacheState(enabled=False)`` and serve no hits; when
+  it is back they flush and start again from its start revision. A watch that stays silent for
+  ``STALL_S`` despite progress requests every ``PROGRESS_EVERY_S`` is treated as down, so the
+  bound is never worse than ``STALL_S`` plus the watch latency.
+
+Shared state is mutated only from the hub's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from etcdproxy.core.cache import Invalidation, header_revision, invalidation_for
+from etcdproxy.core.methods import Method
+from etcdproxy.etcdpb import rpc_pb2
+from etcdproxy.ipc import schema as s
+
+if TYPE_CHECKING:
+    from etcdproxy.hub.process import Hub, WorkerState
+
+log = logging.getLogger(__name__)
+
+WATCH_PATH = "/etcdserverpb.Watch/Watch"
+ACK_TIMEOUT_S = 1.0
+PROGRESS_EVERY_S = 1.0
+STALL_S = 5.0
+BACKOFF_S = (0.1, 5.0)
+UNKNOWN = grpc.StatusCode.UNKNOWN.value[0]
+WHOLE_KEYSPACE = rpc_pb2.WatchRequest(
+    create_request=rpc_pb2.WatchCreateRequest(key=b"\x00", range_end=b"\x00")
+).SerializeToString()
+PROGRESS = rpc_pb2.WatchRequest(progress_request=rpc_pb2.WatchProgressRequest()).SerializeToString()
+
+
+class CacheHub:
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.enabled = False  # workers may serve hits: the invalidation watch is established
+        self.revision = 0  # start revision of the current watch
+        self._ack_ids = itertools.count(1)
+        self._waiting: dict[int, tuple[set[bytes], asyncio.Future[None]]] = {}  # ack id -> (workers, done)
+        self._call: Any = None
+        self.invalidations_sent = 0  # CacheInvalidate broadcasts (tests and logs)
+        hub.register(s.Kind.CACHE_SYNC, self._on_sync)
+        hub.register(s.Kind.CACHE_ACK, self._on_ack)
+        hub.worker_gone.append(self._on_worker_gone)
+        hub.closers.append(self.close)
+        self._task = hub.loop.create_task(self._watch_loop())
+
+    # ---- worker messages -----------------------------------------------------------------
+
+    def _on_sync(self, worker: WorkerState, message: s.CacheSync) -> None:
+        hub = self.hub
+        hub.send(worker, s.CacheState(hub.epoch, hub.next_seq(worker), self.enabled, self.revision))
+
+    def _on_ack(self, worker: WorkerState, message: s.CacheAck) -> None:
+        self._acked(message.ack_id, worker.identity)
+
+    def _on_worker_gone(self, worker: WorkerState) -> None:
+        for ack_id in list(self._waiting):
+            self._acked(ack_id, worker.identity)
+
+    def _acked(self, ack_id: int, identity: bytes) -> None:
+        waiting = self._waiting.get(ack_id)
+        if waiting is not None:
+            workers, done = waiting
+            workers.discard(identity)
+            if not workers and not done.done():
+                done.set_result(None)
+
+    # ---- writes through the proxy ----------------------------------------------------------
+
+    async def after_call(
+        self, writer: WorkerState, method: Method, request: bytes, code: int, body: bytes | str
+    ) -> None:
+        """Invalidate what a finished call may have changed; return once every worker applied it."""
+        invalidation = invalidation_for(method.service, method.name, request, code)
+        if invalidation is None:
+            return
+        revision = header_revision(body) if code == 0 and isinstance(body, bytes) else 0
+        done = self.broadcast(invalidation, revision, writer)
+        if done is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(done), ACK_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("cache invalidation not acknowledged by every worker within %.1f s", ACK_TIMEOUT_S)
+
+    def after_cancel(self, method: Method, request: bytes) -> None:
+        """The client gave up on a call that may still have been applied: invalidate, no waiting."""
+        invalidation = invalidation_for(method.service, method.name, request, UNKNOWN)
+        if invalidation is not None:
+            self.broadcast(invalidation, 0, None)
+
+    def broadcast(
+        self, invalidation: Invalidation, revision: int, writer: WorkerState | None
+    ) -> asyncio.Future[None] | None:
+        """Send ``invalidation`` to every worker; a future of the acks of all but ``writer`` (None: none due)."""
+        hub = self.hub
+        others = {identity for identity, worker in hub.workers.items() if worker is not writer}
+        ack_id = next(self._ack_ids) if others and writer is not None else 0
+        intervals = list(invalidation.intervals)
+        for worker in list(hub.workers.values()):
+            message = s.CacheInvalidate(
+                hub.epoch,
+                hub.next_seq(worker),
+                0 if worker is writer else ack_id,
+                intervals,
+                invalidation.flush,
+                invalidation.compact_revision,
+                revision,
+            )
+            hub.send(worker, message)
+        self.invalidations_sent += 1
+        if not ack_id:
+            return None
+        done: asyncio.Future[None] = hub.loop.create_future()
+        self._waiting[ack_id] = (others, done)
+        done.add_done_callback(lambda _: self._waiting.pop(ack_id, None))
+        return done
+
+    # ---- writes made elsewhere: the invalidation watch ---------------------------------------
+
+    def _set_state(self, enabled: bool, revision: int) -> None:
+        if enabled == self.enabled and revision == self.revision:
+            return
+        self.enabled, self.revision = enabled, revision
+        log.info("range cache %s", f"serving (watch from revision {revision})" if enabled else "paused (no watch)")
+        hub = self.hub
+        for worker in list(hub.workers.values()):
+            hub.send(worker, s.CacheState(hub.epoch, hub.next_seq(worker), enabled, revision))
+
+    async def _watch_loop(self) -> None:
+        backoff = BACKOFF_S[0]
+        while True:
+            try:
+                if await self._watch_once():
+                    backoff = BACKOFF_S[0]
+            except grpc.aio.AioRpcError as exc:
+                log.warning("cache invalidation watch failed (%s: %s)", exc.code().name, exc.details())
+            except Exception:  # a bug must not leave the cache serving without invalidations
+                log.exception("cache invalidation watch: unexpected error")
+            finally:
+                self._set_state(False, 0)
+                if self._call is not None:
+                    self._call.cancel()
+                    self._call = None
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_S[1])
+
+    async def _watch_once(self) -> bool:
+        """Run one upstream watch until it ends; True if it was established."""
+        loop = self.hub.loop
+        call = self._call = self.hub.channel.stream_stream(WATCH_PATH)(wait_for_ready=True)
+        await call.write(WHOLE_KEYSPACE)
+        data = await call.read()
+        if data is grpc.aio.EOF:
+            return False
+        created = rpc_pb2.WatchResponse.FromString(data)
+        if not created.created or created.canceled:
+            log.warning("cache invalidation watch refused: %s (cache paused)", created.cancel_reason or "not created")
+            return False
+        self._set_state(True, created.header.revision)
+        last_heard = loop.time()
+
+        async def keep_alive() -> None:
+            while True:
+                await asyncio.sleep(PROGRESS_EVERY_S)
+                if loop.time() - last_heard > STALL_S:
+                    log.warning("cache invalidation watch silent for %.0f s; re-opening", STALL_S)
+                    call.cancel()
+                    return
+                await call.write(PROGRESS)
+
+        pinger = loop.create_task(keep_alive())
+        try:
+            while True:
+                data = await call.read()
+                if data is grpc.aio.EOF:
+                    return True
+                last_heard = loop.time()
+                response = rpc_pb2.WatchResponse.FromString(data)
+                if response.canceled:
+                    log.warning("cache invalidation watch cancelled by etcd: %s", response.cancel_reason)
+                    return True
+                if response.events:
+                    keys = list(dict.fromkeys(event.kv.key for event in response.events))
+                    self.broadcast(Invalidation(tuple((key, b"") for key in keys)), response.header.revision, None)
+        except asyncio.CancelledError:
+            if pinger.done():  # cancelled by keep_alive (stall), not by the hub stopping
+                return True
+            raise
+        finally:
+            pinger.cancel()
+
+    async def close(self) -> None:
+        self._task.cancel()
+        if self._call is not None:
+            self._call.cancel()
