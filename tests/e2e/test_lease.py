@@ -8,12 +8,17 @@ Every process a test starts is stopped by pid (fixtures, or ``finally`` blocks h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,13 +27,16 @@ import pytest
 from etcdproxy.etcdpb import rpc_pb2 as pb
 from etcdproxy.etcdpb import rpc_pb2_grpc
 from tests.helpers import (
+    LOCALHOST,
     EtcdServer,
     ProxyProcess,
     Stubs,
+    free_port,
     http_get,
     rpc_error,
     stop_process,
     sum_metric,
+    wait_until,
 )
 
 pytestmark = pytest.mark.e2e
@@ -252,3 +260,363 @@ def test_etcdctl_lease_keep_alive(etcdctl_bin: str, shared_proxy: ProxyProcess, 
         [*base, "lease", "keep-alive", "--once", f"{lease_id:x}"], env=env, capture_output=True, timeout=15, text=True
     )
     assert gone.returncode != 0 and "requested lease not found" in gone.stderr, (gone.stdout, gone.stderr)
+
+
+# ---- load, hub kill, require-leader ------------------------------------------------------------
+
+
+@dataclass
+class KeepAliveStats:
+    latencies: list[float] = field(default_factory=list)  # round start -> each answer read
+    bad: list[tuple[int, int]] = field(default_factory=list)  # (lease, TTL) answers with TTL <= 0
+    last_sent: dict[int, float] = field(default_factory=dict)
+    requests: int = 0
+
+
+async def keep_alive_loop(
+    channel: grpc.aio.Channel,
+    lease_ids: list[int],
+    period_s: float,
+    offset_s: float,
+    stop: asyncio.Event,
+    stats: KeepAliveStats,
+) -> None:
+    """One client stream: every ``period_s`` send one keepalive per lease and read the answers.
+
+    Ends with a half-close, after which the stream must end OK with nothing more to read.
+    """
+    call = rpc_pb2_grpc.LeaseStub(channel).LeaseKeepAlive()
+    await asyncio.sleep(offset_s)
+    while not stop.is_set():
+        started = time.monotonic()
+        for lease_id in lease_ids:
+            stats.last_sent[lease_id] = max(stats.last_sent.get(lease_id, 0.0), time.monotonic())
+            await call.write(pb.LeaseKeepAliveRequest(ID=lease_id))
+            stats.requests += 1
+        for _ in lease_ids:
+            answer = await call.read()
+            stats.latencies.append(time.monotonic() - started)
+            if answer.TTL <= 0:
+                stats.bad.append((answer.ID, answer.TTL))
+        remaining = period_s - (time.monotonic() - started)
+        if remaining > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), remaining)
+    await call.done_writing()
+    assert await call.read() is grpc.aio.EOF
+    assert await call.code() == grpc.StatusCode.OK
+
+
+async def grant_with_keys(endpoint: str, count: int, ttl: int, prefix: bytes) -> list[int]:
+    """``count`` leases granted directly on etcd, lease i holding key ``prefix + i``."""
+    async with grpc.aio.insecure_channel(endpoint) as channel:
+        lease, kv = rpc_pb2_grpc.LeaseStub(channel), rpc_pb2_grpc.KVStub(channel)
+        ids = [
+            r.ID for r in await asyncio.gather(*(lease.LeaseGrant(pb.LeaseGrantRequest(TTL=ttl)) for _ in range(count)))
+        ]
+        await asyncio.gather(
+            *(
+                kv.Put(pb.PutRequest(key=prefix + b"%d" % i, value=b"v", lease=lease_id))
+                for i, lease_id in enumerate(ids)
+            )
+        )
+        return ids
+
+
+def count_keys(stubs_endpoint: str, prefix: bytes) -> int:
+    with grpc.insecure_channel(stubs_endpoint) as channel:
+        request = pb.RangeRequest(key=prefix, range_end=prefix[:-1] + bytes([prefix[-1] + 1]), count_only=True)
+        return int(rpc_pb2_grpc.KVStub(channel).Range(request, timeout=10).count)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)] if ordered else 0.0
+
+
+@pytest.mark.timeout(120)
+def test_many_streams_share_one_upstream_stream_and_leases_expire_on_time(fresh_etcd: EtcdServer, proxy: Any) -> None:
+    """100 client streams keep 1,000 leases alive (each lease on two streams) through --workers 2:
+    etcd sees one LeaseKeepAlive stream, no lease expires; then every lease expires within
+    TTL + 1 s of its last keepalive (measured with a direct watch on the attached keys)."""
+    ttl, leases, streams, channels = 5, 1000, 100, 20
+    prefix = b"/lease-load/"
+    px = proxy(etcd=fresh_etcd, workers=2)
+    ids = asyncio.run(grant_with_keys(fresh_etcd.endpoint, leases, ttl, prefix))
+    _, text = http_get(f"{fresh_etcd.client_url}/metrics")
+    started_before = sum_metric(text, "grpc_server_started_total", {"grpc_method": "LeaseKeepAlive"})
+    received_before = sum_metric(text, "grpc_server_msg_received_total", {"grpc_method": "LeaseKeepAlive"})
+    per = leases // streams
+    stats = KeepAliveStats()
+    deleted: dict[int, float] = {}
+
+    async def run() -> float:
+        stop = asyncio.Event()
+        chans = [grpc.aio.insecure_channel(px.endpoint) for _ in range(channels)]
+        direct = grpc.aio.insecure_channel(fresh_etcd.endpoint)
+        try:
+            tasks = [
+                asyncio.create_task(
+                    keep_alive_loop(
+                        chans[i % channels],
+                        ids[i * per : (i + 1) * per] + ids[((i + 1) % streams) * per : ((i + 1) % streams + 1) * per],
+                        1.0,
+                        i / streams,
+                        stop,
+                        stats,
+                    )
+                )
+                for i in range(streams)
+            ]
+            await asyncio.sleep(2 * ttl)  # well past the TTL
+            # watch the attached keys directly on etcd, then stop every client
+            watch = rpc_pb2_grpc.WatchStub(direct).Watch()
+            end = prefix[:-1] + bytes([prefix[-1] + 1])
+            await watch.write(pb.WatchRequest(create_request=pb.WatchCreateRequest(key=prefix, range_end=end)))
+            assert (await watch.read()).created
+            stop.set()
+            await asyncio.gather(*tasks)
+            stopped = time.monotonic()
+            while len(deleted) < leases:
+                response = await asyncio.wait_for(watch.read(), ttl + 5)
+                for event in response.events:
+                    if event.type == event.DELETE:
+                        deleted[int(event.kv.key[len(prefix) :])] = time.monotonic()
+            watch.cancel()
+            return stopped
+        finally:
+            for chan in [*chans, direct]:
+                await chan.close()
+
+    stopped = asyncio.run(run())
+    _, text = http_get(f"{fresh_etcd.client_url}/metrics")
+    started = sum_metric(text, "grpc_server_started_total", {"grpc_method": "LeaseKeepAlive"}) - started_before
+    upstream = sum_metric(text, "grpc_server_msg_received_total", {"grpc_method": "LeaseKeepAlive"}) - received_before
+    lived = [deleted[i] - stats.last_sent[lease_id] for i, lease_id in enumerate(ids)]
+    print(
+        f"\n{stats.requests} client keepalives, {upstream:.0f} upstream; answer latency p50 "
+        f"{percentile(stats.latencies, 0.5) * 1000:.1f} ms p99 {percentile(stats.latencies, 0.99) * 1000:.1f} ms; "
+        f"expiry after last keepalive min {min(lived):.2f} s max {max(lived):.2f} s; "
+        f"all expired {max(deleted.values()) - stopped:.2f} s after the clients stopped"
+    )
+    assert started == 1
+    assert stats.bad == []
+    assert len(deleted) == leases  # and none before the clients stopped (the watch started later)
+    assert upstream <= 0.6 * stats.requests  # each lease: two streams, one renewal
+    assert ttl - 0.6 <= min(lived) and max(lived) <= ttl + 1.0
+
+
+def hub_pid(supervisor: int) -> int:
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            title = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2 :].split()[1]) == supervisor and title.startswith("etcdproxy: hub"):
+            return int(entry)
+    raise LookupError(f"no hub under supervisor {supervisor}")
+
+
+@pytest.mark.timeout(90)
+def test_killed_hub_loses_no_lease(etcd_server: EtcdServer, proxy: Any) -> None:
+    """kill -9 the hub while clients keep 100 leases (TTL 5 s) alive every second: none expires."""
+    ttl, leases, streams = 5, 100, 10
+    prefix = f"/lease-hubkill/{os.getpid()}-{time.monotonic_ns()}/".encode()
+    px = proxy(workers=2)
+    ids = asyncio.run(grant_with_keys(etcd_server.endpoint, leases, ttl, prefix))
+    stats = KeepAliveStats()
+    old_hub = hub_pid(px.proc.pid)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        chans = [grpc.aio.insecure_channel(px.endpoint) for _ in range(streams)]
+        try:
+            per = leases // streams
+            tasks = [
+                asyncio.create_task(
+                    keep_alive_loop(chans[i], ids[i * per : (i + 1) * per], 1.0, i / streams, stop, stats)
+                )
+                for i in range(streams)
+            ]
+            await asyncio.sleep(3)
+            os.kill(old_hub, signal.SIGKILL)
+            await asyncio.sleep(3 * ttl)
+            stop.set()
+            await asyncio.gather(*tasks)
+        finally:
+            for chan in chans:
+                await chan.close()
+
+    asyncio.run(run())
+    new_hub = hub_pid(px.proc.pid)
+    print(f"\nhub {old_hub} -> {new_hub}; longest answer wait {max(stats.latencies):.2f} s")
+    assert new_hub != old_hub
+    assert stats.bad == []
+    assert count_keys(etcd_server.endpoint, prefix) == leases
+    with grpc.insecure_channel(etcd_server.endpoint) as channel:
+        stub = rpc_pb2_grpc.LeaseStub(channel)
+        assert all(stub.LeaseTimeToLive(pb.LeaseTimeToLiveRequest(ID=i), timeout=5).TTL > 0 for i in ids)
+
+
+@dataclass
+class Member:
+    name: str
+    args: list[str]
+    client_port: int
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"{LOCALHOST}:{self.client_port}"
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def healthy(self) -> bool:
+        status, body = http_get(f"http://{self.endpoint}/health")
+        return status == 200 and '"health":"true"' in body
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def cluster(etcd_bin: str, tmp_path: Path, size: int) -> Iterator[list[Member]]:
+    """An etcd cluster of ``size`` members on free ports, stopped by pid at the end."""
+    names = [f"m{i}" for i in range(size)]
+    ports = {name: (free_port(), free_port()) for name in names}
+    initial = ",".join(f"{n}=http://{LOCALHOST}:{ports[n][1]}" for n in names)
+    members = [
+        Member(
+            name,
+            [
+                etcd_bin,
+                f"--name={name}",
+                f"--data-dir={tmp_path / name}",
+                f"--listen-client-urls=http://{LOCALHOST}:{ports[name][0]}",
+                f"--advertise-client-urls=http://{LOCALHOST}:{ports[name][0]}",
+                f"--listen-peer-urls=http://{LOCALHOST}:{ports[name][1]}",
+                f"--initial-advertise-peer-urls=http://{LOCALHOST}:{ports[name][1]}",
+                f"--initial-cluster={initial}",
+                "--initial-cluster-state=new",
+                "--log-level=warn",
+            ],
+            ports[name][0],
+            tmp_path / f"{name}.log",
+        )
+        for name in names
+    ]
+    try:
+        for member in members:
+            member.start()
+        wait_until(lambda: all(m.healthy() for m in members), 30, f"a {size}-member cluster with a leader")
+        yield members
+    finally:
+        for member in members:
+            if member.proc is not None:
+                stop_process(member.proc)
+
+
+@pytest.fixture
+def two_members(etcd_bin: str, tmp_path: Path) -> Iterator[list[Member]]:
+    """Killing either member leaves the other without a leader."""
+    yield from cluster(etcd_bin, tmp_path, 2)
+
+
+@pytest.fixture
+def three_members(etcd_bin: str, tmp_path: Path) -> Iterator[list[Member]]:
+    yield from cluster(etcd_bin, tmp_path, 3)
+
+
+async def read_soon(call: Any, timeout_s: float) -> Any:
+    """The next message of ``call``, or the RPC error it ended with; fails after ``timeout_s``."""
+    try:
+        return await asyncio.wait_for(call.read(), timeout_s)
+    except grpc.aio.AioRpcError as exc:
+        return exc
+
+
+@pytest.mark.timeout(90)
+def test_require_leader_streams_end_with_no_leader(two_members: list[Member], proxy: Any) -> None:
+    """Scenario 40: leader lost -> require-leader keepalive streams end with UNAVAILABLE
+    ``etcdserver: no leader`` directly and through the proxy (the Go proxy: ``context canceled``);
+    a stream without require-leader waits, and its keepalive is answered once a leader is back."""
+    m0, m1 = two_members
+    px = proxy(endpoints=[m0.endpoint], workers=2)
+    require_leader = (("hasleader", "true"),)
+
+    async def run() -> None:
+        async with grpc.aio.insecure_channel(m0.endpoint) as direct, grpc.aio.insecure_channel(px.endpoint) as via:
+            lease_id = (await rpc_pb2_grpc.LeaseStub(direct).LeaseGrant(pb.LeaseGrantRequest(TTL=60))).ID
+            direct_rl = rpc_pb2_grpc.LeaseStub(direct).LeaseKeepAlive(metadata=require_leader)
+            proxy_rl = rpc_pb2_grpc.LeaseStub(via).LeaseKeepAlive(metadata=require_leader)
+            proxy_plain = rpc_pb2_grpc.LeaseStub(via).LeaseKeepAlive()
+            for call in (direct_rl, proxy_rl, proxy_plain):
+                await call.write(pb.LeaseKeepAliveRequest(ID=lease_id))
+                assert (await read_soon(call, 10)).TTL > 50
+            m1.kill()
+            for call in (direct_rl, proxy_rl):
+                error = await read_soon(call, 30)
+                assert isinstance(error, grpc.aio.AioRpcError), error
+                assert (error.code(), error.details()) == (grpc.StatusCode.UNAVAILABLE, "etcdserver: no leader")
+            # without require-leader: still open; the keepalive waits for a leader
+            await proxy_plain.write(pb.LeaseKeepAliveRequest(ID=lease_id))
+            pending = asyncio.ensure_future(proxy_plain.read())
+            done, _ = await asyncio.wait({pending}, timeout=1.0)
+            assert not done
+            m1.start()
+            answer = await asyncio.wait_for(pending, 40)
+            assert (answer.ID, answer.TTL > 0) == (lease_id, True)
+            await proxy_plain.done_writing()
+            assert await read_soon(proxy_plain, 10) is grpc.aio.EOF
+            assert await proxy_plain.code() == grpc.StatusCode.OK
+
+    asyncio.run(run())
+
+
+@pytest.mark.timeout(120)
+def test_endpoint_switch_loses_no_lease(three_members: list[Member], proxy: Any) -> None:
+    """Kill each member of a 3-member cluster in turn (the proxy's upstream keepalive stream is on
+    one of them) while clients keep 50 leases (TTL 5 s) alive every second: none expires."""
+    ttl, leases, streams = 5, 50, 5
+    px = proxy(endpoints=[m.endpoint for m in three_members], workers=2)
+    prefix = b"/lease-switch/"
+    ids = asyncio.run(grant_with_keys(three_members[0].endpoint, leases, ttl, prefix))
+    stats = KeepAliveStats()
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        chans = [grpc.aio.insecure_channel(px.endpoint) for _ in range(streams)]
+        try:
+            per = leases // streams
+            loops = (
+                keep_alive_loop(chans[i], ids[i * per : (i + 1) * per], 1.0, i / streams, stop, stats)
+                for i in range(streams)
+            )
+            tasks = [asyncio.create_task(loop) for loop in loops]
+            for member in three_members:
+                await asyncio.sleep(2)
+                member.kill()
+                await asyncio.sleep(ttl)
+                member.start()
+                # all three healthy again before the next kill, so quorum is never lost
+                await asyncio.to_thread(wait_until, lambda: all(m.healthy() for m in three_members), 30, "quorum")
+            stop.set()
+            await asyncio.gather(*tasks)
+        finally:
+            for chan in chans:
+                await chan.close()
+
+    asyncio.run(run())
+    wait_until(lambda: all(m.healthy() for m in three_members), 30, "all members back")
+    print(f"\nlongest answer wait {max(stats.latencies):.2f} s over {stats.requests} keepalives")
+    assert stats.bad == []
+    assert count_keys(three_members[0].endpoint, prefix) == leases
+    # the member holding the proxy's upstream keepalive stream was killed once: it switched
+    assert "upstream LeaseKeepAlive stream failed" in px.log_path.read_text(errors="replace")
