@@ -1,0 +1,393 @@
+"""Range cache through a real etcd: SPEC 21 scenarios 12-16, 45, 46; read-your-writes across workers;
+writes made elsewhere; an abusive reader; the cache switch.
+
+Every proxy here runs ``--workers 2``; readers and writers use separate TCP connections, so they
+land on the same or on different workers (several readers make "different" all but certain).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import pytest
+
+from etcdproxy.etcdpb import auth_pb2, rpc_pb2
+from tests.helpers import EtcdServer, ProxyProcess, Stubs, rpc_error, token_md, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+T = 10  # per-call timeout, seconds
+READERS = 4
+# Documented bound for writes made elsewhere: the hub's watch latency (milliseconds on one host).
+EXTERNAL_BOUND_S = 2.0
+
+Put = rpc_pb2.PutRequest
+Range = rpc_pb2.RangeRequest
+
+
+def stubs_on_own_connection(endpoint: str, n: int) -> Stubs:
+    """Stubs on a TCP connection of their own (grpc shares subchannels of identical channels)."""
+    channel = grpc.insecure_channel(endpoint, options=[("etcdproxy.test.connection", n)])
+    return Stubs(name=f"conn{n}", endpoint=endpoint, channel=channel)
+
+
+@pytest.fixture
+def cached_proxy(proxy: Callable[..., ProxyProcess]) -> ProxyProcess:
+    return proxy(workers=2)
+
+
+@pytest.fixture
+def conns(cached_proxy: ProxyProcess) -> Iterator[list[Stubs]]:
+    """READERS + 1 separate connections to the proxy; the last one writes."""
+    stubs = [stubs_on_own_connection(cached_proxy.endpoint, i) for i in range(READERS + 1)]
+    yield stubs
+    for s in stubs:
+        s.close()
+
+
+def prefix() -> bytes:
+    return f"c{uuid.uuid4().hex[:8]}/".encode()
+
+
+def prefix_end(p: bytes) -> bytes:
+    return p[:-1] + bytes([p[-1] + 1])
+
+
+def sread(stubs: Stubs, key: bytes, range_end: bytes = b"", **kw: Any) -> rpc_pb2.RangeResponse:
+    return stubs.kv.Range(Range(key=key, range_end=range_end, serializable=True, **kw), timeout=T)
+
+
+def values(response: rpc_pb2.RangeResponse) -> list[tuple[bytes, bytes]]:
+    return [(kv.key, kv.value) for kv in response.kvs]
+
+
+def etcd_ranges(etcd: EtcdServer) -> float:
+    return etcd.metric("grpc_server_handled_total", grpc_method="Range")
+
+
+def wait_cache_serving(stubs: Stubs, etcd: EtcdServer) -> None:
+    """Until a repeated serializable read no longer reaches etcd (both workers have their cache on)."""
+    key = prefix() + b"probe"
+
+    def serving() -> bool:
+        for _ in range(3):
+            sread(stubs, key)
+        before = etcd_ranges(etcd)
+        for _ in range(10):
+            sread(stubs, key)
+        return etcd_ranges(etcd) == before
+
+    wait_until(serving, 15, "the range cache to serve hits")
+
+
+# ---- scenario 12: compaction -----------------------------------------------------------------
+
+
+def test_compact_current_revision_keeps_reads_working(conns: list[Stubs], etcd_server: EtcdServer) -> None:
+    """SPEC 21.12 (TestV3CompactCurrentRev) and 20 C: latest reads stay cacheable after a Compact."""
+    reader, writer = conns[0], conns[-1]
+    key = prefix() + b"foo"
+    for i in range(3):
+        writer.kv.Put(Put(key=key, value=b"v%d" % i), timeout=T)
+    sread(reader, key)
+    revision = reader.kv.Range(Range(key=key), timeout=T).header.revision
+    writer.kv.Compact(rpc_pb2.CompactionRequest(revision=revision), timeout=T)
+    assert values(reader.kv.Range(Range(key=key), timeout=T)) == [(key, b"v2")]
+    assert values(sread(reader, key)) == [(key, b"v2")]
+    wait_cache_serving(reader, etcd_server)
+    before = etcd_ranges(etcd_server)
+    for _ in range(20):
+        assert values(sread(reader, key)) == [(key, b"v2")]
+    assert etcd_ranges(etcd_server) - before <= 1  # cached again after the compaction (Go: never)
+    err = rpc_error(lambda: sread(reader, key, revision=revision - 1))
+    assert (err.code, err.details) == (
+        grpc.StatusCode.OUT_OF_RANGE,
+        "etcdserver: mvcc: required revision has been compacted",
+    )
+
+
+# ---- scenario 13 and read-your-writes across workers ----------------------------------------------
+
+
+def check_ryw(
+    conns: list[Stubs],
+    read: Callable[[Stubs], list[tuple[bytes, bytes]]],
+    write: Callable[[Stubs, int], None],
+    expect: Callable[[int], list[tuple[bytes, bytes]]],
+) -> None:
+    readers, writer = conns[:-1], conns[-1]
+    for r in readers:  # fill every worker's cache
+        read(r)
+        read(r)
+    for i in range(30):
+        write(writer, i)
+        for r in readers:
+            assert read(r) == expect(i), f"write {i}: a serializable read missed the write just acknowledged"
+
+
+def test_read_your_writes_point_key(conns: list[Stubs]) -> None:
+    key = prefix() + b"k"
+
+    def write(w: Stubs, i: int) -> None:
+        if i % 3 == 2:
+            w.kv.DeleteRange(rpc_pb2.DeleteRangeRequest(key=key), timeout=T)
+        else:
+            w.kv.Put(Put(key=key, value=b"v%d" % i), timeout=T)
+
+    check_ryw(conns, lambda r: values(sread(r, key)), write, lambda i: [] if i % 3 == 2 else [(key, b"v%d" % i)])
+
+
+def test_read_your_writes_prefix(conns: list[Stubs]) -> None:
+    p = prefix()
+
+    def write(w: Stubs, i: int) -> None:
+        w.kv.Put(Put(key=p + b"%02d" % i, value=b"x"), timeout=T)
+
+    check_ryw(
+        conns,
+        lambda r: values(sread(r, p, prefix_end(p), keys_only=True)),
+        write,
+        lambda i: [(p + b"%02d" % j, b"") for j in range(i + 1)],
+    )
+
+
+def test_read_your_writes_from_key_and_whole_keyspace(conns: list[Stubs]) -> None:
+    """SPEC 21.46 (#22397): from-key and whole-keyspace reads see later puts and from-key deletes."""
+    p = prefix()
+    start = p + b"k"
+
+    def write(w: Stubs, i: int) -> None:
+        w.kv.Put(Put(key=start + b"%02d" % i, value=b"x"), timeout=T)
+
+    def read(r: Stubs) -> list[tuple[bytes, bytes]]:
+        from_key = [kv for kv in values(sread(r, start, b"\x00", keys_only=True)) if kv[0].startswith(p)]
+        whole = sread(r, b"\x00", b"\x00", count_only=True).count
+        return [*from_key, (b"count", str(whole).encode())]
+
+    base = sread(conns[0], b"\x00", b"\x00", count_only=True).count
+    check_ryw(
+        conns,
+        read,
+        write,
+        lambda i: [*((start + b"%02d" % j, b"") for j in range(i + 1)), (b"count", str(base + i + 1).encode())],
+    )
+    # del --from-key invalidates every later key (the Go proxy builds an inverted interval)
+    conns[-1].kv.DeleteRange(rpc_pb2.DeleteRangeRequest(key=start, range_end=b"\x00"), timeout=T)
+    for r in conns[:-1]:
+        assert [kv for kv in values(sread(r, start, b"\x00", keys_only=True)) if kv[0].startswith(p)] == []
+
+
+def test_read_your_writes_txn_nested(conns: list[Stubs]) -> None:
+    """SPEC 21.15 and 20 E: nested Txn ops invalidate, in either branch."""
+    p = prefix()
+    a, b, c = p + b"a", p + b"b", p + b"c"
+    readers, writer = conns[:-1], conns[-1]
+    for r in readers:
+        for k in (a, b, c):
+            sread(r, k)
+    inner = rpc_pb2.TxnRequest(success=[rpc_pb2.RequestOp(request_put=Put(key=b, value=b"nested"))])
+    txn = rpc_pb2.TxnRequest(
+        compare=[rpc_pb2.Compare(key=a, target=rpc_pb2.Compare.VERSION, result=rpc_pb2.Compare.EQUAL, version=0)],
+        success=[rpc_pb2.RequestOp(request_put=Put(key=a, value=b"1")), rpc_pb2.RequestOp(request_txn=inner)],
+        failure=[rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=c))],
+    )
+    response = writer.kv.Txn(txn, timeout=T)
+    assert response.succeeded
+    for r in readers:
+        assert values(sread(r, a)) == [(a, b"1")]
+        assert values(sread(r, b)) == [(b, b"nested")]
+    writer.kv.Put(Put(key=c, value=b"c"), timeout=T)
+    for r in readers:
+        assert values(sread(r, c)) == [(c, b"c")]
+    assert not writer.kv.Txn(txn, timeout=T).succeeded  # failure branch deletes c
+    for r in readers:
+        assert values(sread(r, c)) == []
+
+
+def test_read_your_writes_lease_revoke(conns: list[Stubs]) -> None:
+    key = prefix() + b"leased"
+    readers, writer = conns[:-1], conns[-1]
+    lease = writer.lease.LeaseGrant(rpc_pb2.LeaseGrantRequest(TTL=60), timeout=T).ID
+    writer.kv.Put(Put(key=key, value=b"v", lease=lease), timeout=T)
+    for r in readers:
+        assert values(sread(r, key)) == [(key, b"v")]
+    writer.lease.LeaseRevoke(rpc_pb2.LeaseRevokeRequest(ID=lease), timeout=T)
+    for r in readers:
+        assert values(sread(r, key)) == []
+
+
+# ---- scenario 14-16: answers identical to etcd, also when they come from the cache ----------------
+
+
+def test_range_options_match_etcd_from_cache(conns: list[Stubs], direct: Stubs) -> None:
+    """SPEC 21.14: every Range option; second proxy answer comes from the cache."""
+    p = prefix()
+    for i in range(5):
+        direct.kv.Put(Put(key=p + b"%d" % i, value=b"v" * (5 - i)), timeout=T)
+    end = prefix_end(p)
+    rev = direct.kv.Range(Range(key=p), timeout=T).header.revision
+    cases: list[dict[str, Any]] = [
+        {},
+        {"limit": 2},
+        {"sort_order": Range.DESCEND, "sort_target": Range.VALUE},
+        {"sort_order": Range.ASCEND, "sort_target": Range.CREATE},
+        {"count_only": True},
+        {"keys_only": True},
+        {"min_mod_revision": rev - 2},
+        {"max_mod_revision": rev - 2},
+        {"min_create_revision": rev - 1},
+        {"max_create_revision": rev - 3},
+        {"revision": rev - 2},
+    ]
+    reader = conns[0]
+    for case in cases:
+        want = direct.kv.Range(Range(key=p, range_end=end, **case), timeout=T)
+        for _ in range(2):
+            got = sread(reader, p, end, **case)
+            assert (values(got), got.more, got.count) == (values(want), want.more, want.count), case
+
+
+def test_put_options_and_missing_lease(conns: list[Stubs]) -> None:
+    """SPEC 21.16: ignore_value / ignore_lease / missing lease, seen by cached readers."""
+    key = prefix() + b"k"
+    readers, writer = conns[:-1], conns[-1]
+    writer.kv.Put(Put(key=key, value=b"orig"), timeout=T)
+    for r in readers:
+        sread(r, key)
+    lease = writer.lease.LeaseGrant(rpc_pb2.LeaseGrantRequest(TTL=60), timeout=T).ID
+    writer.kv.Put(Put(key=key, ignore_value=True, lease=lease), timeout=T)
+    for r in readers:
+        [kv] = sread(r, key).kvs
+        assert (kv.value, kv.lease) == (b"orig", lease)
+    writer.kv.Put(Put(key=key, value=b"new", ignore_lease=True), timeout=T)
+    for r in readers:
+        [kv] = sread(r, key).kvs
+        assert (kv.value, kv.lease) == (b"new", lease)
+    err = rpc_error(lambda: writer.kv.Put(Put(key=key, value=b"x", lease=123456789), timeout=T))
+    assert (err.code, err.details) == (grpc.StatusCode.NOT_FOUND, "etcdserver: requested lease not found")
+    for r in readers:
+        assert values(sread(r, key)) == [(key, b"new")]
+
+
+# ---- writes made elsewhere ---------------------------------------------------------------------
+
+
+def test_direct_write_visible_within_bound(conns: list[Stubs], direct: Stubs, etcd_server: EtcdServer) -> None:
+    key = prefix() + b"ext"
+    readers = conns[:-1]
+    direct.kv.Put(Put(key=key, value=b"old"), timeout=T)
+    wait_cache_serving(readers[0], etcd_server)
+    for r in readers:
+        assert values(sread(r, key)) == [(key, b"old")]
+    worst = 0.0
+    for i in range(5):
+        direct.kv.Put(Put(key=key, value=b"new%d" % i), timeout=T)
+        written = time.monotonic()
+        for r in readers:
+            wait_until(
+                lambda r=r, i=i: values(sread(r, key)) == [(key, b"new%d" % i)],
+                EXTERNAL_BOUND_S,
+                "direct write visible",
+            )
+        worst = max(worst, time.monotonic() - written)
+    print(f"direct writes visible through the cache after at most {worst * 1000:.1f} ms")
+
+
+# ---- the abusive client ------------------------------------------------------------------------
+
+
+def test_abusive_reader_barely_reaches_etcd(conns: list[Stubs], direct: Stubs, etcd_server: EtcdServer) -> None:
+    """10,000 serializable Ranges of one key through --workers 2: at most a handful reach etcd."""
+    key = prefix() + b"hot"
+    direct.kv.Put(Put(key=key, value=b"hot"), timeout=T)
+    wait_cache_serving(conns[0], etcd_server)
+    readers = conns[:-1]
+    before = etcd_ranges(etcd_server)
+    request = Range(key=key, serializable=True)
+
+    def burst(r: Stubs) -> None:
+        for _ in range(10_000 // READERS // 50):
+            futures = [r.kv.Range.future(request, timeout=T) for _ in range(50)]
+            for f in futures:
+                assert f.result().kvs[0].value == b"hot"
+
+    with ThreadPoolExecutor(READERS) as pool:
+        list(pool.map(burst, readers))
+    reached = etcd_ranges(etcd_server) - before
+    print(f"10,000 serializable Ranges through the proxy: {reached:.0f} reached etcd")
+    assert reached <= 5
+
+
+def test_linearizable_always_reaches_etcd(conns: list[Stubs], etcd_server: EtcdServer) -> None:
+    key = prefix() + b"lin"
+    before = etcd_ranges(etcd_server)
+    for _ in range(20):
+        conns[0].kv.Range(Range(key=key), timeout=T)
+    assert etcd_ranges(etcd_server) - before >= 20
+
+
+def test_cache_can_be_turned_off(proxy: Callable[..., ProxyProcess], etcd_server: EtcdServer) -> None:
+    p = proxy(workers=2, extra_args=("--cache=false",))
+    stubs = stubs_on_own_connection(p.endpoint, 0)
+    try:
+        key = prefix() + b"off"
+        sread(stubs, key)
+        before = etcd_ranges(etcd_server)
+        for _ in range(20):
+            sread(stubs, key)
+        assert etcd_ranges(etcd_server) - before >= 20
+    finally:
+        stubs.close()
+
+
+# ---- scenario 45: identity -----------------------------------------------------------------------
+
+
+def test_auth_cached_answer_not_served_to_other_identity(
+    fresh_etcd: EtcdServer, proxy: Callable[..., ProxyProcess]
+) -> None:
+    """SPEC 21.45 (#22065): user A's cached serializable read is not served to user B."""
+    p = proxy(etcd=fresh_etcd, workers=2)
+    stubs = [stubs_on_own_connection(p.endpoint, i) for i in range(3)]
+    try:
+        au, kv = stubs[0].auth, stubs[0].kv
+        kv.Put(Put(key=b"/secret", value=b"s3cr3t"), timeout=T)
+        for name, password in (("root", "rootpw"), ("alice", "a"), ("bob", "b")):
+            au.UserAdd(rpc_pb2.AuthUserAddRequest(name=name, password=password), timeout=T)
+        au.RoleAdd(rpc_pb2.AuthRoleAddRequest(name="root"), timeout=T)
+        au.UserGrantRole(rpc_pb2.AuthUserGrantRoleRequest(user="root", role="root"), timeout=T)
+        au.RoleAdd(rpc_pb2.AuthRoleAddRequest(name="reader"), timeout=T)
+        perm = auth_pb2.Permission(permType=auth_pb2.Permission.READ, key=b"/secret")
+        au.RoleGrantPermission(rpc_pb2.AuthRoleGrantPermissionRequest(name="reader", perm=perm), timeout=T)
+        au.UserGrantRole(rpc_pb2.AuthUserGrantRoleRequest(user="alice", role="reader"), timeout=T)
+        au.AuthEnable(rpc_pb2.AuthEnableRequest(), timeout=T)
+
+        def token(user: str, password: str) -> str:
+            return str(au.Authenticate(rpc_pb2.AuthenticateRequest(name=user, password=password), timeout=T).token)
+
+        alice, bob = token("alice", "a"), token("bob", "b")
+        request = Range(key=b"/secret", serializable=True)
+        for s in stubs:
+            for _ in range(3):
+                assert s.kv.Range(request, metadata=token_md(alice), timeout=T).kvs[0].value == b"s3cr3t"
+        for s in stubs:
+            err = rpc_error(lambda s=s: s.kv.Range(request, metadata=token_md(bob), timeout=T))
+            assert (err.code, err.details) == (grpc.StatusCode.PERMISSION_DENIED, "etcdserver: permission denied")
+            err = rpc_error(lambda s=s: s.kv.Range(request, timeout=T))
+            assert err.code == grpc.StatusCode.INVALID_ARGUMENT  # etcdserver: user name is empty
+        # revoking alice's permission through the proxy flushes her cached answer everywhere
+        root = token("root", "rootpw")
+        au.RoleRevokePermission(
+            rpc_pb2.AuthRoleRevokePermissionRequest(role="reader", key=b"/secret"), metadata=token_md(root), timeout=T
+        )
+        for s in stubs:
+            err = rpc_error(lambda s=s: s.kv.Range(request, metadata=token_md(alice), timeout=T))
+            assert err.code == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        for s in stubs:
+            s.close()
