@@ -10,6 +10,7 @@ import os
 import re
 from dataclasses import MISSING, dataclass, field, fields
 from fractions import Fraction
+from urllib.parse import urlsplit
 
 DEFAULT_LISTEN_ADDR = "127.0.0.1:23790"
 # etcd's own request limit (--max-request-bytes 1.5 MiB) plus the 512 KiB gRPC overhead it allows.
@@ -110,7 +111,6 @@ NOT_IMPLEMENTED: dict[str, str] = {
     "resolver_prefix": "issue 7",
     "resolver_ttl_s": "issue 7",
     "namespace": "issue 7",
-    "metrics_addr": "issue 7",
     "enable_pprof": "Python has no pprof; profile the processes with py-spy instead",
     # proxy -> etcd TLS
     "cert": "TLS, issue 8",
@@ -331,7 +331,23 @@ def _own_errors(config: Config) -> list[str]:
         errors.append("etcdclient: no available endpoints")
     if any(e == "" for e in config.endpoints):
         errors.append("invalid --endpoints: empty endpoint in the list")
+    errors += _metrics_addr_errors(config.metrics_addr)
     return errors
+
+
+def _metrics_addr_errors(addr: str) -> list[str]:
+    """Go exits 1 with ``cannot parse "<addr>"`` when url.Parse fails, and later when it cannot
+    listen on what it parsed (no scheme, no port); both are refused here, before any fork."""
+    if not addr:
+        return []
+    try:
+        url = urlsplit(addr)
+        port = url.port
+    except ValueError:
+        return [f"cannot parse {go_quote(addr)}"]
+    if url.scheme not in ("http", "https") or port is None or url.path not in ("", "/"):
+        return [f"invalid --metrics-addr {go_quote(addr)}: want http://host:port or https://host:port"]
+    return []
 
 
 def validate(config: Config) -> list[str]:
@@ -349,6 +365,11 @@ def unimplemented(config: Config) -> list[str]:
         for name, reason in NOT_IMPLEMENTED.items()
         if getattr(config, name) != default_of(name)
     ]
+    if config.metrics_addr.startswith("https://"):
+        messages.append(
+            f"--metrics-addr {config.metrics_addr}: https is not implemented yet in etcdproxy (TLS, issue 8); "
+            "use http://"
+        )
     for endpoint in config.endpoints:
         scheme, sep, _ = endpoint.partition("://")
         if not sep or scheme == "http":

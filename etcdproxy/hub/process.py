@@ -27,6 +27,7 @@ from etcdproxy.core.cluster import proxy_member_list
 from etcdproxy.core.methods import METHODS, Method, Shape, by_name
 from etcdproxy.hub.cache import CacheHub
 from etcdproxy.hub.forward import OK, Forwarder, UpstreamStream
+from etcdproxy.hub.http import MetricsServer
 from etcdproxy.hub.lease import LeaseHub
 from etcdproxy.hub.watch import WatchHub
 from etcdproxy.ipc import codec
@@ -72,6 +73,8 @@ class Hub:
         self.watches = WatchHub(self)
         self.leases = LeaseHub(self)
         self.cache = CacheHub(self) if config.cache else None
+        # last: it wraps handlers the components registered (to count leases kept alive)
+        self.metrics_server = MetricsServer(self) if config.metrics_addr else None
 
     def register(self, kind: s.Kind, handler: Callable[[WorkerState, Any], None]) -> None:
         self.handlers[kind] = handler
@@ -230,6 +233,13 @@ class Hub:
     async def serve(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             self.loop.add_signal_handler(sig, self._stop.set)
+        if self.metrics_server is not None:
+            try:
+                await self.metrics_server.start()
+            except OSError as exc:
+                log.error("cannot listen on --metrics-addr %s: %s", self.config.metrics_addr, exc)
+                return proc.EXIT_BOOT_ERROR
+            self.closers.append(self.metrics_server.close)
         self.link.start()
         tasks = [
             self.loop.create_task(proc.heartbeat_loop(self.spec)),

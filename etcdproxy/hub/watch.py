@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from etcdproxy import metrics
 from etcdproxy.core.broadcast import Broadcast
 from etcdproxy.etcdpb import kv_pb2, rpc_pb2
 from etcdproxy.ipc import schema as s
@@ -479,6 +480,8 @@ class WatchHub:
 
     def _fan_out(self, broadcast: Broadcast, header: bytes, events: list[s.WireEvent], progress_only: bool) -> None:
         sw_id = broadcast.sw_id
+        if len(broadcast.receivers) > 1:  # Go: += receivers - 1 per upstream response
+            metrics.EVENTS_COALESCING.inc(len(broadcast.receivers) - 1)
         for identity in broadcast.workers():
             self._send(identity, lambda e, q: s.WatchEvents(e, q, sw_id, header, events, progress_only))
 

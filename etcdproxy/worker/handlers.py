@@ -18,6 +18,7 @@ from etcdproxy.core import errors, wire
 from etcdproxy.core.methods import METHODS, Method, Shape
 from etcdproxy.ipc.schema import Metadata
 from etcdproxy.worker.hubclient import HubClient, StreamState
+from etcdproxy.worker.instrument import instrument
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,10 @@ class Handlers:
             "Check": grpc.unary_unary_rpc_method_handler(self.health_check),
             "Watch": grpc.unary_stream_rpc_method_handler(self.health_watch),
         }
-        return [grpc.method_handlers_generic_handler(svc, handlers) for svc, handlers in by_service.items()]
+        return [
+            grpc.method_handlers_generic_handler(svc, {name: instrument(svc, name, h) for name, h in handlers.items()})
+            for svc, handlers in by_service.items()
+        ]
 
     def _handler(self, method: Method) -> grpc.RpcMethodHandler:
         if method.path in self.overrides:

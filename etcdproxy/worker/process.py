@@ -14,12 +14,13 @@ import signal
 
 import grpc
 
-from etcdproxy import proc
+from etcdproxy import metrics, proc
 from etcdproxy.config import Config
 from etcdproxy.core import errors
 from etcdproxy.worker.cache import RangeService
 from etcdproxy.worker.handlers import Handlers
 from etcdproxy.worker.hubclient import HubClient
+from etcdproxy.worker.instrument import report_loop
 from etcdproxy.worker.lease import LeaseServicer
 from etcdproxy.worker.watch import WatchService
 
@@ -71,6 +72,8 @@ async def serve(config: Config, spec: proc.ChildSpec) -> int:
     hub.start()
     await server.start()
     heartbeat = loop.create_task(proc.heartbeat_loop(spec))
+    metrics.settle_own_pid()  # before the first flush: a dead predecessor may have had our pid
+    reporter = loop.create_task(report_loop(hub))
     proc.notify_ready(spec)
     log.info("worker %d serving gRPC on %s", spec.index, config.listen_addr)
     await stop.wait()
@@ -81,6 +84,8 @@ async def serve(config: Config, spec: proc.ChildSpec) -> int:
     leases.stop(errors.WORKER_STOPPING)
     await stopping
     heartbeat.cancel()
+    reporter.cancel()
+    metrics.flush()  # what ended during the stop; calls still open are settled by the hub
     hub.close()
     return 0
 
