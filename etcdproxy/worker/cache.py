@@ -26,6 +26,7 @@ from typing import Any
 
 import grpc
 
+from etcdproxy import metrics
 from etcdproxy.config import Config
 from etcdproxy.core import errors, wire
 from etcdproxy.core.cache import CacheKey, RangeCache, Ticket, to_interval
@@ -60,6 +61,8 @@ class RangeService:
         hub.handlers[s.Kind.CACHE_INVALIDATE] = self._on_invalidate
         hub.on_new_epoch.append(self._on_new_epoch)
         hub.on_gap.append(self._resync)
+        self._reported = (0, 0, -1)  # hits, misses, keys last written to the metrics files
+        self._reporter = hub.loop.create_task(self._report_loop())
 
     def handler(self) -> grpc.RpcMethodHandler:
         return grpc.unary_unary_rpc_method_handler(self.range)
@@ -77,6 +80,23 @@ class RangeService:
     @property
     def keys(self) -> int:
         return self.cache.keys
+
+    def flush_metrics(self) -> None:
+        """Write the counts to the multiprocess metric files (plain ints on the hot path, like RpcStats)."""
+        hits, misses, keys = self.hits, self.misses, self.keys
+        old_hits, old_misses, old_keys = self._reported
+        if hits > old_hits:
+            metrics.CACHE_HITS.inc(hits - old_hits)
+        if misses > old_misses:
+            metrics.CACHE_MISSES.inc(misses - old_misses)
+        if keys != old_keys:
+            metrics.CACHE_KEYS.set(keys)
+        self._reported = (hits, misses, keys)
+
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(metrics.FLUSH_INTERVAL_S)
+            self.flush_metrics()
 
     # ---- the RPC -------------------------------------------------------------------------
 

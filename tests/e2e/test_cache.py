@@ -17,7 +17,17 @@ import grpc
 import pytest
 
 from etcdproxy.etcdpb import auth_pb2, rpc_pb2
-from tests.helpers import EtcdServer, ProxyProcess, Stubs, rpc_error, token_md, wait_until
+from tests.helpers import (
+    EtcdServer,
+    ProxyProcess,
+    Stubs,
+    free_port,
+    http_get,
+    rpc_error,
+    sum_metric,
+    token_md,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -391,3 +401,33 @@ def test_auth_cached_answer_not_served_to_other_identity(
     finally:
         for s in stubs:
             s.close()
+
+
+def test_metrics_with_go_names(proxy: Callable[..., ProxyProcess], etcd_server: EtcdServer) -> None:
+    """etcd_grpc_proxy_cache_{hits,misses,keys}_total on /proxy/metrics, summed over the workers."""
+    url = f"http://127.0.0.1:{free_port()}"
+    p = proxy(workers=2, extra_args=(f"--metrics-addr={url}",))
+    stubs = stubs_on_own_connection(p.endpoint, 0)
+    try:
+        wait_cache_serving(stubs, etcd_server)
+        key = prefix() + b"m"
+
+        def scrape(name: str) -> float:
+            status, text = http_get(f"{url}/proxy/metrics")
+            assert status == 200
+            return sum_metric(text, name, {})
+
+        hits, misses = scrape("etcd_grpc_proxy_cache_hits_total"), scrape("etcd_grpc_proxy_cache_misses_total")
+        for _ in range(50):
+            sread(stubs, key)
+        wait_until(
+            lambda: (
+                scrape("etcd_grpc_proxy_cache_hits_total") - hits >= 49
+                and scrape("etcd_grpc_proxy_cache_misses_total") - misses >= 1
+                and scrape("etcd_grpc_proxy_cache_keys_total") >= 1
+            ),
+            5,
+            "cache metrics",
+        )
+    finally:
+        stubs.close()
