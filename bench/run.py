@@ -684,7 +684,7 @@ class Bench:
                         cell += f" ✗{row['n'] - row['ok']}/{row['n']}"
                     cells.append(cell)
                 ratios = [
-                    _ratio(vals["etcdproxy"], vals[b]) if key not in NO_RATIO else "" for b in ("go-proxy", "etcd")
+                    _ratio(vals["etcdproxy"], vals[b], fmt) if key not in NO_RATIO else "" for b in ("go-proxy", "etcd")
                 ]
                 lines.append(f"| {scen} | {label} | {' | '.join(cells)} | {ratios[0]} | {ratios[1]} |")
             for name in TARGETS:
@@ -827,8 +827,8 @@ def _f(v: float | None) -> str:
     return "    -" if v is None else f"{v:7.2f}"
 
 
-def _ratio(a: float | None, b: float | None) -> str:
-    if a is None or b is None or b == 0:
+def _ratio(a: float | None, b: float | None, fmt: str) -> str:
+    if a is None or b is None or float(format(b, fmt)) == 0:  # no ratio against a value shown as zero
         return "-"
     return f"{a / b:.2f}x"
 
