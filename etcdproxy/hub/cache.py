@@ -26,12 +26,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from etcdproxy.core.cache import Invalidation, header_revision, invalidation_for
-from etcdproxy.core.methods import Method
+from etcdproxy.core.methods import Method, by_name
 from etcdproxy.etcdpb import rpc_pb2
 from etcdproxy.ipc import schema as s
 
@@ -46,10 +47,28 @@ PROGRESS_EVERY_S = 1.0
 STALL_S = 5.0
 BACKOFF_S = (0.1, 5.0)
 UNKNOWN = grpc.StatusCode.UNKNOWN.value[0]
+CANCELLED = grpc.StatusCode.CANCELLED.value[0]
+RANGE = by_name("etcdserverpb.KV", "Range")
 WHOLE_KEYSPACE = rpc_pb2.WatchRequest(
     create_request=rpc_pb2.WatchCreateRequest(key=b"\x00", range_end=b"\x00")
 ).SerializeToString()
 PROGRESS = rpc_pb2.WatchRequest(progress_request=rpc_pb2.WatchProgressRequest()).SerializeToString()
+
+
+def _serializable(request: bytes) -> bool:
+    try:
+        return bool(rpc_pb2.RangeRequest.FromString(request).serializable)
+    except Exception:
+        return True  # not ours to share; etcd will reject it
+
+
+@dataclass(slots=True)
+class SharedRange:
+    """One upstream linearizable Range for identical calls; ``task`` is None until it starts."""
+
+    done: asyncio.Future[tuple[int, bytes | str]]
+    timeouts: list[float | None]
+    task: asyncio.Task[tuple[int, bytes | str]] | None = None
 
 
 class CacheHub:
@@ -60,7 +79,10 @@ class CacheHub:
         self._ack_ids = itertools.count(1)
         self._waiting: dict[int, tuple[set[bytes], asyncio.Future[None]]] = {}  # ack id -> (workers, done)
         self._call: Any = None
+        self._refusal = ""  # why etcd refused the last watch (logged once per reason)
         self.invalidations_sent = 0  # CacheInvalidate broadcasts (tests and logs)
+        self._linear: dict[tuple[bytes, tuple[tuple[str, str], ...]], SharedRange] = {}
+        self.linear_shared = 0  # linearizable Ranges answered by another call's upstream request
         hub.register(s.Kind.CACHE_SYNC, self._on_sync)
         hub.register(s.Kind.CACHE_ACK, self._on_ack)
         hub.worker_gone.append(self._on_worker_gone)
@@ -139,6 +161,42 @@ class CacheHub:
         done.add_done_callback(lambda _: self._waiting.pop(ack_id, None))
         return done
 
+    # ---- identical linearizable Ranges -------------------------------------------------------
+
+    async def forward(self, method: Method, message: s.Unary) -> tuple[int, bytes | str]:
+        """Forward a unary call; identical linearizable Ranges share one upstream request.
+
+        Joining is allowed only until the shared request starts, and it starts only after the
+        leader yielded once (letting every call already received join): so the request etcd
+        serves was sent after each caller's request arrived, and every answer is linearizable.
+        """
+        forwarder = self.hub.forwarder
+        if method is not RANGE or _serializable(message.payload):
+            return await forwarder.unary(method, message.payload, message.metadata, message.timeout_s)
+        key = (message.payload, tuple(message.metadata))
+        shared = self._linear.get(key)
+        if shared is not None and shared.task is None:
+            shared.timeouts.append(message.timeout_s)
+            self.linear_shared += 1
+            return await asyncio.shield(shared.done)
+        shared = self._linear[key] = SharedRange(self.hub.loop.create_future(), [message.timeout_s])
+        await asyncio.sleep(0)  # calls already received get to join
+        timeout = None if None in shared.timeouts else max(t for t in shared.timeouts if t is not None)
+        shared.task = self.hub.loop.create_task(forwarder.unary(method, message.payload, message.metadata, timeout))
+
+        def finished(task: asyncio.Task[tuple[int, bytes | str]]) -> None:
+            if self._linear.get(key) is shared:
+                del self._linear[key]
+            if task.cancelled():
+                shared.done.set_result((CANCELLED, "context canceled"))
+            elif task.exception() is not None:
+                shared.done.set_result((UNKNOWN, f"etcdproxy: {task.exception()}"))
+            else:
+                shared.done.set_result(task.result())
+
+        shared.task.add_done_callback(finished)
+        return await asyncio.shield(shared.done)
+
     # ---- writes made elsewhere: the invalidation watch ---------------------------------------
 
     def _set_state(self, enabled: bool, revision: int) -> None:
@@ -178,8 +236,12 @@ class CacheHub:
             return False
         created = rpc_pb2.WatchResponse.FromString(data)
         if not created.created or created.canceled:
-            log.warning("cache invalidation watch refused: %s (cache paused)", created.cancel_reason or "not created")
+            reason = created.cancel_reason or "not created"
+            # e.g. etcd auth is on and the proxy has no credentials: retried every BACKOFF_S[1]
+            (log.warning if reason != self._refusal else log.debug)("cache invalidation watch refused: %s", reason)
+            self._refusal = reason
             return False
+        self._refusal = ""
         self._set_state(True, created.header.revision)
         last_heard = loop.time()
 

@@ -187,7 +187,10 @@ class Hub:
 
     async def _unary(self, worker: WorkerState, method: Method, message: s.Unary) -> None:
         try:
-            code, body = await self.forwarder.unary(method, message.payload, message.metadata, message.timeout_s)
+            if self.cache is not None:  # shares identical linearizable Ranges
+                code, body = await self.cache.forward(method, message)
+            else:
+                code, body = await self.forwarder.unary(method, message.payload, message.metadata, message.timeout_s)
             if self.cache is not None:  # every worker drops what the call changed before the reply
                 await self.cache.after_call(worker, method, message.payload, code, body)
         except asyncio.CancelledError:

@@ -431,3 +431,36 @@ def test_metrics_with_go_names(proxy: Callable[..., ProxyProcess], etcd_server: 
         )
     finally:
         stubs.close()
+
+
+def test_shared_linearizable_ranges_stay_linearizable(
+    conns: list[Stubs], direct: Stubs, etcd_server: EtcdServer
+) -> None:
+    """Identical linearizable Ranges may share one upstream request, yet each sees every write
+    acknowledged before it was sent (here: direct writes, while other clients hammer the same read)."""
+    key = prefix() + b"lin"
+    request = Range(key=key)
+    stop = False
+
+    def hammer(r: Stubs) -> int:
+        calls = 0
+        while not stop:
+            futures = [r.kv.Range.future(request, timeout=T) for _ in range(20)]
+            for f in futures:
+                f.result()
+            calls += len(futures)
+        return calls
+
+    before = etcd_ranges(etcd_server)
+    with ThreadPoolExecutor(READERS - 1) as pool:
+        running = [pool.submit(hammer, r) for r in conns[1:READERS]]
+        try:
+            for i in range(50):
+                direct.kv.Put(Put(key=key, value=b"v%d" % i), timeout=T)
+                assert values(conns[0].kv.Range(request, timeout=T)) == [(key, b"v%d" % i)]
+        finally:
+            stop = True
+        calls = sum(f.result() for f in running) + 50
+    reached = etcd_ranges(etcd_server) - before
+    print(f"{calls} identical linearizable Ranges, {reached:.0f} reached etcd")
+    assert reached <= calls
