@@ -11,7 +11,8 @@ What is stale comes from the hub (hub/cache.py): ``CacheInvalidate`` for writes 
 worker (acknowledged, so the writer's reply waits until this worker dropped the old value) and
 for events of the hub's invalidation watch; ``CacheState`` turns hits off while that watch is
 down and back on (from empty) once it is re-established. After a hub restart or a lost hub
-frame the cache is flushed and off until the hub answers ``CacheSync``.
+frame the cache is flushed and off until the hub answers ``CacheSync``; while the hub is silent
+(hubclient.HUB_SILENCE_S) no hits are served.
 
 Counters for metrics (SPEC 14.3 names): ``hits`` (etcd_grpc_proxy_cache_hits_total, incl.
 compaction rejections, like Go), ``misses`` (..._cache_misses_total, serializable misses only),
@@ -104,7 +105,9 @@ class RangeService:
         metadata = forwarded_metadata(context)
         identity = identity_of(metadata)
         cache = self.cache
-        hit = cache.lookup(identity, request)  # only serializable requests can be stored under these bytes
+        # Only serializable requests can be stored under these bytes. No hits while the hub is silent
+        # (HUB_SILENCE_S): its invalidation watch may be gone with it.
+        hit = cache.lookup(identity, request) if self.hub.epoch else None
         if isinstance(hit, bytes):
             return hit
         if hit is not None:

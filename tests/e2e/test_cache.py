@@ -7,6 +7,9 @@ land on the same or on different workers (several readers make "different" all b
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -464,3 +467,33 @@ def test_shared_linearizable_ranges_stay_linearizable(
     reached = etcd_ranges(etcd_server) - before
     print(f"{calls} identical linearizable Ranges, {reached:.0f} reached etcd")
     assert reached <= calls
+
+
+def test_write_during_hub_restart_is_not_served_stale(
+    cached_proxy: ProxyProcess, conns: list[Stubs], direct: Stubs, etcd_server: EtcdServer
+) -> None:
+    """Invalidations may be lost while the hub is down: workers flush and wait for the new hub's watch."""
+    key = prefix() + b"restart"
+    readers = conns[:-1]
+    direct.kv.Put(Put(key=key, value=b"old"), timeout=T)
+    wait_cache_serving(readers[0], etcd_server)
+    for r in readers:
+        assert values(sread(r, key)) == [(key, b"old")]
+    log = cached_proxy.log_path.read_text()
+    hub_pid = int(re.findall(r"spawned hub pid (\d+)", log)[-1])
+    os.kill(hub_pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    direct.kv.Put(Put(key=key, value=b"new"), timeout=T)
+    request = Range(key=key, serializable=True)
+    seen_new = 0
+    while seen_new < len(readers) and time.monotonic() - killed_at < 20:
+        seen_new = 0
+        for r in readers:
+            try:
+                got = values(r.kv.Range(request, timeout=1))
+            except grpc.RpcError:
+                continue  # UNAVAILABLE while no hub is up
+            if time.monotonic() - killed_at > 2.0:  # the bound: hub silence (1.5 s) + watch latency
+                assert got == [(key, b"new")], "a stale value was served long after the hub died"
+            seen_new += got == [(key, b"new")]
+    assert seen_new == len(readers)
