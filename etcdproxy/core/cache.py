@@ -26,7 +26,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from etcdproxy.core import errors
-from etcdproxy.etcdpb import rpc_pb2
+from etcdproxy.etcdpb import rpc_pb2, v3election_pb2, v3lock_pb2
 
 Interval = tuple[bytes, bytes | None]  # [start, end), end None = +infinity
 CacheKey = tuple[str, bytes]  # (identity, serialized RangeRequest with serializable=true)
@@ -120,13 +120,27 @@ def invalidation_for(service: str, name: str, request: bytes, code: int) -> Inva
             return Invalidation(flush=True)  # the attached keys are not known here
         if service == "etcdserverpb.Auth" and name not in AUTH_READ_ONLY:
             return Invalidation(flush=True)  # permissions or identities may have changed
-        if service == "v3electionpb.Election" and name in ("Campaign", "Proclaim", "Resign"):
-            return Invalidation(flush=True)  # keys under the election name, not worth decoding
-        if service == "v3lockpb.Lock" and name in ("Lock", "Unlock"):
-            return Invalidation(flush=True)
+        # etcd's v3election and v3lock write keys "<name>/<lease id in hex>" (concurrency package)
+        if service == "v3electionpb.Election":
+            if name == "Campaign":
+                return _under(v3election_pb2.CampaignRequest.FromString(request).name)
+            if name == "Proclaim":
+                return Invalidation(((v3election_pb2.ProclaimRequest.FromString(request).leader.key, b""),))
+            if name == "Resign":
+                return Invalidation(((v3election_pb2.ResignRequest.FromString(request).leader.key, b""),))
+        if service == "v3lockpb.Lock":
+            if name == "Lock":
+                return _under(v3lock_pb2.LockRequest.FromString(request).name)
+            if name == "Unlock":
+                return Invalidation(((v3lock_pb2.UnlockRequest.FromString(request).key, b""),))
     except Exception:  # undecodable request: etcd rejected it, but be safe
         return Invalidation(flush=True)
     return None
+
+
+def _under(name: bytes) -> Invalidation:
+    prefix = name + b"/"
+    return Invalidation(((prefix, prefix_end(prefix)),))
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:

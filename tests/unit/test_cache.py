@@ -14,7 +14,7 @@ from etcdproxy.core.cache import (
     prefix_end,
     to_interval,
 )
-from etcdproxy.etcdpb import kv_pb2, rpc_pb2
+from etcdproxy.etcdpb import kv_pb2, rpc_pb2, v3election_pb2, v3lock_pb2
 
 INF = None
 
@@ -320,7 +320,35 @@ WRITE_ROWS = [
     ("etcdserverpb.Auth", "UserDelete", b"", 0, Invalidation(flush=True)),
     ("etcdserverpb.Auth", "Authenticate", b"", 0, None),
     ("etcdserverpb.Auth", "RoleGet", b"", 0, None),
-    ("v3lockpb.Lock", "Unlock", b"", 0, Invalidation(flush=True)),
+    (
+        "v3lockpb.Lock",
+        "Lock",
+        v3lock_pb2.LockRequest(name=b"mylock").SerializeToString(),
+        0,
+        Invalidation(((b"mylock/", b"mylock0"),)),
+    ),
+    (
+        "v3lockpb.Lock",
+        "Unlock",
+        v3lock_pb2.UnlockRequest(key=b"mylock/1a").SerializeToString(),
+        0,
+        Invalidation(((b"mylock/1a", b""),)),
+    ),
+    (
+        "v3electionpb.Election",
+        "Campaign",
+        v3election_pb2.CampaignRequest(name=b"el", lease=26).SerializeToString(),
+        0,
+        Invalidation(((b"el/", b"el0"),)),
+    ),
+    (
+        "v3electionpb.Election",
+        "Resign",
+        v3election_pb2.ResignRequest(leader=v3election_pb2.LeaderKey(name=b"el", key=b"el/1a")).SerializeToString(),
+        0,
+        Invalidation(((b"el/1a", b""),)),
+    ),
+    ("etcdserverpb.KV", "Put", b"\xff\xff", 0, Invalidation(flush=True)),  # undecodable: be safe
     ("v3electionpb.Election", "Leader", b"", 0, None),
 ]
 
