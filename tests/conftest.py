@@ -26,7 +26,6 @@ from tests.helpers import (
     Stubs,
     connect,
     find_binary,
-    leftover_children,
     start_etcd,
     start_proxy,
 )
@@ -87,9 +86,9 @@ class ProxyLauncher:
             if died:
                 problems.append(f"proxy {proxy.endpoint} exited on its own with {proxy.proc.returncode}")
             proxy.stop()
-            left = leftover_children(proxy.proc.pid)
+            left = proxy.survivors
             if left:
-                problems.append(f"proxy {proxy.endpoint} left children {left}")
+                problems.append(f"proxy {proxy.endpoint} left children {left} running after it exited")
             if failed or died or left:
                 print(f"\n--- tail of {proxy.log_path} ---\n{proxy.log_tail()}")
         self.started.clear()
@@ -141,6 +140,8 @@ class SharedProxy:
         self.current: ProxyProcess | None = None
 
     def get(self) -> ProxyProcess:
+        if self.current is not None and not self.current.alive():
+            self.current.stop()  # reaps it and SIGKILLs children it left behind
         if self.current is None or not self.current.alive():
             self.current = self.launcher()
         return self.current
@@ -163,6 +164,7 @@ def shared_proxy(_shared_proxy_holder: SharedProxy, request: pytest.FixtureReque
     """
     proxy = _shared_proxy_holder.get()
     yield proxy
+    proxy.note_children()
     if not proxy.alive():
         print(f"\n--- tail of {proxy.log_path} ---\n{proxy.log_tail()}")
         pytest.fail(f"the shared proxy died during this test (exit code {proxy.proc.returncode})")

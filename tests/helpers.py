@@ -147,11 +147,24 @@ def _kill_if_same(pid: int, start_time: int, sig: int) -> bool:
 def stop_process(proc: subprocess.Popen[Any], grace: float = 10.0) -> int | None:
     """SIGTERM ``proc``, SIGKILL it after ``grace`` seconds, then SIGKILL any leftover children.
 
-    Children are recorded before the parent is signalled: once it exits they are re-parented
-    and can no longer be found through it. Returns the exit code of ``proc``.
+    Returns the exit code of ``proc``.
     """
-    kids = descendants(proc.pid) if proc.poll() is None else []
+    return stop_process_tree(proc, grace)[0]
+
+
+def stop_process_tree(
+    proc: subprocess.Popen[Any], grace: float = 10.0, known: Iterable[tuple[int, int]] = ()
+) -> tuple[int | None, list[int]]:
+    """Stop ``proc`` like ``stop_process``; also return the children that outlived it.
+
+    Children are recorded before the parent is signalled (once it exits they are re-parented
+    and can no longer be found through it), plus ``known`` ones (pid, start time) recorded
+    earlier. A child still running 2 s after the parent exited is a survivor: it is reported,
+    then SIGKILLed.
+    """
+    kids = set(known)
     if proc.poll() is None:
+        kids.update(descendants(proc.pid))
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
         try:
@@ -160,12 +173,15 @@ def stop_process(proc: subprocess.Popen[Any], grace: float = 10.0) -> int | None
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             proc.wait(timeout=10)
+    with contextlib.suppress(WaitTimeout):
+        wait_until(lambda: not any(_same_process(p, st) for p, st in kids), 2, "children to exit")
+    survivors = sorted(p for p, st in kids if _same_process(p, st))
     for pid, start in kids:
         _kill_if_same(pid, start, signal.SIGKILL)
     for pid, start in kids:
         with contextlib.suppress(WaitTimeout):
             wait_until(lambda p=pid, s=start: not _same_process(p, s), 5, f"child {pid} to exit")
-    return proc.returncode
+    return proc.returncode, survivors
 
 
 def leftover_children(pid: int) -> list[int]:
@@ -326,6 +342,9 @@ class ProxyProcess:
     args: list[str]
     proc: subprocess.Popen[bytes]
     extra: dict[str, Any] = field(default_factory=dict)
+    # (pid, start time) of the children seen while it ran; survivors: those that outlived it.
+    children: set[tuple[int, int]] = field(default_factory=set)
+    survivors: list[int] = field(default_factory=list)
 
     @property
     def endpoint(self) -> str:
@@ -337,8 +356,15 @@ class ProxyProcess:
     def log_tail(self, lines: int = 60) -> str:
         return log_tail(self.log_path, lines)
 
+    def note_children(self) -> None:
+        if self.alive():
+            self.children.update(descendants(self.proc.pid))
+
     def stop(self) -> int | None:
-        return stop_process(self.proc)
+        """SIGTERM, then SIGKILL; children that outlived the proxy end up in ``survivors``."""
+        code, survivors = stop_process_tree(self.proc, known=self.children)
+        self.survivors.extend(survivors)
+        return code
 
 
 def proxy_command(
@@ -418,6 +444,7 @@ def start_proxy(
             if proxy.alive():
                 with grpc.insecure_channel(proxy.endpoint) as ch:
                     grpc.channel_ready_future(ch).result(timeout=timeout)
+                proxy.note_children()
                 return proxy
         except (WaitTimeout, grpc.FutureTimeoutError) as exc:
             tail = proxy.log_tail()

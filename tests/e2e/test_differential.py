@@ -794,7 +794,7 @@ def test_lock_deadline_propagates(direct: Stubs, via_proxy: Stubs) -> None:
         err = rpc_error(lambda: via_proxy.lock.Lock(v3lock_pb2.LockRequest(name=name, lease=waiter_lease), timeout=1))
         elapsed = time.monotonic() - start
         assert err.code == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert 0.9 <= elapsed < 2.5, elapsed
+        assert 0.9 <= elapsed < 4, elapsed  # the client enforces its deadline too: the upstream check is below
         prefix = name + b"/"
 
         def lock_keys() -> list[bytes]:
