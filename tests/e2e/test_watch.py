@@ -151,6 +151,7 @@ class RawWatch:
         self.responses: queue.Queue[rpc_pb2.WatchResponse | BaseException | None] = queue.Queue()
         self.call = stubs.watch.Watch(self._requests(), metadata=metadata or None)
         self.ended: BaseException | None = None
+        self.log: list[dict[str, Any]] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
@@ -469,63 +470,102 @@ def stream_events_of(stubs: Stubs, key: bytes, revisions: list[int]) -> list[kv_
 # =========================================================================== scenario 22, 30, 48: rejections
 
 
-def rejection_run(stubs: Stubs, p: bytes, open_stream: Callable[..., RawWatch]) -> list[dict[str, Any]]:
-    """Invalid ranges, negative revision, duplicate and client-chosen ids, all on one stream."""
+def answers(stubs: Stubs, requests: list[rpc_pb2.WatchRequest], open_stream: Callable[..., RawWatch]) -> RawWatch:
+    """Send ``requests`` on a new stream, one at a time, recording each answer in ``stream.log``."""
     stream = open_stream(stubs)
-    out: list[dict[str, Any]] = []
-
-    def ask(request: rpc_pb2.WatchRequest) -> None:
+    for request in requests:
         stream.send(request)
+        try:
+            resp = stream.get(timeout=5)
+        except AssertionError as exc:
+            raise AssertionError(f"{stubs.name}: no answer to {request} after {stream.log}") from exc
+        stream.log.append(summary(resp))
+    return stream
+
+
+def relative_headers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Header revisions relative to the first answer's (the runs happen at different revisions)."""
+    base = rows[0]["header"][2]
+    return [
+        dict(r, header=(r["header"][0], r["header"][1], r["header"][2] - base)) if "header" in r else r for r in rows
+    ]
+
+
+def test_invalid_ranges_match_etcd(direct: Stubs, via_proxy: Stubs, streams: Callable[..., RawWatch]) -> None:
+    """22: (a,a) and (b,a) are created+canceled with id -1 (reason and header like etcd) and use
+    no watch id; (foo, "\x00") is accepted and then gets the first id."""
+    runs = {}
+    for stubs in (direct, via_proxy):
+        p = unique("range")
+        stream = answers(
+            stubs, [create(p + b"a", p + b"a"), create(p + b"b", p + b"a"), create(p + b"foo", b"\x00")], streams
+        )
+        rev = put(stubs, p + b"g")  # >= foo
         resp = stream.get()
-        out.append(summary(resp))
-
-    ask(create(p + b"a", p + b"a"))  # (a, a)
-    ask(create(p + b"b", p + b"a"))  # (b, a)
-    ask(create(p + b"k", start_revision=-1))  # negative start revision
-    ask(create(p + b"foo", b"\x00"))  # (foo, "\x00"): every key >= foo; gets id 0
-    ask(create(p + b"k", watch_id=7))  # client-chosen id
-    ask(create(p + b"k", watch_id=7))  # duplicate
-    ask(create(p + b"k"))  # auto: 1
-    ask(create(p + b"k", watch_id=2))
-    ask(create(p + b"k"))  # auto skips 2: 3
-    ask(create(p + b"k", watch_id=0))  # 0 is "auto": 4
-    ask(cancel(7))
-    ask(create(p + b"k", watch_id=7))  # free again
-    rev = put(stubs, p + b"k")
-    ids = set()
-    for _ in range(6):  # watch 0 ((foo, "\x00")) covers k too
-        resp = stream.get()
-        assert resp.header.revision == rev and len(resp.events) == 1, resp
-        ids.add(resp.watch_id)
-    out.append({"event ids": sorted(ids)})
-    stream.send(cancel(12345))  # unknown id: no answer, like etcd
-    stream.quiet()
-    return out
+        assert (resp.watch_id, resp.header.revision, len(resp.events)) == (stream.log[2]["watch_id"], rev, 1)
+        runs[stubs.name] = relative_headers(stream.log)
+    expected = runs["direct"]
+    assert [(r["watch_id"], r["created"], r["canceled"]) for r in expected] == [(-1, True, True)] * 2 + [
+        (0, True, False)
+    ]
+    assert runs["proxy"] == expected
 
 
-def test_rejections_and_watch_ids_match_etcd(direct: Stubs, via_proxy: Stubs, streams: Callable[..., RawWatch]) -> None:
-    """22, 30, 48: every answer (header, reason, ids) through the proxy equals etcd's own."""
-    p = unique("reject")
-    expected = rejection_run(direct, p + b"d/", streams)
-    got = rejection_run(via_proxy, p + b"d/", streams)  # same keys: the event bytes compare too
-    # the header revision moved by the put of the direct run: compare it relatively
-    base = expected[0]["header"][2]
-    for row in expected:
-        if "header" in row:
-            row["header"] = (row["header"][0], row["header"][1], row["header"][2] - base)
-    base = got[0]["header"][2]
-    for row in got:
-        if "header" in row:
-            row["header"] = (row["header"][0], row["header"][1], row["header"][2] - base)
-    assert got == expected
-    # spot checks of what etcd answers, so a regression in both is still visible
-    assert expected[0]["watch_id"] == -1 and expected[0]["created"] and expected[0]["canceled"]
-    assert expected[1]["watch_id"] == -1 and expected[1]["canceled"]
-    assert (expected[2]["watch_id"], expected[2]["cancel_reason"]) == (-1, COMPACTED)
-    assert (expected[3]["watch_id"], expected[3]["canceled"]) == (0, False)
-    assert (expected[4]["watch_id"], expected[5]["watch_id"], expected[5]["cancel_reason"]) == (7, -1, DUPLICATE)
-    assert [r["watch_id"] for r in expected[6:12]] == [1, 2, 3, 4, 7, 7]
-    assert expected[-1] == {"event ids": [0, 1, 2, 3, 4, 7]}
+def test_negative_start_revision_matches_etcd(
+    direct: Stubs, via_proxy: Stubs, streams: Callable[..., RawWatch]
+) -> None:
+    """30: a negative start revision is answered like etcd answers it. etcd >= 3.6 rejects it
+    (created+canceled, id -1, "required revision has been compacted"); etcd 3.5 accepts it."""
+    runs = {}
+    for stubs in (direct, via_proxy):
+        p = unique("negative")
+        stream = answers(stubs, [create(p + b"k", start_revision=-1), create(p + b"k")], streams)
+        runs[stubs.name] = relative_headers(stream.log)
+    expected = runs["direct"]
+    rejected = (-1, True, True, COMPACTED)
+    accepted = (0, True, False, "")
+    first = expected[0]
+    assert (first["watch_id"], first["created"], first["canceled"], first["cancel_reason"]) in (rejected, accepted)
+    assert runs["proxy"] == expected
+
+
+def test_client_chosen_watch_ids_match_etcd(direct: Stubs, via_proxy: Stubs, streams: Callable[..., RawWatch]) -> None:
+    """48: client-chosen ids are honoured, a duplicate is rejected with etcd's reason, 0 means
+    "next free id", a cancelled id can be reused, an unknown cancel gets no answer."""
+    runs = {}
+    for stubs in (direct, via_proxy):
+        p = unique("ids")
+        k = p + b"k"
+        stream = answers(
+            stubs,
+            [
+                create(k, watch_id=7),
+                create(k, watch_id=7),  # duplicate
+                create(k),  # auto: 0
+                create(k, watch_id=1),
+                create(k),  # auto skips 1: 2
+                create(k, watch_id=0),  # 0 is "auto": 3
+                cancel(7),
+                create(k, watch_id=7),  # free again
+            ],
+            streams,
+        )
+        rev = put(stubs, k)
+        ids = set()
+        for _ in range(5):
+            resp = stream.get()
+            assert resp.header.revision == rev and len(resp.events) == 1, resp
+            ids.add(resp.watch_id)
+        stream.log.append({"event ids": sorted(ids)})
+        stream.send(cancel(12345))  # unknown id: no answer, like etcd
+        stream.quiet()
+        runs[stubs.name] = relative_headers(stream.log)
+    expected = runs["direct"]
+    assert [r.get("watch_id") for r in expected[:8]] == [7, -1, 0, 1, 2, 3, 7, 7]
+    assert expected[1]["cancel_reason"] == DUPLICATE and expected[1]["created"] and expected[1]["canceled"]
+    assert expected[6]["canceled"] and not expected[6]["created"]
+    assert expected[-1] == {"event ids": [0, 1, 2, 3, 7]}
+    assert runs["proxy"] == expected
 
 
 def test_revision_0_and_1(aux_target: Stubs, streams: Callable[..., RawWatch]) -> None:
@@ -765,7 +805,7 @@ def compacted_watch(stubs: Stubs, key: bytes, open_stream: Callable[..., RawWatc
     assert [e.kv.mod_revision for e in stream.events_until(rev, again)] == [rev]
     for row in answers:  # runs on different keys and revisions
         row["header"] = row["header"][:2]
-        row["compact_revision"] = row["compact_revision"] - revs[2]
+        row["compact_revision"] = row["compact_revision"] and row["compact_revision"] - revs[2]
     return answers
 
 
@@ -776,7 +816,7 @@ def test_watch_from_compacted_revision(aux: Env, streams: Callable[..., RawWatch
     expected = compacted_watch(aux.direct, p + b"d", streams)
     got = compacted_watch(aux.via_proxy, p + b"p", streams)
     assert got == expected
-    assert expected[-1]["canceled"] and expected[-1]["compact_revision"] == 0  # relative to the compaction
+    assert expected[-1]["canceled"] and expected[-1]["compact_revision"] == 0  # = the compaction revision
 
 
 @pytest.mark.parametrize("which", ["direct", "proxy"])
@@ -955,35 +995,36 @@ def auth_env(etcd_bin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         yield env
 
 
-def auth_run(env: Env, stubs: Stubs, p: bytes, open_stream: Callable[..., RawWatch]) -> list[dict[str, Any]]:
-    reader = env.extra["token"]("reader", "readerpw")
-    root = token_md(env.extra["root"])
-    stream = open_stream(stubs, token_md(reader))
+@pytest.mark.parametrize("which", ["direct", "proxy"])
+def test_permission_denied_watch_keeps_stream(auth_env: Env, which: str, streams: Callable[..., RawWatch]) -> None:
+    """34 (TestV3AuthWatchErrorAndWatchId0): a denied watch is rejected (id -1, etcd's reason)
+    while watch 0 on the same stream keeps receiving; a token-less watch is rejected too."""
+    stubs = auth_env.stubs(which)
+    reader = auth_env.extra["token"]("reader", "readerpw")
+    root = token_md(auth_env.extra["root"])
+    p = unique("auth").replace(b"/watch-test/", b"/allowed/")
+    stream = streams(stubs, token_md(reader))
     allowed = stream.created(create(p + b"k")).watch_id
     assert allowed == 0
     stream.send(create(b"/secret/k"))
-    answers = [summary(stream.get())]
+    denied = stream.get()
+    assert denied.created and denied.canceled, denied
+    assert "etcdserver: permission denied" in denied.cancel_reason
+    if which == "direct" and denied.watch_id == 0:
+        pytest.xfail(
+            "etcd 3.5.1 answers the denied create with watch_id 0 (not -1) and watch 0 then stops receiving "
+            "(the bug TestV3AuthWatchErrorAndWatchId0 guards against, fixed in later etcd releases)"
+        )
+    assert denied.watch_id == -1
     rev = int(stubs.kv.Put(rpc_pb2.PutRequest(key=p + b"k", value=b"v"), metadata=root, timeout=T).header.revision)
     stubs.kv.Put(rpc_pb2.PutRequest(key=b"/secret/k", value=b"s"), metadata=root, timeout=T)
     assert [e.kv.mod_revision for e in stream.events_until(rev, allowed)] == [rev]
     stream.quiet()
-    anonymous = open_stream(stubs)  # no token at all
+    anonymous = streams(stubs)  # no token at all
     anonymous.send(create(p + b"k"))
-    answers.append(summary(anonymous.get()))
-    for row in answers:
-        row["header"] = row["header"][:2]
-    return answers
-
-
-def test_permission_denied_watch_keeps_stream(auth_env: Env, streams: Callable[..., RawWatch]) -> None:
-    """34: a denied watch is rejected (id -1, etcd's reason) while watch 0 on the same stream
-    keeps receiving; the answers through the proxy equal etcd's."""
-    p = unique("auth").replace(b"/watch-test/", b"/allowed/")
-    expected = auth_run(auth_env, auth_env.direct, p + b"d/", streams)
-    got = auth_run(auth_env, auth_env.via_proxy, p + b"p/", streams)
-    assert got == expected
-    assert [(r["watch_id"], r["created"], r["canceled"]) for r in expected] == [(-1, True, True)] * 2
-    assert expected[0]["cancel_reason"] == "etcdserver: permission denied"
+    resp = anonymous.get()
+    assert (resp.watch_id, resp.created, resp.canceled) == (-1, True, True), resp
+    assert resp.cancel_reason
 
 
 # =========================================================================== scenario 35
