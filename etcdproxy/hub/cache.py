@@ -17,6 +17,12 @@ upstream watch, so it tells all workers what became stale:
   it is back they flush and start again from its start revision. A watch that stays silent for
   ``STALL_S`` despite progress requests every ``PROGRESS_EVERY_S`` is treated as down, so the
   bound is never worse than ``STALL_S`` plus the watch latency.
+* etcd auth: the proxy has no credentials of its own, so it cannot learn about permission changes
+  made elsewhere. Hits are therefore served only while etcd answers a token-less AuthStatus
+  (auth off), probed every ``AUTH_PROBE_S`` and at once when a call carries a token. Entries are
+  keyed by token anyway, and Auth mutations through the proxy flush every cache.
+* Identical linearizable Ranges (same bytes and metadata) received before their shared upstream
+  request starts use that one request (``forward``).
 
 Shared state is mutated only from the hub's event loop.
 """
@@ -24,6 +30,7 @@ Shared state is mutated only from the hub's event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from dataclasses import dataclass
@@ -52,6 +59,9 @@ RANGE = by_name("etcdserverpb.KV", "Range")
 WHOLE_KEYSPACE = rpc_pb2.WatchRequest(
     create_request=rpc_pb2.WatchCreateRequest(key=b"\x00", range_end=b"\x00")
 ).SerializeToString()
+AUTH_STATUS_PATH = "/etcdserverpb.Auth/AuthStatus"
+AUTH_PROBE_S = 1.0
+AUTH_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 PROGRESS = rpc_pb2.WatchRequest(progress_request=rpc_pb2.WatchProgressRequest()).SerializeToString()
 
 
@@ -74,8 +84,11 @@ class SharedRange:
 class CacheHub:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
-        self.enabled = False  # workers may serve hits: the invalidation watch is established
+        self.enabled = False  # workers may serve hits: watching and auth known to be off
         self.revision = 0  # start revision of the current watch
+        self._watching = 0  # start revision of the established invalidation watch; 0: none
+        self._auth_on = True  # until the first probe says otherwise
+        self._probe_now = asyncio.Event()
         self._ack_ids = itertools.count(1)
         self._waiting: dict[int, tuple[set[bytes], asyncio.Future[None]]] = {}  # ack id -> (workers, done)
         self._call: Any = None
@@ -88,6 +101,7 @@ class CacheHub:
         hub.worker_gone.append(self._on_worker_gone)
         hub.closers.append(self.close)
         self._task = hub.loop.create_task(self._watch_loop())
+        self._prober = hub.loop.create_task(self._auth_probe_loop())
 
     # ---- worker messages -----------------------------------------------------------------
 
@@ -170,6 +184,8 @@ class CacheHub:
         leader yielded once (letting every call already received join): so the request etcd
         serves was sent after each caller's request arrived, and every answer is linearizable.
         """
+        if not self._auth_on and any(key == "token" for key, _ in message.metadata):
+            self._probe_now.set()  # a client with a token: auth may have been enabled elsewhere
         forwarder = self.hub.forwarder
         if method is not RANGE or _serializable(message.payload):
             return await forwarder.unary(method, message.payload, message.metadata, message.timeout_s)
@@ -199,6 +215,9 @@ class CacheHub:
 
     # ---- writes made elsewhere: the invalidation watch ---------------------------------------
 
+    def _update_state(self) -> None:
+        self._set_state(bool(self._watching) and not self._auth_on, self._watching)
+
     def _set_state(self, enabled: bool, revision: int) -> None:
         if enabled == self.enabled and revision == self.revision:
             return
@@ -219,7 +238,8 @@ class CacheHub:
             except Exception:  # a bug must not leave the cache serving without invalidations
                 log.exception("cache invalidation watch: unexpected error")
             finally:
-                self._set_state(False, 0)
+                self._watching = 0
+                self._update_state()
                 if self._call is not None:
                     self._call.cancel()
                     self._call = None
@@ -242,7 +262,8 @@ class CacheHub:
             self._refusal = reason
             return False
         self._refusal = ""
-        self._set_state(True, created.header.revision)
+        self._watching = max(created.header.revision, 1)
+        self._update_state()
         last_heard = loop.time()
 
         async def keep_alive() -> None:
@@ -275,7 +296,35 @@ class CacheHub:
         finally:
             pinger.cancel()
 
+    # ---- etcd auth: no hits while it is on ------------------------------------------------------
+
+    async def _auth_probe_loop(self) -> None:
+        """AuthStatus without a token every AUTH_PROBE_S (and at once when a call carries a token).
+
+        etcd answers it only while auth is off. With auth on the proxy has no credentials of its own,
+        so its watch could miss nothing but etcd would also not tell it about permission changes made
+        elsewhere; an anonymous watch opened earlier even survives AuthEnable. So the cache serves
+        only while auth is off: enabling auth anywhere stops hits within AUTH_PROBE_S.
+        """
+        call = self.hub.channel.unary_unary(AUTH_STATUS_PATH)
+        while True:
+            try:
+                await call(b"", timeout=AUTH_PROBE_S)
+                auth_on = False
+            except grpc.aio.AioRpcError as exc:
+                auth_on = exc.code() in AUTH_CODES or self._auth_on  # other failures: unknown, keep
+            if auth_on != self._auth_on:
+                log.info(
+                    "etcd auth is %s: range cache %s", "on" if auth_on else "off", "paused" if auth_on else "allowed"
+                )
+                self._auth_on = auth_on
+                self._update_state()
+            self._probe_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._probe_now.wait(), AUTH_PROBE_S)
+
     async def close(self) -> None:
+        self._prober.cancel()
         self._task.cancel()
         if self._call is not None:
             self._call.cancel()

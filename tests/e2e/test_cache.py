@@ -385,6 +385,11 @@ def test_auth_cached_answer_not_served_to_other_identity(
 
         alice, bob = token("alice", "a"), token("bob", "b")
         request = Range(key=b"/secret", serializable=True)
+        # etcd auth is on: the proxy cannot see permission changes made elsewhere, so no hits
+        before = etcd_ranges(fresh_etcd)
+        for _ in range(10):
+            stubs[0].kv.Range(request, metadata=token_md(alice), timeout=T)
+        assert etcd_ranges(fresh_etcd) - before >= 10
         for s in stubs:
             for _ in range(3):
                 assert s.kv.Range(request, metadata=token_md(alice), timeout=T).kvs[0].value == b"s3cr3t"
@@ -497,3 +502,34 @@ def test_write_during_hub_restart_is_not_served_stale(
                 assert got == [(key, b"new")], "a stale value was served long after the hub died"
             seen_new += got == [(key, b"new")]
     assert seen_new == len(readers)
+
+
+def test_auth_enabled_elsewhere_stops_hits(fresh_etcd: EtcdServer, proxy: Callable[..., ProxyProcess]) -> None:
+    """An anonymous cached answer is not served once auth is enabled directly on etcd (probe bound 1 s)."""
+    p = proxy(etcd=fresh_etcd, workers=2)
+    reader = stubs_on_own_connection(p.endpoint, 0)
+    admin = stubs_on_own_connection(fresh_etcd.endpoint, 1)
+    try:
+        admin.kv.Put(Put(key=b"/public", value=b"v"), timeout=T)
+        wait_cache_serving(reader, fresh_etcd)
+        assert values(sread(reader, b"/public")) == [(b"/public", b"v")]
+        au = admin.auth
+        au.UserAdd(rpc_pb2.AuthUserAddRequest(name="root", password="r"), timeout=T)
+        au.RoleAdd(rpc_pb2.AuthRoleAddRequest(name="root"), timeout=T)
+        au.UserGrantRole(rpc_pb2.AuthUserGrantRoleRequest(user="root", role="root"), timeout=T)
+        au.AuthEnable(rpc_pb2.AuthEnableRequest(), timeout=T)
+        enabled_at = time.monotonic()
+
+        def refused() -> bool:
+            try:
+                sread(reader, b"/public")
+            except grpc.RpcError as exc:
+                assert exc.details() == "etcdserver: user name is empty"
+                return True
+            return False
+
+        wait_until(refused, 5, "anonymous reads refused like etcd does")
+        print(f"auth enabled elsewhere: anonymous hits stopped after {time.monotonic() - enabled_at:.2f} s")
+    finally:
+        reader.close()
+        admin.close()
