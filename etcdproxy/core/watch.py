@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from etcdproxy.etcdpb import rpc_pb2
 
@@ -96,12 +97,22 @@ def fragments(events: Sequence[bytes], limit: int = FRAGMENT_LIMIT_BYTES) -> lis
     return runs
 
 
+def prepare(events: Iterable[Sequence[Any]]) -> list[tuple[int, bool, bytes, bytes]]:
+    """Hub WireEvents -> the same with both serializations framed as WatchResponse.events
+    fields, done once per batch and shared by every c-watcher of the worker."""
+    out = []
+    for revision, is_delete, with_prev, without_prev in events:
+        framed = event_field(with_prev)
+        out.append((revision, is_delete, framed, framed if without_prev == with_prev else event_field(without_prev)))
+    return out
+
+
 def valid_range(key: bytes, range_end: bytes) -> bool:
     """etcd accepts a single key, ``range_end == b"\\x00"`` (all keys >= key), or key < range_end."""
     return not range_end or range_end == b"\x00" or key < range_end
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class CWatcher:
     """One client watcher, owned by the worker serving its stream."""
 
@@ -117,8 +128,14 @@ class CWatcher:
     fragment: bool = False
     next_revision: int = 0  # 0 until the hub says where it starts
     sw_id: int = 0
+    requested_id: int = AUTO_WATCH_ID  # the client's watch_id; ``watch_id`` is -1 until released
+    ready: bool = False  # the hub answered the create (created, or rejected: see ``rejection``)
     created: bool = False  # the created response was queued for the client
     canceled: bool = False
+    # etcd's rejection of the create: (header, compact_revision, reason)
+    rejection: tuple[bytes, int, str] | None = None
+    # a cancel that arrived before the created response could be released, same shape
+    cancel_after: tuple[bytes, int, str] | None = None
     last_header: bytes = b""
     # event fields accepted but not yet written to the client, and the newest header
     pending: list[bytes] = field(default_factory=list)
@@ -127,10 +144,11 @@ class CWatcher:
     pending_progress: bool = False
 
     @classmethod
-    def from_request(cls, watch_id: int, wid: int, create: rpc_pb2.WatchCreateRequest) -> CWatcher:
+    def from_request(cls, wid: int, create: rpc_pb2.WatchCreateRequest) -> CWatcher:
         filters = set(create.filters)
         return cls(
-            watch_id=watch_id,
+            watch_id=INVALID_WATCH_ID,
+            requested_id=create.watch_id,
             wid=wid,
             key=create.key,
             range_end=create.range_end,
@@ -142,26 +160,26 @@ class CWatcher:
             fragment=create.fragment,
         )
 
-    def accept(self, events: Iterable[Sequence[object]]) -> int:
+    def accept(self, events: Iterable[Sequence[Any]]) -> int:
         """Queue the wanted events of one batch; returns how many bytes were queued.
 
-        ``events`` are hub WireEvents [mod_revision, is_delete, with_prev_kv, without_prev_kv]
-        in revision order. Events below next_revision were already delivered and are skipped;
-        next_revision then moves past the batch, so events of one revision are never split.
+        ``events`` are prepared once per batch by ``prepare`` ([mod_revision, is_delete,
+        field with prev_kv, field without]) in revision order. Events below next_revision were
+        delivered already and are skipped; next_revision then moves past the batch, so the
+        events of one revision are never split and replays never duplicate.
         """
         added = 0
         last = 0
-        for revision, is_delete, with_prev, without_prev in events:  # type: ignore[misc]
-            last = revision  # type: ignore[assignment]
-            if revision < self.next_revision:  # type: ignore[operator]
+        pending = self.pending
+        next_revision = self.next_revision
+        for revision, is_delete, with_prev, without_prev in events:
+            last = revision
+            if revision < next_revision or (self.nodelete if is_delete else self.noput):
                 continue
-            if self.nodelete if is_delete else self.noput:
-                continue
-            data: bytes = with_prev if self.prev_kv else without_prev  # type: ignore[assignment]
-            field_bytes = event_field(data)
-            self.pending.append(field_bytes)
-            added += len(field_bytes)
-        if last >= self.next_revision:
+            data = with_prev if self.prev_kv else without_prev
+            pending.append(data)
+            added += len(data)
+        if last >= next_revision:
             self.next_revision = last + 1
         self.pending_bytes += added
         return added

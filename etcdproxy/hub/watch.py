@@ -366,13 +366,15 @@ class WatchHub:
         finally:
             probe.running = False
 
-    def _join_at(self, worker: WorkerState, create: s.WatchCreate, group: Group, start: int, header: bytes) -> None:
+    def _join_at(
+        self, worker: WorkerState, create: s.WatchCreate, group: Group, start: int, header: bytes, wait: bool = True
+    ) -> None:
         siblings = self.by_range.get((group, create.key, create.range_end), [])
         for broadcast in siblings:
             if broadcast.can_join(start):
                 self._admit(worker, create, broadcast, start, header)
                 return
-        for broadcast in siblings:
+        for broadcast in siblings if wait else ():
             if broadcast.can_wait_for(start):
                 self._admit(worker, create, broadcast, start, header)
                 return
@@ -449,8 +451,10 @@ class WatchHub:
         floor = broadcast.floor or 0
         for receiver in waiting:
             identity, wid = receiver
-            start = broadcast.receivers.get(receiver, 0) or floor
-            if start < floor:
+            start = broadcast.receivers.get(receiver, 0)
+            if start <= 0:  # "from now" (etcd 3.5 also treats a negative start revision so)
+                start = floor
+            elif start < floor:
                 # it waited for this create but etcd started the watch later than it needs
                 del broadcast.receivers[receiver]
                 self._rehome(stream.group, broadcast, receiver, start, join_headers.get(receiver, header))
@@ -468,7 +472,7 @@ class WatchHub:
             self.receiver_of.pop(receiver, None)
             return
         create = s.WatchCreate(self.hub.epoch, wid, old.key, old.range_end, start, [], False)
-        self._join_at(worker, create, group, start, header)
+        self._join_at(worker, create, group, start, header, wait=False)  # never wait twice
 
     def on_events(self, broadcast: Broadcast, header: bytes, events: list[s.WireEvent]) -> None:
         broadcast.on_events(events)

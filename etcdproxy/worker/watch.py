@@ -30,6 +30,7 @@ from etcdproxy.core.watch import (
     INVALID_WATCH_ID,
     CWatcher,
     encode_response,
+    prepare,
 )
 from etcdproxy.etcdpb import rpc_pb2
 from etcdproxy.ipc import schema as s
@@ -277,13 +278,14 @@ class WatchService:
                 if watcher.progress_notify and not message.progress_only:
                     self._deliver(stream, watcher, message.header, [], True)
             return
+        prepared = prepare(events)
         for stream, watcher in list(members.values()):
-            self._deliver(stream, watcher, message.header, events, False)
+            self._deliver(stream, watcher, message.header, prepared, False)
 
     def on_replay(self, message: s.WatchReplay) -> None:
         entry = self.by_wid.get(message.wid)
         if entry is not None:
-            self._deliver(entry[0], entry[1], message.header or self.last_header, message.events, False)
+            self._deliver(entry[0], entry[1], message.header or self.last_header, prepare(message.events), False)
 
     def on_progress(self, message: s.WatchProgress) -> None:
         stream = self.progress_waiters.pop(message.req_id, None)

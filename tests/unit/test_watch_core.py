@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from etcdproxy.core.broadcast import HISTORY_EVENTS, Broadcast
-from etcdproxy.core.watch import CWatcher, encode_response, event_field, fragments, valid_range, varint
+from etcdproxy.core.watch import CWatcher, encode_response, event_field, fragments, prepare, valid_range, varint
 from etcdproxy.etcdpb import kv_pb2, rpc_pb2
 
 
@@ -96,7 +96,7 @@ CASES = [
 def test_cwatcher_accept(settings: dict[str, object], batches: list[list[int]], expected: list[int]) -> None:
     w = watcher(**settings)
     for batch in batches:
-        w.accept([event(abs(r), delete=r < 0) for r in batch])
+        w.accept(prepare([event(abs(r), delete=r < 0) for r in batch]))
     w.pending_header = HEADER
     delivered = []
     for data in w.take_responses():
@@ -112,7 +112,7 @@ def test_cwatcher_accept(settings: dict[str, object], batches: list[list[int]], 
 @pytest.mark.parametrize("prev_kv", [True, False])
 def test_prev_kv_only_when_asked(prev_kv: bool) -> None:
     w = watcher(next_revision=1, prev_kv=prev_kv)
-    w.accept([event(2)])
+    w.accept(prepare([event(2)]))
     (data,) = w.take_responses()
     assert rpc_pb2.WatchResponse.FromString(data).events[0].HasField("prev_kv") is prev_kv
 
