@@ -208,7 +208,10 @@ def test_txn_interactive(ctl_direct: Ctl, ctl_proxy: Ctl) -> None:
     assert out[2] == "<P>k\nfailed\n"
 
 
-def test_compaction(ctl_direct: Ctl, ctl_proxy: Ctl) -> None:
+def test_compaction(etcdctl_bin: str, fresh_etcd: EtcdServer, proxy: Callable[..., ProxyProcess]) -> None:
+    # A private etcd: compacting the shared one would break later tests reading old revisions.
+    ctl_direct = Ctl(etcdctl_bin, fresh_etcd.endpoint)
+    ctl_proxy = Ctl(etcdctl_bin, proxy(etcd=fresh_etcd).endpoint)
     key = f"cmp-{uuid.uuid4().hex[:8]}"
     ctl_proxy.out("put", key, "old")
     old = revision(ctl_proxy, key)
