@@ -6,9 +6,11 @@ load a writer naturally batches: it builds a c-watcher's response at write time 
 event pending for it (etcd also batches revisions into one response).
 
 Shared state (``by_wid``, ``by_sw``, each stream's tables) is mutated only on the worker's
-event loop. Invariants: a client sees ``created`` before any event of a watch, and after a
-hub restart every created c-watcher is re-registered from ``next_revision`` (resume=True),
-so clients see neither a gap, nor a duplicate, nor a second created response.
+event loop. Invariants: a client sees ``created`` before any event of a watch; answers to
+creates leave in request order and watch ids are allocated at that moment (so ids and
+rejections match etcd's exactly); after a hub restart every c-watcher the hub had created is
+re-registered from ``next_revision`` (resume=True), so clients see neither a gap, nor a
+duplicate, nor a second created response.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ class WatchStream:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     buffered: int = 0
     end: errors.EtcdError | None = None
+    # creates (CWatcher) and cancels (watch id) in request order: etcd answers creates in
+    # order and numbers auto ids in order, so answers are released from the head only
+    fifo: deque[CWatcher | int] = field(default_factory=deque)
 
     def allocate_id(self, requested: int) -> int | None:
         """etcd's rule: 0 picks the next free id, any other id is used unless taken."""
@@ -121,7 +126,8 @@ class WatchService:
                 await stream.wake.wait()
         finally:
             reader.cancel()
-            for watcher in list(stream.watchers.values()):
+            waiting = [w for w in stream.fifo if isinstance(w, CWatcher)]
+            for watcher in list(stream.watchers.values()) + waiting:
                 self._forget(stream, watcher, tell_hub=True)
 
     async def _read(self, requests: AsyncIterator[bytes], stream: WatchStream) -> None:
@@ -151,25 +157,72 @@ class WatchService:
             self.hub.send(build(self.hub.epoch))
 
     def _create(self, stream: WatchStream, create: rpc_pb2.WatchCreateRequest) -> None:
-        watch_id = stream.allocate_id(create.watch_id)
-        if watch_id is None:
-            stream.push(
-                encode_response(
-                    INVALID_WATCH_ID, self.last_header, created=True, canceled=True, cancel_reason=DUPLICATE_WATCH_ID
-                )
-            )
-            return
-        watcher = CWatcher.from_request(watch_id, next(self._wids), create)
-        stream.watchers[watch_id] = watcher
+        watcher = CWatcher.from_request(next(self._wids), create)
+        stream.fifo.append(watcher)
         self.by_wid[watcher.wid] = (stream, watcher)
         self._send_when_up(lambda e: self._create_message(e, stream, watcher))
 
     def _create_message(self, epoch: int, stream: WatchStream, watcher: CWatcher) -> s.WatchCreate:
-        resume = watcher.created
+        # a c-watcher a hub already created resumes where it stands: no gap, no second created
+        resume = watcher.next_revision > 0
         start = watcher.next_revision if resume else watcher.start_revision
         return s.WatchCreate(epoch, watcher.wid, watcher.key, watcher.range_end, start, stream.metadata, resume)
 
+    def _release(self, stream: WatchStream) -> None:
+        """Answer, in request order, every create whose outcome is known (etcd's ordering)."""
+        while stream.fifo:
+            head = stream.fifo[0]
+            if isinstance(head, int):
+                stream.fifo.popleft()
+                self._cancel_now(stream, head)
+                continue
+            if not head.ready:
+                return
+            stream.fifo.popleft()
+            if head.rejection is not None:
+                header, compact_revision, reason = head.rejection
+                self._forget(stream, head, tell_hub=False)
+                stream.push(
+                    encode_response(
+                        INVALID_WATCH_ID,
+                        header or self.last_header,
+                        created=True,
+                        canceled=True,
+                        compact_revision=compact_revision,
+                        cancel_reason=reason,
+                    )
+                )
+                continue
+            watch_id = stream.allocate_id(head.requested_id)
+            if watch_id is None:
+                self._forget(stream, head, tell_hub=True)
+                stream.push(
+                    encode_response(
+                        INVALID_WATCH_ID,
+                        self.last_header,
+                        created=True,
+                        canceled=True,
+                        cancel_reason=DUPLICATE_WATCH_ID,
+                    )
+                )
+                continue
+            head.watch_id = watch_id
+            head.created = True
+            stream.watchers[watch_id] = head
+            stream.push(encode_response(watch_id, head.last_header or self.last_header, created=True))
+            if head.pending or head.pending_progress:
+                stream.dirty[watch_id] = head
+            if head.cancel_after is not None:
+                self._cancel_from_hub(stream, head, *head.cancel_after, created=False)
+
     def _cancel(self, stream: WatchStream, watch_id: int) -> None:
+        if stream.fifo:  # after the creates before it, like etcd
+            stream.fifo.append(watch_id)
+            self._release(stream)
+        else:
+            self._cancel_now(stream, watch_id)
+
+    def _cancel_now(self, stream: WatchStream, watch_id: int) -> None:
         watcher = stream.watchers.get(watch_id)
         if watcher is None:
             return  # unknown id: etcd does not answer either
@@ -179,9 +232,14 @@ class WatchService:
 
     def _forget(self, stream: WatchStream, watcher: CWatcher, tell_hub: bool) -> None:
         watcher.canceled = True
-        stream.watchers.pop(watcher.watch_id, None)
-        if stream.dirty.pop(watcher.watch_id, None) is not None:
+        if watcher.created:
+            stream.watchers.pop(watcher.watch_id, None)
+            if stream.dirty.pop(watcher.watch_id, None) is not None:
+                stream.buffered -= watcher.pending_bytes
+        else:
             stream.buffered -= watcher.pending_bytes
+            if watcher in stream.fifo:
+                stream.fifo.remove(watcher)
         self.by_wid.pop(watcher.wid, None)
         if watcher.sw_id:
             members = self.by_sw.get(watcher.sw_id)
@@ -201,13 +259,13 @@ class WatchService:
         stream, watcher = entry
         if message.header:
             self.last_header = message.header
+            watcher.last_header = message.header
         watcher.sw_id = message.sw_id
         self.by_sw.setdefault(message.sw_id, {})[watcher.wid] = entry
         watcher.next_revision = max(watcher.next_revision, message.next_revision)
-        watcher.last_header = message.header or watcher.last_header
-        if not watcher.created:
-            watcher.created = True
-            stream.push(encode_response(watcher.watch_id, message.header or self.last_header, created=True))
+        if not watcher.ready:
+            watcher.ready = True
+            self._release(stream)
 
     def on_canceled(self, message: s.WatchCanceled) -> None:
         if message.header:
@@ -221,31 +279,32 @@ class WatchService:
             if message.reason == NO_LEADER and stream.require_leader:
                 self._end(stream, errors.NO_LEADER)
                 continue
-            stream.flush(watcher)
-            self._forget(stream, watcher, tell_hub=False)
-            header = message.header or watcher.last_header or self.last_header
-            if message.created and not watcher.created:
-                # etcd's rejection of a create: id -1, created and canceled at once
-                stream.push(
-                    encode_response(
-                        INVALID_WATCH_ID,
-                        header,
-                        created=True,
-                        canceled=True,
-                        compact_revision=message.compact_revision,
-                        cancel_reason=message.reason,
-                    )
-                )
-            else:
-                stream.push(
-                    encode_response(
-                        watcher.watch_id,
-                        header,
-                        canceled=True,
-                        compact_revision=message.compact_revision,
-                        cancel_reason=message.reason,
-                    )
-                )
+            self._cancel_from_hub(
+                stream, watcher, message.header, message.compact_revision, message.reason, message.created
+            )
+
+    def _cancel_from_hub(
+        self, stream: WatchStream, watcher: CWatcher, header: bytes, compact_revision: int, reason: str, created: bool
+    ) -> None:
+        if not watcher.created:
+            if created and not watcher.ready:  # etcd rejected the create: answered in order
+                watcher.ready = True
+                watcher.rejection = (header, compact_revision, reason)
+            else:  # created by the hub, then cancelled, before its created answer was released
+                watcher.cancel_after = (header, compact_revision, reason)
+            self._release(stream)
+            return
+        stream.flush(watcher)
+        self._forget(stream, watcher, tell_hub=False)
+        stream.push(
+            encode_response(
+                watcher.watch_id,
+                header or watcher.last_header or self.last_header,
+                canceled=True,
+                compact_revision=compact_revision,
+                cancel_reason=reason,
+            )
+        )
 
     def _deliver(
         self, stream: WatchStream, watcher: CWatcher, header: bytes, events: list[Any], progress: bool
@@ -260,7 +319,8 @@ class WatchService:
         else:
             watcher.pending_progress = True
         watcher.pending_header = header
-        stream.dirty[watcher.watch_id] = watcher
+        if watcher.created:  # else its events wait until its created answer is released
+            stream.dirty[watcher.watch_id] = watcher
         if stream.buffered > SLOW_STREAM_BYTES:
             self._cancel_slow(stream)
         stream.wake.set()
@@ -299,14 +359,18 @@ class WatchService:
     def _cancel_slow(self, stream: WatchStream) -> None:
         reason = SLOW_REASON.format(SLOW_STREAM_BYTES)
         log.warning("cancelling the watches of a client that does not read (%d bytes buffered)", stream.buffered)
-        for watcher in list(stream.watchers.values()):
-            self._forget(stream, watcher, tell_hub=True)
+        for watcher in list(stream.watchers.values()) + [w for w in stream.fifo if isinstance(w, CWatcher)]:
             watcher.pending.clear()
-            stream.push(
-                encode_response(
-                    watcher.watch_id, watcher.last_header or self.last_header, canceled=True, cancel_reason=reason
+            watcher.pending_bytes = 0
+            if watcher.created:
+                self._forget(stream, watcher, tell_hub=True)
+                stream.push(
+                    encode_response(
+                        watcher.watch_id, watcher.last_header or self.last_header, canceled=True, cancel_reason=reason
+                    )
                 )
-            )
+            else:
+                watcher.cancel_after = (watcher.last_header, 0, reason)
         stream.buffered = 0
 
     # ---- hub restarts --------------------------------------------------------------------
@@ -324,13 +388,5 @@ class WatchService:
     def on_gap(self) -> None:
         """A lost hub message may have carried events: end every watch with a reason."""
         for stream, watcher in list(self.by_wid.values()):
-            stream.flush(watcher)
-            self._forget(stream, watcher, tell_hub=True)
-            stream.push(
-                encode_response(
-                    watcher.watch_id,
-                    watcher.last_header or self.last_header,
-                    canceled=True,
-                    cancel_reason=errors.HUB_GAP.message,
-                )
-            )
+            self.hub.send(s.WatchCancel(self.hub.epoch, watcher.wid))
+            self._cancel_from_hub(stream, watcher, b"", 0, errors.HUB_GAP.message, created=not watcher.ready)
