@@ -108,9 +108,6 @@ class ConfigError(ValueError):
 NOT_IMPLEMENTED: dict[str, str] = {
     "discovery_srv": "issue 8",
     "endpoints_auto_sync_interval_s": "issue 8",
-    "resolver_prefix": "issue 7",
-    "resolver_ttl_s": "issue 7",
-    "namespace": "issue 7",
     "enable_pprof": "Python has no pprof; profile the processes with py-spy instead",
     # proxy -> etcd TLS
     "cert": "TLS, issue 8",

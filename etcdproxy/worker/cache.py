@@ -32,6 +32,7 @@ from etcdproxy.config import Config
 from etcdproxy.core import errors, wire
 from etcdproxy.core.cache import CacheKey, RangeCache, Ticket, to_interval
 from etcdproxy.core.methods import by_name
+from etcdproxy.core.namespace import Namespace, Refused
 from etcdproxy.etcdpb import rpc_pb2
 from etcdproxy.ipc import schema as s
 from etcdproxy.worker.handlers import abort, forwarded_metadata
@@ -52,8 +53,11 @@ def identity_of(metadata: s.Metadata) -> str:
 
 
 class RangeService:
-    def __init__(self, hub: HubClient, config: Config) -> None:
+    def __init__(self, hub: HubClient, config: Config, namespace: Namespace | None = None) -> None:
         self.hub = hub
+        # --namespace: entries are found by the client's request bytes but indexed by intervals in
+        # etcd's key space (where invalidations live), and store client-visible (stripped) answers
+        self.namespace = namespace
         # off until the hub says its invalidation watch is up (CacheState)
         self.cache = RangeCache(config.cache_max_entries, config.cache_max_bytes, enabled=False)
         # serializable misses in flight: key -> (ticket, interval, answer or None if abandoned)
@@ -115,6 +119,15 @@ class RangeService:
         message, problem = wire.parse(rpc_pb2.RangeRequest, request)
         if problem is not None:
             await abort(context, errors.unmarshal_error(problem))
+        upstream, forward = message, request  # what etcd gets; the cache key stays the client's bytes
+        if self.namespace is not None:
+            upstream = rpc_pb2.RangeRequest()
+            upstream.CopyFrom(message)
+            try:
+                self.namespace.range_request(upstream)
+            except Refused as refused:
+                await abort(context, refused.error)
+            forward = upstream.SerializeToString()
         serializable = message.serializable
         if serializable:
             compacted = cache.compacted_error(message.revision)
@@ -127,8 +140,8 @@ class RangeService:
             message.serializable = True
             key = message.SerializeToString()
         cache_key = (identity, key)
-        interval = to_interval(message.key, message.range_end)
-        code, body = await self._fetch(request, metadata, context, cache_key, interval, serializable, message)
+        interval = to_interval(upstream.key, upstream.range_end)
+        code, body = await self._fetch(forward, metadata, context, cache_key, interval, serializable, upstream)
         if code == 0:
             return body  # type: ignore[return-value]
         await context.abort(errors.CODES[code], str(body))
@@ -165,6 +178,9 @@ class RangeService:
                 self.hub.cancel(req_id)
                 raise
             code, body = answer
+            if code == 0 and isinstance(body, bytes) and self.namespace is not None:
+                body = self.namespace.response(RANGE.path, body)
+                answer = (code, body)
             if code == 0 and isinstance(body, bytes):
                 cache.fill(ticket, cache_key[0], cache_key[1], message.key, message.range_end, message.revision, body)
             return answer

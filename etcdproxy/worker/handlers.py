@@ -16,6 +16,7 @@ import grpc
 
 from etcdproxy.core import errors, wire
 from etcdproxy.core.methods import METHODS, Method, Shape
+from etcdproxy.core.namespace import Namespace, Refused
 from etcdproxy.ipc.schema import Metadata
 from etcdproxy.worker.hubclient import HubClient, StreamState
 from etcdproxy.worker.instrument import instrument
@@ -39,8 +40,10 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], error: errors.EtcdE
 
 
 class Handlers:
-    def __init__(self, hub: HubClient) -> None:
+    def __init__(self, hub: HubClient, namespace: Namespace | None = None) -> None:
         self.hub = hub
+        # --namespace: requests are rewritten (or refused) before the hub, responses after
+        self.namespace = namespace
         # Methods served by a dedicated component instead of plain forwarding (path -> handler).
         self.overrides: dict[str, grpc.RpcMethodHandler] = {}
 
@@ -73,11 +76,14 @@ class Handlers:
     def _unary_for(self, method: Method) -> Callable[[bytes, Any], Awaitable[bytes]]:
         request_class = method.request
         hub = self.hub
+        namespace = self.namespace
 
         async def unary(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
             _, problem = wire.parse(request_class, request)
             if problem is not None:
                 await abort(context, errors.unmarshal_error(problem))
+            if namespace is not None:
+                request = await self._to_etcd(namespace, method, request, context)
             req_id, future = hub.call(method, request, forwarded_metadata(context), context.time_remaining())
             try:
                 code, body = await future
@@ -85,11 +91,22 @@ class Handlers:
                 hub.cancel(req_id)
                 raise
             if code == 0:
+                if namespace is not None:
+                    return namespace.response(method.path, body)  # type: ignore[arg-type]
                 return body  # type: ignore[return-value]
             await context.abort(errors.CODES[code], str(body))
             raise AssertionError("unreachable")
 
         return unary
+
+    async def _to_etcd(
+        self, namespace: Namespace, method: Method, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bytes:
+        try:
+            return namespace.request(method.path, request)
+        except Refused as refused:
+            await abort(context, refused.error)
+            raise AssertionError("unreachable") from None
 
     # ---- streams -------------------------------------------------------------------------
 
@@ -112,16 +129,19 @@ class Handlers:
     def _server_stream_for(self, method: Method) -> Callable[[bytes, Any], AsyncIterator[bytes]]:
         request_class = method.request
         hub = self.hub
+        namespace = self.namespace
 
         async def server_stream(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
             _, problem = wire.parse(request_class, request)
             if problem is not None:
                 await abort(context, errors.unmarshal_error(problem))
+            if namespace is not None:  # Observe is rewritten, Snapshot refused
+                request = await self._to_etcd(namespace, method, request, context)
             req_id, state = hub.open_stream(method, forwarded_metadata(context))
             try:
                 hub.stream_send(req_id, request)
                 async for message in self._relay(req_id, state, context):
-                    yield message
+                    yield message if namespace is None else namespace.response(method.path, message)
             finally:
                 hub.cancel(req_id)
 

@@ -22,6 +22,7 @@ from etcdproxy.worker.handlers import Handlers
 from etcdproxy.worker.hubclient import HubClient
 from etcdproxy.worker.instrument import report_loop
 from etcdproxy.worker.lease import LeaseServicer
+from etcdproxy.worker.namespace import LeaseRevokeGuard, namespace_of
 from etcdproxy.worker.watch import WatchService
 
 log = logging.getLogger(__name__)
@@ -51,12 +52,15 @@ async def serve(config: Config, spec: proc.ChildSpec) -> int:
     loop = asyncio.get_running_loop()
     hub = HubClient(proc.hub_endpoint(spec.run_dir), spec.index, loop)
     server = grpc.aio.server(options=server_options(config))
-    handlers = Handlers(hub)
-    handlers.overrides["/etcdserverpb.Watch/Watch"] = WatchService(hub).handler()
+    namespace = namespace_of(config)  # --namespace: see docs/namespace.md
+    handlers = Handlers(hub, namespace)
+    handlers.overrides["/etcdserverpb.Watch/Watch"] = WatchService(hub, namespace).handler()
+    if namespace is not None:
+        handlers.overrides["/etcdserverpb.Lease/LeaseRevoke"] = LeaseRevokeGuard(hub, namespace).handler()
     leases = LeaseServicer(hub)
     handlers.overrides["/etcdserverpb.Lease/LeaseKeepAlive"] = leases.handler()
     if config.cache:
-        handlers.overrides["/etcdserverpb.KV/Range"] = RangeService(hub, config).handler()
+        handlers.overrides["/etcdserverpb.KV/Range"] = RangeService(hub, config, namespace).handler()
     server.add_generic_rpc_handlers(handlers.generic_handlers())
     try:
         port = server.add_insecure_port(config.listen_addr)

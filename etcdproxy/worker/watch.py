@@ -38,6 +38,7 @@ from etcdproxy.etcdpb import rpc_pb2
 from etcdproxy.ipc import schema as s
 from etcdproxy.worker.handlers import forwarded_metadata
 from etcdproxy.worker.hubclient import HubClient
+from etcdproxy.worker.namespace import Namespace, client_view
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,9 @@ class WatchStream:
 
 
 class WatchService:
-    def __init__(self, hub: HubClient) -> None:
+    def __init__(self, hub: HubClient, namespace: Namespace | None = None) -> None:
         self.hub = hub
+        self.namespace = namespace
         self._wids = itertools.count(1)
         self.by_wid: dict[int, tuple[WatchStream, CWatcher]] = {}
         self.by_sw: dict[int, dict[int, tuple[WatchStream, CWatcher]]] = {}
@@ -97,6 +99,9 @@ class WatchService:
         hub.handlers[s.Kind.WATCH_EVENTS] = self.on_events
         hub.handlers[s.Kind.WATCH_REPLAY] = self.on_replay
         hub.handlers[s.Kind.WATCH_PROGRESS] = self.on_progress
+        if namespace is not None:  # --namespace: event keys stripped once per hub batch
+            hub.handlers[s.Kind.WATCH_EVENTS] = lambda m: self.on_events(client_view(namespace, m))
+            hub.handlers[s.Kind.WATCH_REPLAY] = lambda m: self.on_replay(client_view(namespace, m))
         hub.on_new_epoch.append(self.on_new_epoch)
         hub.on_gap.append(self.on_gap)
 
@@ -139,6 +144,8 @@ class WatchService:
                 return
             which = request.WhichOneof("request_union")
             if which == "create_request":
+                if self.namespace is not None:  # the hub and etcd only see etcd's key space
+                    self.namespace.watch_create(request.create_request)
                 self._create(stream, request.create_request)
             elif which == "cancel_request":
                 self._cancel(stream, request.cancel_request.watch_id)

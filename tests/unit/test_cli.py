@@ -492,7 +492,7 @@ def test_go_validation_accepts(args: list[str]) -> None:
 
 
 def test_validation_wins_over_not_implemented(main_exit: Any) -> None:
-    # --resolver-prefix is not implemented, but Go's own complaint about it comes first
+    # Go's own complaint comes first
     code, _, err, _ = main_exit(["--resolver-prefix=/p", "--namespace=/ns"])
     assert code == 1
     assert err == "invalid resolver-ttl 0\n"
@@ -597,9 +597,9 @@ def test_pprof_refusal_points_to_py_spy() -> None:
 
 
 def test_every_unimplemented_flag_is_reported_at_once() -> None:
-    config = dataclasses.replace(Config(), namespace="/n", cert="c", auto_tls=True)
+    config = dataclasses.replace(Config(), cert="c", auto_tls=True)
     messages = unimplemented(config)
-    assert [m.split()[0] for m in messages] == ["--namespace", "--cert", "--auto-tls"]
+    assert [m.split()[0] for m in messages] == ["--cert", "--auto-tls"]
 
 
 @pytest.mark.parametrize(
