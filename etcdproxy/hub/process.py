@@ -25,6 +25,7 @@ from etcdproxy import proc, upstream
 from etcdproxy.config import Config
 from etcdproxy.core.cluster import proxy_member_list
 from etcdproxy.core.methods import METHODS, Method, Shape, by_name
+from etcdproxy.etcdpb import rpc_pb2
 from etcdproxy.hub.cache import CacheHub
 from etcdproxy.hub.forward import OK, Forwarder, UpstreamStream
 from etcdproxy.hub.http import MetricsServer
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 # and streams are cancelled so upstream resources are released.
 WORKER_SILENCE_S = 5.0
 MEMBER_LIST = by_name("etcdserverpb.Cluster", "MemberList")
+COMPACT = by_name("etcdserverpb.KV", "Compact")
 
 
 @dataclass(slots=True)
@@ -193,6 +195,8 @@ class Hub:
                 code, body = await self.forwarder.unary(method, message.payload, message.metadata, message.timeout_s)
             if self.cache is not None:  # every worker drops what the call changed before the reply
                 await self.cache.after_call(worker, method, message.payload, code, body)
+            if method is COMPACT and code == OK:  # history below it is gone upstream: no joins there
+                self.watches.note_compaction(rpc_pb2.CompactionRequest.FromString(message.payload).revision)
         except asyncio.CancelledError:
             if self.cache is not None:
                 self.cache.after_cancel(method, message.payload)

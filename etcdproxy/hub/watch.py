@@ -233,6 +233,10 @@ class WatchHub:
         self.receiver_of: dict[Receiver, int] = {}  # c-watcher -> sw id
         self.probes: dict[Group, Probe] = {}
         self.workers: dict[bytes, WorkerState] = {}
+        # highest compaction revision seen (Compact through this proxy, or a watch cancelled
+        # for compaction): a start below it is not served from history but sent to etcd,
+        # which refuses it exactly as it would directly
+        self.compact_revision = 0
         self._ids = itertools.count(1)
         self._progress_task = hub.loop.create_task(self._progress_loop())
         hub.register(s.Kind.WATCH_CREATE, self.on_watch_create)
@@ -312,6 +316,12 @@ class WatchHub:
             if replay:
                 self._send(identity, lambda e, q: s.WatchReplay(e, q, wid, header, replay))
 
+    def note_compaction(self, revision: int) -> None:
+        self.compact_revision = max(self.compact_revision, revision)
+
+    def _joinable(self, broadcast: Broadcast, start: int) -> bool:
+        return start >= self.compact_revision and broadcast.can_join(start)
+
     # ---- worker requests -----------------------------------------------------------------
 
     def on_watch_create(self, worker: WorkerState, create: s.WatchCreate) -> None:
@@ -321,7 +331,7 @@ class WatchHub:
         start = create.start_revision
         if start > 0:
             for broadcast in siblings:
-                if broadcast.can_join(start):
+                if self._joinable(broadcast, start):
                     self._admit(worker, create, broadcast, start, self.streams[group].last_header)
                     return
             self._admit(worker, create, self._new_broadcast(group, create, start), start, b"")
@@ -371,7 +381,7 @@ class WatchHub:
     ) -> None:
         siblings = self.by_range.get((group, create.key, create.range_end), [])
         for broadcast in siblings:
-            if broadcast.can_join(start):
+            if self._joinable(broadcast, start):
                 self._admit(worker, create, broadcast, start, header)
                 return
         for broadcast in siblings if wait else ():
@@ -502,6 +512,8 @@ class WatchHub:
     def on_canceled(self, broadcast: Broadcast, header: bytes, compact_revision: int, reason: str) -> None:
         """etcd ended an s-watcher (compaction, or a cancel with a reason): tell every c-watcher."""
         sw_id = broadcast.sw_id
+        if compact_revision:
+            self.note_compaction(compact_revision)
         self._remove_broadcast(broadcast)
         waiting = set(broadcast.waiting)
         # not created yet: those c-watchers are known to their worker only by wid
