@@ -23,10 +23,10 @@ import zmq
 
 from etcdproxy import proc, upstream
 from etcdproxy.config import Config
-from etcdproxy.core.cluster import proxy_member_list
 from etcdproxy.core.methods import METHODS, Method, Shape, by_name
 from etcdproxy.etcdpb import rpc_pb2
 from etcdproxy.hub.cache import CacheHub
+from etcdproxy.hub.cluster import ClusterHub
 from etcdproxy.hub.forward import OK, Forwarder, UpstreamStream
 from etcdproxy.hub.http import MetricsServer
 from etcdproxy.hub.lease import LeaseHub
@@ -74,6 +74,7 @@ class Hub:
 
         self.watches = WatchHub(self)
         self.leases = LeaseHub(self)
+        self.cluster = ClusterHub(self)  # MemberList modes, --resolver-prefix registration
         self.cache = CacheHub(self) if config.cache else None
         # last: it wraps handlers the components registered (to count leases kept alive)
         self.metrics_server = MetricsServer(self) if config.metrics_addr else None
@@ -180,9 +181,8 @@ class Hub:
     def _on_unary(self, worker: WorkerState, message: s.Unary) -> None:
         method = METHODS[message.method]
         if method is MEMBER_LIST and self.config.advertise_client_url:
-            # SPEC 6.1 mode 3: the proxy advertises itself instead of the etcd members.
-            members = [(self.hostname, self.config.advertise_client_url)]
-            self.reply(worker, message.req_id, OK, proxy_member_list(members))
+            # SPEC 6.1 modes 2 and 3: the proxies instead of the etcd members (hub/cluster.py)
+            self.reply(worker, message.req_id, OK, self.cluster.member_list() or b"")
             return
         task = self.loop.create_task(self._unary(worker, method, message))
         worker.calls[message.req_id] = task
