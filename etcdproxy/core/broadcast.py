@@ -10,7 +10,8 @@ c-watcher of every worker that can be served from it. Revisions:
 * ``floor`` H0: ``history`` holds every event with revision in [H0, F]. A c-watcher starting
   at revision S >= H0 can join: the hub replays history from S and live events follow.
   Starting at S > F is a future start: it joins and the worker filters older events.
-* The history is bounded (events and bytes); evicting a batch raises the floor past it.
+* The history is bounded per broadcast (events and bytes) and across all broadcasts of the
+  hub (``HistoryBudget``, bytes, oldest batch first); evicting a batch raises the floor.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from etcdproxy.ipc.schema import WireEvent
 
 HISTORY_EVENTS = 4096
 HISTORY_BYTES = 8 * 1024 * 1024
+# All broadcasts together: with 10,000 ranges the per-broadcast bounds alone would allow
+# far more memory than a proxy should hold.
+TOTAL_HISTORY_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -91,21 +95,29 @@ class Broadcast:
             self.frontier = header_revision
             self.floor = header_revision + 1
 
-    def on_events(self, events: list[WireEvent]) -> None:
-        size = sum(len(e[2]) for e in events)
+    def on_events(self, events: list[WireEvent]) -> Batch:
+        """Record a batch; returns it (for the hub-wide budget)."""
+        size = sum(len(e[2]) + len(e[3]) for e in events)
         last = events[-1][0]
         if self.frontier is None or last > self.frontier:
             self.frontier = last
         if self.floor is None:
             self.floor = events[0][0]
-        self.history.append(Batch(last, events, size))
+        batch = Batch(last, events, size)
+        self.history.append(batch)
         self.history_events += len(events)
         self.history_bytes += size
         while self.history and (self.history_events > HISTORY_EVENTS or self.history_bytes > HISTORY_BYTES):
-            old = self.history.popleft()
-            self.history_events -= len(old.events)
-            self.history_bytes -= old.size
-            self.floor = old.revision + 1
+            self.evict_oldest()
+        return batch
+
+    def evict_oldest(self) -> int:
+        """Drop the oldest batch of history; returns the bytes freed."""
+        old = self.history.popleft()
+        self.history_events -= len(old.events)
+        self.history_bytes -= old.size
+        self.floor = old.revision + 1
+        return old.size
 
     def on_progress(self, header_revision: int) -> None:
         """All events up to header_revision were sent (etcd only says so for synced watchers)."""
@@ -122,3 +134,24 @@ class Broadcast:
 
     def workers(self) -> set[bytes]:
         return {identity for identity, _ in self.receivers}
+
+
+class HistoryBudget:
+    """Bounds the history bytes of every broadcast together, evicting the oldest batches first.
+
+    ``order`` lists (broadcast, batch) in arrival order; entries whose batch already left its
+    broadcast (evicted by the per-broadcast bound, or the broadcast was removed) are skipped.
+    """
+
+    def __init__(self, max_bytes: int = TOTAL_HISTORY_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.order: deque[tuple[Broadcast, Batch]] = deque()
+
+    def record(self, broadcast: Broadcast, batch: Batch, live_bytes: int) -> int:
+        """Note a new batch; ``live_bytes`` is the total held now. Returns the total after eviction."""
+        self.order.append((broadcast, batch))
+        while live_bytes > self.max_bytes and self.order:
+            owner, oldest = self.order.popleft()
+            if owner.history and owner.history[0] is oldest and not owner.dead:
+                live_bytes -= owner.evict_oldest()
+        return live_bytes

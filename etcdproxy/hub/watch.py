@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from etcdproxy import metrics
-from etcdproxy.core.broadcast import Broadcast
+from etcdproxy.core.broadcast import Broadcast, HistoryBudget
 from etcdproxy.etcdpb import kv_pb2, rpc_pb2
 from etcdproxy.ipc import schema as s
 
@@ -237,6 +237,8 @@ class WatchHub:
         # for compaction): a start below it is not served from history but sent to etcd,
         # which refuses it exactly as it would directly
         self.compact_revision = 0
+        self.history = HistoryBudget()
+        self.history_bytes = 0  # all broadcasts' history, kept by on_events/_remove_broadcast
         self._ids = itertools.count(1)
         self._progress_task = hub.loop.create_task(self._progress_loop())
         hub.register(s.Kind.WATCH_CREATE, self.on_watch_create)
@@ -280,6 +282,8 @@ class WatchHub:
         return broadcast
 
     def _remove_broadcast(self, broadcast: Broadcast) -> None:
+        if not broadcast.dead:
+            self.history_bytes -= broadcast.history_bytes
         broadcast.dead = True
         self.broadcasts.pop(broadcast.sw_id, None)
         stream = self.stream_of.pop(broadcast.sw_id, None)
@@ -485,7 +489,10 @@ class WatchHub:
         self._join_at(worker, create, group, start, header, wait=False)  # never wait twice
 
     def on_events(self, broadcast: Broadcast, header: bytes, events: list[s.WireEvent]) -> None:
-        broadcast.on_events(events)
+        before = broadcast.history_bytes
+        batch = broadcast.on_events(events)
+        self.history_bytes += broadcast.history_bytes - before
+        self.history_bytes = self.history.record(broadcast, batch, self.history_bytes)
         self._fan_out(broadcast, header, events, False)
 
     def on_progress(self, broadcast: Broadcast, revision: int, header: bytes, requested: bool) -> None:

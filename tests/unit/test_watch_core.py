@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from etcdproxy.core.broadcast import HISTORY_EVENTS, Broadcast
+from etcdproxy.core.broadcast import HISTORY_EVENTS, Broadcast, HistoryBudget
 from etcdproxy.core.watch import CWatcher, encode_response, event_field, fragments, prepare, valid_range, varint
 from etcdproxy.etcdpb import kv_pb2, rpc_pb2
 
@@ -176,3 +176,16 @@ def test_dead_broadcast_is_never_joined() -> None:
     b = Broadcast(1, b"k", b"", start_revision=5)
     b.dead = True
     assert not b.can_join(5) and not b.can_join_now()
+
+
+def test_history_budget_evicts_oldest_across_broadcasts() -> None:
+    budget = HistoryBudget(max_bytes=3 * len(event(1)[2]) * 2)
+    a, b = Broadcast(1, b"a", b"", start_revision=1), Broadcast(2, b"b", b"", start_revision=1)
+    total = 0
+    for rev, owner in [(1, a), (2, b), (3, a), (4, b)]:
+        batch = owner.on_events([event(rev)])
+        total = budget.record(owner, batch, total + batch.size)
+    # four batches of equal size, room for three: the oldest (a's revision 1) went first
+    assert [x.revision for x in a.history] == [3] and a.floor == 2
+    assert [x.revision for x in b.history] == [2, 4] and b.floor == 1
+    assert total == a.history_bytes + b.history_bytes
