@@ -197,6 +197,7 @@ static double o_rate = 200;     /* watch: puts/s, 0 = as fast as possible */
 static int o_inflight = 16;     /* writer/unary in-flight per connection */
 static double o_duration = 5;   /* lease/unary seconds */
 static double o_timeout = 60;   /* hard deadline for the whole run */
+static double o_create = 60;    /* watch: deadline for creating every watcher */
 static double o_drain = 60;     /* watch: max wait for stragglers after the last put */
 static double o_idle = 3;       /* watch: ...but give up after this long without a new event */
 static int o_leases = 1000, o_window = 10;
@@ -506,8 +507,12 @@ static void json_common(FILE *f, double t_start) {
 }
 static void json_lat(FILE *f, lat_t *l) {
   qsort(l->v, l->n, sizeof(double), dcmp);
+  if (!l->n) {
+    fprintf(f, "\"lat_n\":0,\"p50_ms\":null,\"p99_ms\":null,\"max_ms\":null");
+    return;
+  }
   fprintf(f, "\"lat_n\":%zu,\"p50_ms\":%.4f,\"p99_ms\":%.4f,\"max_ms\":%.4f", l->n, pct(l, 0.5) * 1e3,
-          pct(l, 0.99) * 1e3, l->n ? l->v[l->n - 1] * 1e3 : -1);
+          pct(l, 0.99) * 1e3, l->v[l->n - 1] * 1e3);
 }
 static uint8_t g_value[100];
 
@@ -669,10 +674,11 @@ static int mode_watch(void) {
     send_create(ws);
   }
   for (int i = 0; i < o_conns; i++) conn_flush(cs[i]);
-  while (g_created < o_watchers && now() < deadline && !g_canceled) poll_once(5);
+  double create_end = t_start + o_create < deadline ? t_start + o_create : deadline;
+  while (g_created < o_watchers && now() < create_end && !g_canceled) poll_once(5);
   double t_created = now();
   int all_created = g_created == o_watchers;
-  if (!all_created) err("only %ld of %d watchers created", g_created, o_watchers);
+  if (!all_created) err("only %ld of %d watchers created in %.1fs", g_created, o_watchers, now() - t_start);
   char what[80];
   snprintf(what, sizeof what, "watchers=%ld create_s=%.3f", g_created, t_created - t_start);
   ready(what);
@@ -772,9 +778,11 @@ static int mode_watch(void) {
   }
   if (missing) {
     double sp = g_last_recv - g_first_put;
+    char since[64] = "no event received";
+    if (g_events) snprintf(since, sizeof since, "%.1fs after the last event", t_end - g_last_recv);
     err("%ld of %ld events not delivered to %ld watchers (lost or too slow: %.0f events/s; gave up %.1fs after the "
-        "last put, %.1fs after the last event)",
-        missing, expected, lagging, sp > 0 ? (double)g_events / sp : 0.0, t_end - t_writes_done, t_end - g_last_recv);
+        "last put, %s)",
+        missing, expected, lagging, g_events && sp > 0 ? (double)g_events / sp : 0.0, t_end - t_writes_done, since);
   }
   double span = g_last_recv - g_first_put;
   printf("RESULT {\"mode\":\"watch\",\"watchers\":%d,\"created\":%ld,\"create_s\":%.4f,\"puts\":%ld,"
@@ -1055,7 +1063,7 @@ static void usage(void) {
   fprintf(stderr,
           "usage: h2bench --mode=watch|lease|unary|storm --port=P [--writer-port=P] [--conns=N]\n"
           "  watch: --streams=S --per-stream=K --watchers=W --keys=N --puts=N --rate=R(0=burst) --inflight=N "
-          "--drain=S --idle=S\n"
+          "--drain=S --idle=S --create-timeout=S\n"
           "  lease: --leases=N --conns=N --window=N --duration=S --ttl=S\n"
           "  unary: --method=put|range --serializable=0|1 --conns=N --inflight=N --duration=S\n"
           "  storm: --storm=N --parallel=N\n"
@@ -1067,7 +1075,7 @@ int main(int argc, char **argv) {
       {"mode", 1, 0, 'm'},     {"port", 1, 0, 'p'},        {"writer-port", 1, 0, 'W'}, {"conns", 1, 0, 'c'},
       {"streams", 1, 0, 's'},  {"per-stream", 1, 0, 'k'},  {"watchers", 1, 0, 'w'},    {"keys", 1, 0, 'K'},
       {"puts", 1, 0, 'n'},     {"rate", 1, 0, 'r'},        {"inflight", 1, 0, 'i'},    {"duration", 1, 0, 'd'},
-      {"timeout", 1, 0, 't'},  {"drain", 1, 0, 'D'}, {"idle", 1, 0, 'I'}, {"ttl", 1, 0, 'T'},       {"leases", 1, 0, 'l'},      {"window", 1, 0, 'x'},
+      {"timeout", 1, 0, 't'},  {"drain", 1, 0, 'D'}, {"idle", 1, 0, 'I'}, {"ttl", 1, 0, 'T'}, {"create-timeout", 1, 0, 'C'},       {"leases", 1, 0, 'l'},      {"window", 1, 0, 'x'},
       {"storm", 1, 0, 'S'},    {"parallel", 1, 0, 'P'},    {"prefix", 1, 0, 'f'},      {"method", 1, 0, 'M'},
       {"serializable", 1, 0, 'z'}, {"host", 1, 0, 'h'},    {0, 0, 0, 0}};
   int ch;
@@ -1089,6 +1097,7 @@ int main(int argc, char **argv) {
     case 'D': o_drain = atof(optarg); break;
     case 'I': o_idle = atof(optarg); break;
     case 'T': o_ttl = atoi(optarg); break;
+    case 'C': o_create = atof(optarg); break;
     case 'l': o_leases = atoi(optarg); break;
     case 'x': o_window = atoi(optarg); break;
     case 'S': o_storm = atoi(optarg); break;
