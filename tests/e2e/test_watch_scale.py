@@ -20,6 +20,7 @@ import itertools
 import os
 import signal
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ import grpc
 import pytest
 
 from etcdproxy.etcdpb import rpc_pb2, rpc_pb2_grpc
-from tests.helpers import EtcdServer, ProxyProcess, wait_until
+from tests.helpers import LOCALHOST, EtcdServer, ProxyProcess, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -296,6 +297,128 @@ def test_hub_killed_while_watching_loses_nothing(etcd_server: EtcdServer, proxy:
         for revs in stream.revisions.values():
             assert revs == written
         assert not stream.other, stream.other
+
+
+# --------------------------------------------------------------------------- the upstream connection breaks
+
+
+class ThreadRelay:
+    """A TCP relay (own thread and event loop) between the proxy and etcd; cut() drops every
+    relayed connection at once, new connections are still accepted."""
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.loop = asyncio.new_event_loop()
+        self.transports: list[asyncio.BaseTransport] = []
+        self.ready = threading.Event()
+        self.port = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(10)
+
+    @property
+    def endpoint(self) -> str:
+        return f"{LOCALHOST}:{self.port}"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        server = self.loop.run_until_complete(asyncio.start_server(self._accept, LOCALHOST, 0))
+        self.port = server.sockets[0].getsockname()[1]
+        self.ready.set()
+        try:
+            self.loop.run_forever()
+        finally:
+            server.close()
+            self._cut()
+            pending = asyncio.all_tasks(self.loop)
+            for task in pending:
+                task.cancel()
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.loop.close()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.transports += [writer.transport, up_writer.transport]
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True)
+
+    @staticmethod
+    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        finally:
+            dst.transport.abort()
+
+    def _cut(self) -> None:
+        transports, self.transports = self.transports, []
+        for transport in transports:
+            transport.abort()
+
+    def cut(self) -> None:
+        self.loop.call_soon_threadsafe(self._cut)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+@pytest.mark.timeout(90)
+def test_upstream_connection_breaks_lose_nothing(etcd_server: EtcdServer, proxy: Callable[..., ProxyProcess]) -> None:
+    """The hub's connection to etcd is cut twice while a writer writes directly to etcd: the
+    s-watchers resume with no gap, no duplicate and no second created response (50 watchers on
+    a key and 10 on a prefix, over 6 connections)."""
+    relay = ThreadRelay(etcd_server.endpoint)
+    try:
+        running = proxy(endpoints=[relay.endpoint], workers=2)
+        key = unique_key("cut")
+
+        async def run() -> tuple[list[int], list[int], list[AioStream], list[AioStream]]:
+            on_key = await open_streams(running.endpoint, key, connections=5, per_stream=10)
+            on_prefix_call = [await AioStream.open(new_channel(running.endpoint), b"", 0)]
+            stream = on_prefix_call[0]
+            for _ in range(10):
+                create = rpc_pb2.WatchCreateRequest(key=key, range_end=key[:-1] + bytes([key[-1] + 1]))
+                await stream.call.write(rpc_pb2.WatchRequest(create_request=create))
+            while len(stream.created) < 10:
+                assert stream.ended is None, stream.ended
+                await asyncio.sleep(0.02)
+            written: list[int] = []
+            others: list[int] = []
+            try:
+                async with grpc.aio.insecure_channel(etcd_server.endpoint) as direct:
+                    kv = rpc_pb2_grpc.KVStub(direct)
+                    start = time.monotonic()
+                    cuts = 0
+                    while time.monotonic() - start < 3.0:
+                        written.append(await put(kv, key, f"v{len(written)}".encode()))
+                        if len(written) % 5 == 0:  # prefix-only events too
+                            others.append(await put(kv, key + b"/sub", b"x"))
+                        if cuts < 2 and time.monotonic() - start > 1.0 + cuts:
+                            relay.cut()
+                            cuts += 1
+                        await asyncio.sleep(0.01)
+                await wait_reached(on_key, written[-1], 10, 30)
+                await wait_reached(on_prefix_call, max(written[-1], others[-1]), 10, 30)
+                return written, others, on_key, on_prefix_call
+            finally:
+                await close_all(on_key + on_prefix_call)
+
+        written, others, on_key, on_prefix = asyncio.run(asyncio.wait_for(run(), 75))
+    finally:
+        relay.close()
+    both = sorted(written + others)
+    for stream in on_key + on_prefix:
+        assert stream.ended is None
+        assert sorted(stream.created.values()) == [1] * 10
+        assert not stream.other, stream.other
+        for revs in stream.revisions.values():
+            assert revs == (written if stream in on_key else both)
 
 
 # --------------------------------------------------------------------------- a client that stops reading
