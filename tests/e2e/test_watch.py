@@ -611,6 +611,37 @@ def test_cancel_synced_and_unsynced(target: Stubs, streams: Callable[..., RawWat
     assert [e.kv.mod_revision for e in stream.events_until(rev, again)] == [rev]
 
 
+def control_headers(stubs: Stubs, open_stream: Callable[..., RawWatch]) -> list[tuple[str, int, int, int]]:
+    """(answer, cluster id, member id, header revision - first created's) of every control answer."""
+    k = unique("headers")
+    stream = open_stream(stubs)
+    out = []
+
+    def ask(name: str, request: rpc_pb2.WatchRequest) -> None:
+        stream.send(request)
+        h = stream.get().header
+        out.append((name, h.cluster_id, h.member_id, h.revision))
+
+    ask("created", create(k + b"a"))
+    put(stubs, k + b"elsewhere")  # moves the store revision; no watcher of this stream sees it
+    ask("created 2", create(k + b"b"))
+    put(stubs, k + b"elsewhere")
+    ask("cancel", cancel(0))
+    ask("progress", progress_request())
+    ask("invalid range", create(k + b"b", k + b"a"))
+    ask("duplicate id", create(k + b"c", watch_id=1))
+    base = out[0][3]
+    return [(name, c, m, rev - base) for name, c, m, rev in out]
+
+
+def test_control_response_headers_match_etcd(direct: Stubs, via_proxy: Stubs, streams: Callable[..., RawWatch]) -> None:
+    """Created, cancel, progress and rejection answers carry etcd's full header: its cluster and
+    member ids and the store revision at the time of the answer."""
+    expected = control_headers(direct, streams)
+    assert [rev for *_, rev in expected] == [0, 1, 2, 2, 2, 2]
+    assert control_headers(via_proxy, streams) == expected
+
+
 # =========================================================================== scenario 24
 
 
