@@ -675,7 +675,12 @@ static int mode_watch(void) {
   }
   for (int i = 0; i < o_conns; i++) conn_flush(cs[i]);
   double create_end = t_start + o_create < deadline ? t_start + o_create : deadline;
-  while (g_created < o_watchers && now() < create_end && !g_canceled) poll_once(5);
+  while (g_created < o_watchers && now() < create_end && !g_canceled) {
+    int live = 0;
+    for (int i = 0; i < o_conns; i++) live += !cs[i]->dead;
+    if (!live) break; /* every connection failed: nothing more will be created */
+    poll_once(5);
+  }
   double t_created = now();
   int all_created = g_created == o_watchers;
   if (!all_created) err("only %ld of %d watchers created in %.1fs", g_created, o_watchers, now() - t_start);
@@ -788,8 +793,9 @@ static int mode_watch(void) {
   printf("RESULT {\"mode\":\"watch\",\"watchers\":%d,\"created\":%ld,\"create_s\":%.4f,\"puts\":%ld,"
          "\"put_span_s\":%.4f,\"events\":%ld,\"expected\":%ld,\"missing\":%ld,\"canceled\":%ld,"
          "\"events_per_s\":%.1f,\"deliver_s\":%.4f,",
-         o_watchers, g_created, t_created - t_start, g_puts_ok, t_writes_done - g_first_put, g_events, expected,
-         missing, g_canceled, span > 0 ? (double)g_events / span : 0, span);
+         o_watchers, g_created, t_created - t_start, g_puts_ok, g_first_put > 0 ? t_writes_done - g_first_put : 0.0,
+         g_events, expected,
+         missing, g_canceled, g_events && span > 0 ? (double)g_events / span : 0, g_events ? span : 0.0);
   printf("\"put_failed\":%ld,\"put_error\":\"%s\",\"unknown_revs\":%zu,", g_wfail, g_wmsg, nunk);
   json_lat(stdout, &lat);
   printf(",");
