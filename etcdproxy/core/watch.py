@@ -12,6 +12,7 @@ re-join or a hub restart never produce a duplicate.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,6 +108,23 @@ def prepare(events: Iterable[Sequence[Any]]) -> list[tuple[int, bool, bytes, byt
     return out
 
 
+def revision_runs(events: Sequence[bytes], cuts: Sequence[int], limit: int = FRAGMENT_LIMIT_BYTES) -> list[list[bytes]]:
+    """Group event fields into runs of at most ``limit`` bytes, cutting only between revisions
+    (``cuts``: indexes where a revision starts); one revision larger than the limit stays whole."""
+    runs: list[list[bytes]] = [[]]
+    size = 0
+    bounds = [0, *(c for c in cuts if 0 < c < len(events)), len(events)]
+    for start, end in itertools.pairwise(bounds):
+        group = events[start:end]
+        group_size = sum(map(len, group))
+        if runs[-1] and size + group_size > limit:
+            runs.append([])
+            size = 0
+        runs[-1].extend(group)
+        size += group_size
+    return runs
+
+
 def valid_range(key: bytes, range_end: bytes) -> bool:
     """etcd accepts a single key, ``range_end == b"\\x00"`` (all keys >= key), or key < range_end."""
     return not range_end or range_end == b"\x00" or key < range_end
@@ -139,6 +157,9 @@ class CWatcher:
     last_header: bytes = b""
     # event fields accepted but not yet written to the client, and the newest header
     pending: list[bytes] = field(default_factory=list)
+    # indexes into ``pending`` where a new revision starts: responses are cut only there
+    pending_cuts: list[int] = field(default_factory=list)
+    pending_revision: int = 0  # revision of the last pending event
     pending_bytes: int = 0
     pending_header: bytes = b""
     pending_progress: bool = False
@@ -177,6 +198,9 @@ class CWatcher:
             if revision < next_revision or (self.nodelete if is_delete else self.noput):
                 continue
             data = with_prev if self.prev_kv else without_prev
+            if pending and revision != self.pending_revision:
+                self.pending_cuts.append(len(pending))
+            self.pending_revision = revision
             pending.append(data)
             added += len(data)
         if last >= next_revision:
@@ -187,6 +211,7 @@ class CWatcher:
     def take_responses(self) -> list[bytes]:
         """Serialized responses for everything pending (fragmented if the client asked)."""
         events, self.pending = self.pending, []
+        cuts, self.pending_cuts = self.pending_cuts, []
         header = self.pending_header or self.last_header
         self.pending_bytes = 0
         self.pending_header = b""
@@ -197,7 +222,12 @@ class CWatcher:
             self.last_header = header
             return [encode_response(self.watch_id, header)]
         self.last_header = header
-        if not self.fragment or sum(map(len, events)) <= FRAGMENT_LIMIT_BYTES:
+        if sum(map(len, events)) <= FRAGMENT_LIMIT_BYTES:
             return [encode_response(self.watch_id, header, events)]
+        if not self.fragment:
+            # Several revisions piled up (slow reader, replay): one response per run of whole
+            # revisions up to the limit, like etcd, instead of one message that may exceed the
+            # client's receive limit (grpc's default is 4 MiB).
+            return [encode_response(self.watch_id, header, run) for run in revision_runs(events, cuts)]
         runs = fragments(events)
         return [encode_response(self.watch_id, header, run, fragment=i < len(runs) - 1) for i, run in enumerate(runs)]

@@ -424,6 +424,43 @@ def test_upstream_connection_breaks_lose_nothing(etcd_server: EtcdServer, proxy:
 # --------------------------------------------------------------------------- a client that stops reading
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("which", ["direct", "proxy"])
+def test_late_reader_gets_responses_within_grpc_limits(
+    which: str, etcd_server: EtcdServer, shared_proxy: ProxyProcess
+) -> None:
+    """A watcher that reads late, after 8 puts of 1 MB: every event arrives, in responses a
+    default grpc client accepts (etcd: one per revision; the proxy once merged all pending
+    revisions into one 5-8 MB message, which the client refused with RESOURCE_EXHAUSTED)."""
+    endpoint = shared_proxy.endpoint if which == "proxy" else etcd_server.endpoint
+    key = unique_key("late")
+
+    async def run() -> tuple[list[int], list[tuple[int, int]]]:
+        async with (
+            grpc.aio.insecure_channel(endpoint) as channel,
+            grpc.aio.insecure_channel(etcd_server.endpoint) as direct,
+        ):
+            call = rpc_pb2_grpc.WatchStub(channel).Watch()
+            await call.write(rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(key=key)))
+            assert (await call.read()).created
+            kv = rpc_pb2_grpc.KVStub(direct)
+            written = [await put(kv, key, b"x" * 1_000_000) for _ in range(8)]
+            await asyncio.sleep(0.5)  # the client reads nothing meanwhile
+            responses: list[tuple[int, int]] = []
+            revisions: list[int] = []
+            while len(revisions) < len(written):
+                resp = await asyncio.wait_for(call.read(), 10)
+                assert resp is not grpc.aio.EOF
+                revisions += [e.kv.mod_revision for e in resp.events]
+                responses.append((len(resp.events), resp.ByteSize()))
+            call.cancel()
+            assert revisions == written
+            return written, responses
+
+    _, responses = asyncio.run(asyncio.wait_for(run(), 45))
+    assert all(size < 4 * 1024 * 1024 for _, size in responses), responses
+
+
 async def measure(endpoint: str, direct_endpoint: str, key: bytes, stalled: bool) -> tuple[float, int]:
     """p50 put-to-receive latency (ms) over 100 watchers for 40 puts of 16 KiB at 20/s.
 
