@@ -30,7 +30,7 @@ import grpc
 import pytest
 
 from etcdproxy.etcdpb import rpc_pb2, rpc_pb2_grpc
-from tests.helpers import LOCALHOST, EtcdServer, ProxyProcess, wait_until
+from tests.helpers import LOCALHOST, EtcdServer, ProxyProcess, free_port, http_get, sum_metric, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -215,8 +215,16 @@ def test_thousand_watchers_cost_one_upstream_watcher(
 ) -> None:
     """1,000 c-watchers (20 connections x 50) on one key: etcd +1 watcher through the proxy
     (+1,000 directly); every watcher gets all 20 events once, in order."""
-    running = proxy(workers=2) if which == "proxy" else None
+    metrics_url = f"http://{LOCALHOST}:{free_port()}"
+    running = proxy(workers=2, extra_args=(f"--metrics-addr={metrics_url}",)) if which == "proxy" else None
     endpoint = running.endpoint if running is not None else etcd_server.endpoint
+    scraped: dict[str, float] = {}
+
+    def proxy_metric(name: str) -> float:
+        status, text = http_get(f"{metrics_url}/proxy/metrics")
+        assert status == 200, text
+        return sum_metric(text, name, {})
+
     workers = []
     if running is not None:
         workers = [pid for pid, cmd in children_with_titles(running.proc.pid).items() if "worker" in cmd]
@@ -231,11 +239,18 @@ def test_thousand_watchers_cost_one_upstream_watcher(
             if running is not None:
                 per_worker.extend(client_connections(pid, running.port) for pid in workers)
             await asyncio.sleep(0.5)  # let any late upstream watcher show up before counting
-            watchers = await asyncio.get_running_loop().run_in_executor(None, stable_metric, etcd_server)
+            loop = asyncio.get_running_loop()
+            watchers = await loop.run_in_executor(None, stable_metric, etcd_server)
+            if running is not None:
+                for name in ("etcd_grpc_proxy_watchers_coalescing_total", "etcd_grpc_proxy_events_coalescing_total"):
+                    scraped[name] = await loop.run_in_executor(None, proxy_metric, name)
             async with grpc.aio.insecure_channel(etcd_server.endpoint) as direct:
                 kv = rpc_pb2_grpc.KVStub(direct)
                 written = [await put(kv, key, f"v{i}".encode()) for i in range(20)]
             await wait_reached(streams, written[-1], 50, 30)
+            if running is not None:
+                name = "etcd_grpc_proxy_events_coalescing_total"
+                scraped["events delta"] = await loop.run_in_executor(None, proxy_metric, name) - scraped[name]
             return watchers, written, streams
         finally:
             await close_all(streams)
@@ -251,7 +266,12 @@ def test_thousand_watchers_cost_one_upstream_watcher(
             assert revs == written
         assert not stream.other
     if running is not None:
+        # SPEC 4.11: watchers_coalescing = c-watchers - s-watchers; events += receivers - 1 per response
+        print(f"proxy metrics: {scraped}")
+        assert scraped["etcd_grpc_proxy_watchers_coalescing_total"] == 999
+        assert scraped["events delta"] >= 20 * 999
         wait_until(lambda: etcd_server.metric(METRIC) == baseline, 10, f"{METRIC} back to the baseline")
+        assert proxy_metric("etcd_grpc_proxy_watchers_coalescing_total") == 0
 
 
 # --------------------------------------------------------------------------- kill -9 the hub
