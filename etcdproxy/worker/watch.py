@@ -316,6 +316,8 @@ class WatchService:
     def _deliver(
         self, stream: WatchStream, watcher: CWatcher, header: bytes, events: list[Any], progress: bool
     ) -> None:
+        if watcher.canceled:  # e.g. cancelled as slow while this batch was being fanned out
+            return
         if events:
             added = watcher.accept(events)
             if not added:

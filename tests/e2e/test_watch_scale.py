@@ -540,3 +540,59 @@ def test_stalled_client_does_not_delay_others(
         assert deliveries == 100 * 40
     baseline = min(results["before"][0], results["after"][0])
     assert results["stalled"][0] - baseline < 20, results
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.timeout(90)
+def test_stalled_client_is_cancelled_with_a_reason(etcd_server: EtcdServer, proxy: Callable[..., ProxyProcess]) -> None:
+    """A client that stops reading is cancelled after a bounded buffer (64 MiB of events): each of
+    its watches ends with canceled + a reason after a gapless prefix of the events, the worker's
+    memory stays bounded, and a reader on the same key keeps receiving everything."""
+    running = proxy(workers=2)
+    workers = [pid for pid, cmd in children_with_titles(running.proc.pid).items() if "worker" in cmd]
+    rss_before = {pid: rss_kib(pid) for pid in workers}
+    key = unique_key("stalled")
+
+    async def run() -> tuple[list[int], AioStream, list[AioStream], dict[int, int]]:
+        readers = await open_streams(running.endpoint, key, connections=1, per_stream=1)
+        stalled = await AioStream.open(new_channel(running.endpoint), key, 100, read=False)
+        peak: dict[int, int] = {}
+        try:
+            await asyncio.sleep(0.5)
+            async with grpc.aio.insecure_channel(etcd_server.endpoint) as direct:
+                kv = rpc_pb2_grpc.KVStub(direct)
+                value = b"x" * 32768
+                written = []
+                for _ in range(30):  # 100 watchers x 30 x 32 KiB = 96 MiB for the stalled client
+                    written.append(await put(kv, key, value))
+                    for pid in workers:
+                        peak[pid] = max(peak.get(pid, 0), rss_kib(pid))
+            await wait_reached(readers, written[-1], 1, 30)
+            stalled.task = asyncio.create_task(stalled._read())  # start reading at last
+
+            async def all_cancelled() -> None:
+                while len({r.watch_id for r in stalled.other if r.canceled}) < 100:
+                    assert stalled.ended is None, stalled.ended
+                    await asyncio.sleep(0.05)
+
+            await asyncio.wait_for(all_cancelled(), 30)
+            return written, stalled, readers, peak
+        finally:
+            await close_all([stalled, *readers])
+
+    written, stalled, readers, peak = asyncio.run(asyncio.wait_for(run(), 75))
+    growth_mib = max(peak[pid] - rss_before[pid] for pid in workers) / 1024
+    print(f"\nworker RSS growth with a stalled client: peak {growth_mib:.0f} MiB")
+    assert len(stalled.created) == 100
+    for response in stalled.other:
+        assert response.canceled and response.cancel_reason, response
+    for revs in stalled.revisions.values():
+        assert revs == written[: len(revs)], "the events before the cancel have a gap"
+    assert list(readers[0].revisions.values()) == [written]
+    assert growth_mib < 400, f"worker RSS grew by {growth_mib:.0f} MiB"
