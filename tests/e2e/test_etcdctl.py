@@ -101,7 +101,7 @@ class Background:
         for line in self.proc.stdout:
             self.lines.put(line.rstrip("\n"))
 
-    def next_lines(self, n: int, timeout: float = 15) -> list[str]:
+    def next_lines(self, n: int, timeout: float = 30) -> list[str]:
         deadline = time.monotonic() + timeout
         got: list[str] = []
         while len(got) < n:
