@@ -144,6 +144,7 @@ class Bench:
         self.runs: list[Run] = []
         self.meta: dict[str, Any] = {}
         self.seq = 0
+        self.reserve = max(12.0, 0.12 * p.time_limit)  # seconds kept for shutdown, table, JSON and chart
         self.gauge_base: dict[str, float] = {}
 
     # ------------------------------------------------------------ time
@@ -297,9 +298,14 @@ class Bench:
         }
 
     # ------------------------------------------------------------ measurement
-    def measure(self, scenario: str, t: Target, rep: int, fn: Callable[[Run, Target, float], None]) -> Run:
+    def measure(
+        self, scenario: str, t: Target, rep: int, fn: Callable[[Run, Target, float], None], runs_left: int
+    ) -> Run:
         run = Run(scenario, t.name, rep)
-        budget = self.remaining() - 12  # leave time to stop processes and write the report
+        # leave time to stop processes and write the report; no run may take more than a few times its fair share
+        # of what is left, so a slow target makes its own runs fail ("too slow") instead of crowding out the rest
+        left = self.remaining() - self.reserve
+        budget = min(left, max(10.0, 3.0 * left / max(runs_left, 1)))
         if not t.available:
             run.fail(t.note or "not available")
             run.details["skipped"] = True
@@ -309,7 +315,7 @@ class Bench:
             t.note = f"process exited with code {t.proc.returncode} during the benchmark"
             run.fail(t.note)
             return run
-        if budget < 8:
+        if left < 8:
             run.fail("skipped: time budget exhausted")
             run.details["skipped"] = True
             return run
@@ -631,12 +637,15 @@ class Bench:
         for name, t in self.targets.items():
             self.log(f"{LABELS[name]}: {'port ' + str(t.port) if t.available else t.note}")
         only = set(self.args.only.split(",")) if self.args.only else None
+        scens = [(s, fn) for s, fn in self.scenarios() if not only or s in only]
+        live = sum(t.available for t in self.targets.values())
+        runs_left = self.p.repeat * len(scens) * live
         for rep in range(self.p.repeat):
-            for scen, fn in self.scenarios():
-                if only and scen not in only:
-                    continue
+            for scen, fn in scens:
                 for name in TARGETS:  # interleaved: A B C per scenario, then again per repeat
-                    run = self.measure(scen, self.targets[name], rep, fn)
+                    t = self.targets[name]
+                    run = self.measure(scen, t, rep, fn, runs_left)
+                    runs_left -= t.available
                     self.runs.append(run)
                     tag = "ok" if run.ok else f"FAIL ({run.reason[:160]})"
                     self.log(
@@ -935,9 +944,10 @@ def main() -> int:
 
     def watchdog() -> None:
         print(f"\nwatchdog: time limit {p.time_limit:.0f}s reached, stopping everything", file=sys.stderr, flush=True)
+        bench.cleanup()
         with contextlib.suppress(Exception):
             bench.write_json()
-        bench.cleanup()
+            print(bench.table(), flush=True)
         os._exit(3)
 
     timer = threading.Timer(p.time_limit, watchdog)
@@ -957,7 +967,6 @@ def main() -> int:
         rc = 130
     finally:
         bench.cleanup()
-        timer.cancel()
     if bench.runs:
         bench.write_json()
         table = bench.table()
@@ -971,6 +980,7 @@ def main() -> int:
         print(f"- JSON: {args.out}")
         print(f"- {bench.chart(Path(args.out).with_suffix('.png'))}")
         print(f"- total wall time {time.monotonic() - bench.t_start:.0f}s")
+    timer.cancel()  # the watchdog covers the report too
     return rc
 
 
