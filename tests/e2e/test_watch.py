@@ -154,6 +154,7 @@ class RawWatch:
         self.call = stubs.watch.Watch(self._requests(), metadata=metadata or None)
         self.ended: BaseException | None = None
         self.log: list[dict[str, Any]] = []
+        self.stash: list[rpc_pb2.WatchResponse] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
@@ -179,6 +180,8 @@ class RawWatch:
         self.requests.put(None)
 
     def get(self, timeout: float = T) -> rpc_pb2.WatchResponse:
+        if self.stash:
+            return self.stash.pop(0)
         if self.ended is not None:
             raise StreamEnded(f"stream already ended: {self.ended!r}")
         try:
@@ -191,14 +194,21 @@ class RawWatch:
         return item
 
     def created(self, request: rpc_pb2.WatchRequest) -> rpc_pb2.WatchResponse:
-        """Send a create request and return its (successful) created response."""
+        """Send a create request and return its (successful) created response; responses of
+        other watchers that arrive first are kept for ``get``."""
         self.send(request)
+        skipped = []
         resp = self.get()
+        while not resp.created and not resp.canceled:
+            skipped.append(resp)
+            resp = self.get()
+        self.stash[:0] = skipped
         assert resp.created and not resp.canceled, resp
         return resp
 
     def quiet(self, within: float = QUIET_S) -> None:
-        """Nothing arrives for ``within`` seconds."""
+        """Nothing arrives for ``within`` seconds (and nothing unread is left)."""
+        assert not self.stash, f"unexpected watch responses: {self.stash}"
         with contextlib.suppress(queue.Empty):
             item = self.responses.get(timeout=within)
             raise AssertionError(f"unexpected watch response: {item!r}")
@@ -681,6 +691,41 @@ def test_create_while_puts_overlap(target: Stubs, streams: Callable[..., RawWatc
         stream.quiet(0.05)
 
 
+@pytest.mark.parametrize("which", ["direct", "proxy"])
+def test_late_joiners_share_one_upstream_watcher(
+    request: pytest.FixtureRequest, which: str, etcd_server: EtcdServer, streams: Callable[..., RawWatch]
+) -> None:
+    """Watchers arriving over time, "from now" and from older revisions (within the hub's
+    history), each start exactly where etcd starts them; through the proxy they cost etcd one
+    watcher in all (directly: one each)."""
+    stubs: Stubs = request.getfixturevalue("direct" if which == "direct" else "via_proxy")
+    metric = "etcd_debugging_mvcc_watcher_total"
+    k = unique("joiners") + b"k"
+    before = etcd_server.metric(metric)
+    stream = streams(stubs)
+    watchers: list[tuple[int, int]] = []  # (watch id, first revision it must deliver)
+    first = put(stubs, k, b"0")
+    written = [first]
+    for i in range(10):
+        created = stream.created(create(k))
+        watchers.append((created.watch_id, created.header.revision + 1))
+        written.append(put(stubs, k, str(i).encode()))
+        # an older revision seen by the first watcher, so still in the hub's history
+        start = written[1 + i // 2]
+        watchers.append((stream.created(create(k, start_revision=start)).watch_id, start))
+    expected_upstream = 1 if which == "proxy" else len(watchers)
+    wait_until(lambda: etcd_server.metric(metric) - before >= expected_upstream, 5, "the upstream watchers")
+    time.sleep(0.3)
+    assert etcd_server.metric(metric) - before == expected_upstream
+    got: dict[int, list[int]] = {watch_id: [] for watch_id, _ in watchers}
+    while any(not revs or revs[-1] < written[-1] for revs in got.values()):
+        resp = stream.get()
+        assert not resp.canceled, resp
+        got[resp.watch_id] += [e.kv.mod_revision for e in resp.events]
+    for watch_id, start in watchers:
+        assert got[watch_id] == [r for r in written if r >= start], (watch_id, start)
+
+
 # =========================================================================== scenario 25
 
 
@@ -1106,6 +1151,19 @@ def test_require_leader_on_member_without_quorum() -> None:
         "scenario 35 (require-leader on a member without quorum) needs a 3-member cluster: covered by "
         "issue 8 (stop 2 of 3 members, require-leader streams end with etcdserver: no leader)"
     )
+
+
+def test_require_leader_with_a_leader_delivers(target: Stubs, streams: Callable[..., RawWatch]) -> None:
+    """35, the part a single member can show: a require-leader stream (``hasleader`` metadata)
+    on a cluster with a leader works like any other, next to a plain stream on the same key."""
+    k = unique("hasleader") + b"k"
+    leader = streams(target, (("hasleader", "true"),))
+    plain = streams(target)
+    leader_id = leader.created(create(k)).watch_id
+    plain_id = plain.created(create(k)).watch_id
+    rev = put(target, k)
+    assert [e.kv.mod_revision for e in leader.events_until(rev, leader_id)] == [rev]
+    assert [e.kv.mod_revision for e in plain.events_until(rev, plain_id)] == [rev]
 
 
 # =========================================================================== scenario 36
