@@ -430,7 +430,7 @@ class Bench:
                 f"http://127.0.0.1:{t.port}/etcdserverpb.KV/Range",
             ]
             stop = threading.Event()
-            sample = {"ok": 0, "bad": 0, "first_error": ""}
+            sample: dict[str, Any] = {"ok": 0, "bad": 0, "first_error": "", "min_len": None}
             checker = threading.Thread(target=self._grpc_sampler, args=(t.port, serializable, stop, sample))
             checker.start()
             try:
@@ -452,6 +452,13 @@ class Bench:
                 run.fail(f"h2load: {h['failed']} failed, {h['errored']} errored, {h['timeout']} timeout, codes {codes}")
             if sample["bad"] or not sample["ok"]:
                 run.fail(f"sampled gRPC check: {sample['ok']} ok, {sample['bad']} bad ({sample['first_error']})")
+            elif "data" in h and h["data"] < h["succeeded"] * (sample["min_len"] + 5):
+                # an error reply is trailers-only (no body): fewer body bytes than succeeded x smallest good reply
+                # means some HTTP-200 replies were gRPC errors
+                run.fail(
+                    f"h2load got {h['data']:.0f} body bytes for {h['succeeded']:.0f} replies of >= "
+                    f"{sample['min_len'] + 5} bytes: some replies carried a gRPC error"
+                )
             # ops counts the sampler's calls too, so "reaching etcd / request" is exact
             run.throughput, run.unit, run.ops = h["rps"], "req/s", h["succeeded"] + sample["ok"] + sample["bad"]
             if lat:
@@ -467,8 +474,10 @@ class Bench:
         try:
             while not stop.wait(0.02):
                 try:
-                    if bl.range_kv_values(call(req, timeout=5)) == [HOT_VALUE]:
+                    resp = call(req, timeout=5)
+                    if bl.range_kv_values(resp) == [HOT_VALUE]:
                         out["ok"] += 1
+                        out["min_len"] = min(out["min_len"] or len(resp), len(resp))
                     else:
                         out["bad"] += 1
                         out["first_error"] = out["first_error"] or "wrong value"
@@ -889,6 +898,9 @@ def _parse_h2load(out: str) -> dict[str, float]:
             ("total", "started", "done", "succeeded", "failed", "errored", "timeout"), m.groups(), strict=True
         ):
             h[k] = int(g)
+    m = re.search(r"traffic: .*\((\d+)\) data", out)
+    if m:
+        h["data"] = int(m.group(1))
     m = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
     if m:
         h["2xx"] = int(m.group(1))
