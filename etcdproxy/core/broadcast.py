@@ -56,6 +56,9 @@ class Broadcast:
     live: bool = False  # the upstream created response arrived
     dead: bool = False  # etcd cancelled it; never joined again
     sent: bool = False  # the upstream create request left (a rev-0 join after that is not exact)
+    # store revision when etcd created the upstream watch: until the frontier reaches it the
+    # watch may be catching up (unsynced), and stream-wide progress must not move it
+    created_revision: int = 0
 
     def __post_init__(self) -> None:
         if self.start_revision > 0:
@@ -91,6 +94,7 @@ class Broadcast:
     def on_created(self, header_revision: int) -> None:
         """Upstream created: a rev-0 watch starts after the store revision in its header."""
         self.live = True
+        self.created_revision = header_revision
         if self.frontier is None:
             self.frontier = header_revision
             self.floor = header_revision + 1
@@ -125,6 +129,12 @@ class Broadcast:
             self.frontier = header_revision
         if self.floor is None:
             self.floor = header_revision + 1
+
+    def caught_up(self) -> bool:
+        """True once every event up to the creation revision arrived: etcd 3.5 answers a
+        stream's RequestProgress even while some of its watchers are unsynced (etcd #15220),
+        so only caught-up broadcasts take their frontier from such an answer."""
+        return self.live and self.frontier is not None and self.frontier >= self.created_revision
 
     def resume_revision(self) -> int:
         """Where to re-create the upstream watch after the stream broke: no gap, no duplicate."""

@@ -510,7 +510,7 @@ class WatchHub:
         self, stream: UpstreamStream, revision: int, header: bytes, waiter: tuple[WorkerState, int] | None
     ) -> None:
         for broadcast in list(stream.broadcasts.values()):
-            if broadcast.live and broadcast.frontier is not None and revision > broadcast.frontier:
+            if broadcast.caught_up() and revision > broadcast.frontier:  # type: ignore[operator]
                 self.on_progress(broadcast, revision, header, requested=True)
         if waiter is not None:
             worker, req_id = waiter

@@ -91,7 +91,9 @@ class WatchService:
         self._wids = itertools.count(1)
         self.by_wid: dict[int, tuple[WatchStream, CWatcher]] = {}
         self.by_sw: dict[int, dict[int, tuple[WatchStream, CWatcher]]] = {}
-        self.progress_waiters: dict[int, WatchStream] = {}
+        # progress requests in flight: req_id -> (stream, watch id of a cancel to acknowledge
+        # with the fresh header, or None for a client's RequestProgress)
+        self.progress_waiters: dict[int, tuple[WatchStream, int | None]] = {}
         self._progress_ids = itertools.count(1)
         self.last_header = b""
         hub.handlers[s.Kind.WATCH_CREATED] = self.on_created
@@ -151,7 +153,7 @@ class WatchService:
                 self._cancel(stream, request.cancel_request.watch_id)
             elif which == "progress_request":
                 req_id = next(self._progress_ids)
-                self.progress_waiters[req_id] = stream
+                self.progress_waiters[req_id] = (stream, None)
                 self._send_when_up(lambda e, r=req_id: s.WatchProgressRequest(e, r, stream.metadata))
 
     def _end(self, stream: WatchStream, error: errors.EtcdError) -> None:
@@ -235,7 +237,10 @@ class WatchService:
             return  # unknown id: etcd does not answer either
         stream.flush(watcher)
         self._forget(stream, watcher, tell_hub=True)
-        stream.push(encode_response(watch_id, watcher.last_header or self.last_header, canceled=True))
+        # etcd's ack carries the store revision at cancel time: ask the hub (upstream progress)
+        req_id = next(self._progress_ids)
+        self.progress_waiters[req_id] = (stream, watch_id)
+        self._send_when_up(lambda e: s.WatchProgressRequest(e, req_id, stream.metadata))
 
     def _forget(self, stream: WatchStream, watcher: CWatcher, tell_hub: bool) -> None:
         watcher.canceled = True
@@ -357,13 +362,20 @@ class WatchService:
             self._deliver(entry[0], entry[1], message.header or self.last_header, prepare(message.events), False)
 
     def on_progress(self, message: s.WatchProgress) -> None:
-        stream = self.progress_waiters.pop(message.req_id, None)
-        if stream is None:
+        waiter = self.progress_waiters.pop(message.req_id, None)
+        if waiter is None:
+            return
+        stream, canceled_id = waiter
+        if message.header:
+            self.last_header = message.header
+        header = message.header or self.last_header
+        if canceled_id is not None:  # the acknowledgement of a client cancel
+            stream.push(encode_response(canceled_id, header, canceled=True))
             return
         for watcher in list(stream.dirty.values()):
             stream.flush(watcher)
         # etcd answers RequestProgress with watch id -1: every event up to the revision was sent
-        stream.push(encode_response(INVALID_WATCH_ID, message.header or self.last_header))
+        stream.push(encode_response(INVALID_WATCH_ID, header))
 
     def _cancel_slow(self, stream: WatchStream) -> None:
         reason = SLOW_REASON.format(SLOW_STREAM_BYTES)
@@ -391,7 +403,7 @@ class WatchService:
         for stream, watcher in list(self.by_wid.values()):
             watcher.sw_id = 0
             self.hub.send(self._create_message(self.hub.epoch, stream, watcher))
-        for req_id, stream in list(self.progress_waiters.items()):
+        for req_id, (stream, _) in list(self.progress_waiters.items()):
             self.hub.send(s.WatchProgressRequest(self.hub.epoch, req_id, stream.metadata))
 
     def on_gap(self) -> None:

@@ -189,3 +189,16 @@ def test_history_budget_evicts_oldest_across_broadcasts() -> None:
     assert [x.revision for x in a.history] == [3] and a.floor == 2
     assert [x.revision for x in b.history] == [2, 4] and b.floor == 1
     assert total == a.history_bytes + b.history_bytes
+
+
+def test_stream_progress_only_for_caught_up_broadcasts() -> None:
+    catching_up = Broadcast(1, b"k", b"", start_revision=5)
+    catching_up.on_created(20)  # etcd has revisions 5..20 to send first
+    assert not catching_up.caught_up()
+    catching_up.on_events([event(19)])
+    assert not catching_up.caught_up()
+    catching_up.on_events([event(20)])
+    assert catching_up.caught_up()
+    from_now = Broadcast(2, b"k", b"", start_revision=0)
+    from_now.on_created(20)
+    assert from_now.caught_up()
