@@ -789,6 +789,7 @@ ROW_KEYS = (
     "proxy_cpu_per_1k",
     "proxy_rss_mb",
     "proxy_rss_start_mb",
+    "proxy_rss_added_mb",
     "etcd_cpu_per_1k",
     "loadgen_cores",
     "noise_cores",
@@ -816,6 +817,8 @@ def _open_ka(m: bl.Metrics) -> float:
 
 
 def _get(r: Run, key: str) -> float | None:
+    if key == "proxy_rss_added_mb":
+        return r.proxy_rss_mb - r.proxy_rss_start_mb if r.proxy_rss_mb and r.proxy_rss_start_mb else None
     if key == "reached_etcd.range_fraction":
         calls = r.reached_etcd.get("range_calls")
         return calls / r.ops if calls is not None and r.ops else None
@@ -848,6 +851,7 @@ def _rows_for(scen: str, unit: str) -> list[tuple[str, str, str]]:
             ("etcd watch streams", "reached_etcd.watch_streams", ".0f"),
             ("Range calls reaching etcd", "reached_etcd.range_calls", ".0f"),
             ("watch creation s", "details.create_s", ".2f"),
+            ("proxy RSS added during the run MB (10k watchers)", "proxy_rss_added_mb", ".0f"),
         ],
         "lease-keepalive": [
             ("etcd LeaseKeepAlive streams open mid-run (all clients)", "reached_etcd.keepalive_streams_open", ".0f"),
