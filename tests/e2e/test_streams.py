@@ -172,11 +172,15 @@ def test_lease_keepalive_raw(target: Stubs) -> None:
     reqs = RequestQueue()
     stream = target.lease.LeaseKeepAlive(iter(reqs), timeout=30)
     try:
-        for _ in range(2):
+        for i in range(2):
             reqs.put(rpc_pb2.LeaseKeepAliveRequest(ID=lease))
             resp = next(stream)
-            assert (lease, 30) == (resp.ID, resp.TTL)
-            assert resp.header.revision > 0
+            assert lease == resp.ID and resp.header.revision > 0
+            # etcd renews to the full TTL. Through the proxy a keepalive arriving within
+            # --lease-keepalive-window of the previous renewal is answered from it with the TTL
+            # actually left (whole seconds, rounded down: never more than etcd granted), so 29
+            # is right for the second one (issue 5).
+            assert resp.TTL == 30 if i == 0 or target.name == "direct" else 29 <= resp.TTL <= 30
         target.lease.LeaseRevoke(rpc_pb2.LeaseRevokeRequest(ID=lease), timeout=T)
         reqs.put(rpc_pb2.LeaseKeepAliveRequest(ID=lease))
         resp = next(stream)
@@ -397,6 +401,11 @@ def test_streams_carry_the_auth_token(fresh_etcd: EtcdServer, proxy: Callable[..
         assert want[4:6] == [("watch", b"a/x", True, False, "", 0), ("watch event", b"a/x", [b"seen"])]
         assert want[6][:4] == ("watch", b"b/x", True, True) and "permission denied" in want[6][4]
         assert want[7:] == [("observe", b"a/e", [b"alice"]), ("observe", b"b/e", [])]
+        # A refused create: etcd 3.5.1 echoes the requested id (0); later etcd releases and
+        # etcdproxy answer -1 (InvalidWatchID), the id clients treat as "not created".
+        for row in (3, 6):
+            assert want[row][5] == 0 and got[row][5] == -1
+            want[row] = got[row] = want[row][:5]
         assert got == want
     finally:
         direct.close()
