@@ -384,3 +384,19 @@ def test_metrics_addr_that_cannot_be_parsed_exits_1(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert 'cannot parse "http://[::1"' in result.stderr
+
+
+def test_hub_restart_keeps_the_metrics_port_and_the_totals(start: Callable[..., MetricsProxy]) -> None:
+    etcdproxy_only()
+    mp = start(workers=1)
+    for _ in range(3):
+        assert mp.get("/health")[0] == 200
+    puts(mp.proxy.endpoint, 1, 5)
+    wait_until(lambda: mp.value("grpc_server_started_total", **PUT) == 5, 10, "5 Puts counted")
+    successes = mp.value("etcd_server_health_success")
+    hubs = [pid for pid, _ in descendants(mp.proxy.proc.pid) if b"hub" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(hubs) == 1
+    os.kill(hubs[0], signal.SIGKILL)
+    wait_until(lambda: mp.get("/health")[0] == 200, 20, "a new hub serving /health")
+    assert mp.value("etcd_server_health_success") >= successes + 1  # the dead hub's count is kept
+    assert mp.value("grpc_server_started_total", **PUT) == 5
