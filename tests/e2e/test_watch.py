@@ -587,6 +587,37 @@ def test_client_chosen_watch_ids_match_etcd(direct: Stubs, via_proxy: Stubs, str
     assert runs["proxy"] == expected
 
 
+def test_pipelined_control_requests_answered_in_order(
+    direct: Stubs, via_proxy: Stubs, streams: Callable[..., RawWatch]
+) -> None:
+    """Creates and cancels sent back to back without waiting are answered in request order with
+    etcd's ids (clients match created answers to their create requests in order)."""
+    runs = {}
+    for stubs in (direct, via_proxy):
+        k = unique("pipelined") + b"k"
+        recent = put(stubs, k)
+        stream = streams(stubs)
+        for request in (
+            create(k),
+            create(k, start_revision=recent),
+            cancel(0),
+            create(k + b"2"),
+            cancel(1),
+            create(k, watch_id=9),
+            create(k, k),  # invalid range
+            cancel(9),
+            create(k),
+        ):
+            stream.send(request)
+        answers = []
+        while len(answers) < 9:
+            resp = stream.get()
+            if not resp.events:  # watch 1 replays the put
+                answers.append((resp.watch_id, resp.created, resp.canceled))
+        runs[stubs.name] = answers
+    assert runs["proxy"] == runs["direct"]
+
+
 def test_revision_0_and_1(aux_target: Stubs, streams: Callable[..., RawWatch]) -> None:
     """30: start revision 1 replays from the first revision (private etcd, never compacted), 0 is now."""
     p = unique("rev01")
@@ -1255,3 +1286,46 @@ def test_upstream_cancel_after_hub_restart_reaches_client(aux: Env, streams: Cal
     rev = put(aux.direct, p + b"k")
     assert [e.kv.mod_revision for e in stream.events_until(rev, again)] == [rev]
     wait_until(lambda: child_pid(supervisor, "etcdproxy: hub"), 10, "the respawned hub")
+
+
+def test_create_and_cancel_while_the_hub_is_down(aux: Env, streams: Callable[..., RawWatch]) -> None:
+    """Proxy only: creates and cancels sent while the hub is dead are answered once a new hub is
+    up, in request order; a watch from an explicit revision then gets the events written
+    meanwhile, and a watch that existed before keeps its stream and misses nothing."""
+    p = unique("hubdown")
+    supervisor = aux.proxy.proc.pid
+    stream = streams(aux.via_proxy)
+    before_id = stream.created(create(p + b"k")).watch_id
+    doomed_id = stream.created(create(p + b"k")).watch_id
+    hub = child_pid(supervisor, "etcdproxy: hub")
+    assert hub is not None
+    os.kill(supervisor, signal.SIGSTOP)
+    try:
+        os.kill(hub, signal.SIGKILL)
+        meanwhile = [put(aux.direct, p + b"k", str(i).encode()) for i in range(3)]
+        stream.send(create(p + b"k", start_revision=meanwhile[0]))
+        stream.send(cancel(doomed_id))
+        stream.send(create(p + b"other"))
+        time.sleep(0.3)
+    finally:
+        os.kill(supervisor, signal.SIGCONT)
+    answers = [stream.get(timeout=20) for _ in range(3)]
+    events_seen = [a for a in answers if a.events]
+    control = [a for a in answers if not a.events]
+    while len(control) < 3:  # events of the existing watch may come in between
+        resp = stream.get(timeout=20)
+        (events_seen if resp.events else control).append(resp)
+    order = [(a.created, a.canceled) for a in control]
+    replay_id, other_id = (a.watch_id for a in control if a.created)
+    assert [a.watch_id for a in control if a.canceled] == [doomed_id]
+    assert len({before_id, replay_id, other_id}) == 3
+    stream.stash[:0] = events_seen
+    last = put(aux.direct, p + b"k")
+    got: dict[int, list[int]] = {before_id: [], replay_id: []}
+    while any(not revs or revs[-1] < last for revs in got.values()):
+        resp = stream.get()
+        assert resp.watch_id in got, resp
+        got[resp.watch_id] += [e.kv.mod_revision for e in resp.events]
+    assert got == {before_id: [*meanwhile, last], replay_id: [*meanwhile, last]}
+    wait_until(lambda: child_pid(supervisor, "etcdproxy: hub"), 10, "the respawned hub")
+    assert order == [(True, False), (False, True), (True, False)], "answers not in request order"
