@@ -939,6 +939,50 @@ def test_progress_notify(aux_target: Stubs, streams: Callable[..., RawWatch]) ->
     plain_stream.quiet(1.5)
 
 
+def restart_etcd(etcd: EtcdServer) -> None:
+    """Stop etcd and start it again with the same command line (same ports, same data)."""
+    assert etcd.proc is not None
+    args = list(etcd.proc.args)  # type: ignore[arg-type]
+    etcd.stop()
+    with etcd.log_path.open("ab") as log:
+        etcd.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    wait_until(etcd.healthy, 30, "etcd healthy again after its restart")
+
+
+@pytest.mark.timeout(90)
+def test_progress_and_events_across_etcd_restart(
+    etcd_bin: str, tmp_path: Path, streams: Callable[..., RawWatch]
+) -> None:
+    """29 (proxy only: a direct stream ends with the member): across a restart of etcd the
+    client stream stays open, nothing is lost or repeated, no second created, and header
+    revisions of events and progress notifications never go back."""
+    with private_env(tmp_path, "restart", ("--experimental-watch-progress-notify-interval=1s",)) as env:
+        k = unique("restart") + b"k"
+        stream = streams(env.via_proxy)
+        notified = stream.created(create(k, progress_notify=True)).watch_id
+        plain = stream.created(create(k)).watch_id
+        written = [put(env.direct, k, str(i).encode()) for i in range(3)]
+        restart_etcd(env.etcd)
+        written += [put(env.direct, k, str(i).encode()) for i in range(3, 6)]
+        got: dict[int, list[int]] = {notified: [], plain: []}
+        headers: list[int] = []
+        progress_after = 0
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (
+            any(not r or r[-1] < written[-1] for r in got.values()) or not progress_after
+        ):
+            resp = stream.get(timeout=max(0.1, deadline - time.monotonic()))
+            assert not resp.created and not resp.canceled, resp
+            got[resp.watch_id] += [e.kv.mod_revision for e in resp.events]
+            if resp.watch_id == notified:
+                headers.append(resp.header.revision)
+                if is_progress(resp) and resp.header.revision >= written[-1]:
+                    progress_after += 1
+        assert got == {notified: written, plain: written}
+        assert progress_after, "no progress notification after the restart"
+        assert headers == sorted(headers), f"header revisions went back: {headers}"
+
+
 # =========================================================================== scenario 31 and 47
 
 
