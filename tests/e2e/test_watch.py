@@ -90,7 +90,8 @@ def current_revision(stubs: Stubs) -> int:
 def get_kv(stubs: Stubs, key: bytes) -> kv_pb2.KeyValue:
     kvs = stubs.kv.Range(rpc_pb2.RangeRequest(key=key), timeout=T).kvs
     assert len(kvs) == 1, kvs
-    return kvs[0]
+    kv: kv_pb2.KeyValue = kvs[0]
+    return kv
 
 
 def create(
@@ -112,7 +113,7 @@ def create(
             watch_id=watch_id,
             prev_kv=prev_kv,
             progress_notify=progress_notify,
-            filters=list(filters),
+            filters=list(filters),  # type: ignore[arg-type]
             fragment=fragment,
         )
     )
@@ -609,7 +610,7 @@ def test_pipelined_control_requests_answered_in_order(
             create(k),
         ):
             stream.send(request)
-        answers = []
+        answers: list[tuple[int, bool, bool]] = []
         while len(answers) < 9:
             resp = stream.get()
             if not resp.events:  # watch 1 replays the put
@@ -924,7 +925,7 @@ def test_progress_notify(aux_target: Stubs, streams: Callable[..., RawWatch]) ->
     plain_stream = streams(aux_target)
     notified = stream.created(create(p + b"k", progress_notify=True)).watch_id
     plain_stream.created(create(p + b"k"))
-    seen = []
+    seen: list[int] = []
     deadline = time.monotonic() + 6
     while len(seen) < 2 and time.monotonic() < deadline:
         resp = stream.get(timeout=5)
@@ -942,7 +943,7 @@ def test_progress_notify(aux_target: Stubs, streams: Callable[..., RawWatch]) ->
 def restart_etcd(etcd: EtcdServer) -> None:
     """Stop etcd and start it again with the same command line (same ports, same data)."""
     assert etcd.proc is not None
-    args = list(etcd.proc.args)  # type: ignore[arg-type]
+    args = [str(a) for a in etcd.proc.args]  # type: ignore[union-attr]
     etcd.stop()
     with etcd.log_path.open("ab") as log:
         etcd.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -1145,7 +1146,7 @@ def test_create_cancel_cycles_leave_no_watchers(
         before = etcd_server.metric(metric)
         long_lived = streams(stubs)
         long_id = long_lived.created(create(p + b"k")).watch_id
-        wait_until(lambda b=before: etcd_server.metric(metric) == b + 1, 5, "the long-lived watcher on etcd")
+        wait_until(lambda: etcd_server.metric(metric) == before + 1, 5, "the long-lived watcher on etcd")  # noqa: B023
         baseline = etcd_server.metric(metric)
         recent = put(stubs, p + b"x0")
         stream = streams(stubs)
@@ -1161,7 +1162,7 @@ def test_create_cancel_cycles_leave_no_watchers(
             s = RawWatch(stubs)
             s.created(create(p + b"k"))
             s.close()
-        wait_until(lambda b=baseline: etcd_server.metric(metric) == b, 5, f"{metric} back to {baseline} ({which})")
+        wait_until(lambda: etcd_server.metric(metric) == baseline, 5, f"{metric} back to {baseline} ({which})")  # noqa: B023
         rev = put(stubs, p + b"k")
         assert [e.kv.mod_revision for e in long_lived.events_until(rev, long_id)] == [rev]
 

@@ -381,7 +381,7 @@ class ThreadRelay:
     def _cut(self) -> None:
         transports, self.transports = self.transports, []
         for transport in transports:
-            transport.abort()
+            transport.abort()  # type: ignore[attr-defined]
 
     def cut(self) -> None:
         self.loop.call_soon_threadsafe(self._cut)
