@@ -1271,6 +1271,43 @@ def test_request_progress(target: Stubs, streams: Callable[..., RawWatch]) -> No
     assert resp.watch_id == -1 and is_progress(resp) and resp.header.revision >= last
 
 
+def test_request_progress_comes_after_the_events_it_covers(target: Stubs, streams: Callable[..., RawWatch]) -> None:
+    """36: a progress response at revision R comes after every event of the stream's (synced)
+    watchers up to R, also while a writer is busy (what Kubernetes' consistent reads rely on)."""
+    k = unique("progress-order") + b"k"
+    stream = streams(target)
+    watch_id = stream.created(create(k)).watch_id
+    writer_stubs = connect("writer", target.endpoint)
+    written: list[int] = []
+
+    def writer() -> None:
+        for i in range(60):
+            written.append(put(writer_stubs, k, str(i).encode()))
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    progress: list[tuple[int, int]] = []  # (R, last event revision received before it)
+    received: list[int] = []
+    try:
+        while thread.is_alive():
+            stream.send(progress_request())
+            time.sleep(0.01)
+        thread.join(timeout=T)
+        stream.send(progress_request())  # answered at a revision >= the last put
+        while not (received and received[-1] >= written[-1] and any(r >= written[-1] for r, _ in progress)):
+            resp = stream.get()
+            if resp.events:
+                assert resp.watch_id == watch_id
+                received += [e.kv.mod_revision for e in resp.events]
+            elif resp.watch_id == -1:
+                progress.append((resp.header.revision, received[-1] if received else 0))
+    finally:
+        writer_stubs.close()
+    assert received == written
+    late = [(r, seen) for r, seen in progress if max((w for w in written if w <= r), default=0) > seen]
+    assert not late, f"progress responses before the events they cover (R, last event seen): {late}"
+
+
 # =========================================================================== scenario 49
 
 
