@@ -5,6 +5,8 @@ under the prefix; sibling-prefix tricks against a direct view; the policy of doc
 
 from __future__ import annotations
 
+import os
+import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -352,3 +354,36 @@ def test_election_and_lock_are_namespaced(ns: Stubs, direct: Stubs) -> None:
         assert direct.kv.Range(rpc_pb2.RangeRequest(key=NS + locked.key), timeout=T).count == 0
     finally:
         direct.lease.LeaseRevoke(rpc_pb2.LeaseRevokeRequest(ID=lease), timeout=T)
+
+
+# ---- etcdctl (the Go clientv3) through a namespaced proxy --------------------------------------
+
+
+def test_etcdctl_through_namespace(ns_proxy: ProxyProcess, direct: Stubs, etcdctl_bin: str) -> None:
+    def ctl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [etcdctl_bin, f"--endpoints={ns_proxy.endpoint}", "--dial-timeout=5s", "--command-timeout=10s", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+            env=dict(os.environ, ETCDCTL_API="3"),
+            check=False,
+        )
+        assert proc.returncode == 0 or not check, proc.stderr
+        return proc
+
+    base = "ctl-" + uuid.uuid4().hex[:8] + "/"
+    ctl("put", base + "a", "1")
+    ctl("put", base + "b", "2")
+    assert ctl("get", base, "--prefix").stdout.split() == [base + "a", "1", base + "b", "2"]
+    raw = direct.kv.Range(rpc_pb2.RangeRequest(key=NS + base.encode(), range_end=prefix_end(NS + base.encode())))
+    assert kvs(raw.kvs) == [(NS + base.encode() + b"a", b"1"), (NS + base.encode() + b"b", b"2")]
+    assert ctl("del", base + "a", "--prev-kv").stdout.split() == ["1", base + "a", "1"]
+    lease = ctl("lease", "grant", "60").stdout.split()[1]
+    ctl("put", base + "l", "v", f"--lease={lease}")
+    assert base + "l" in ctl("lease", "timetolive", lease, "--keys").stdout
+    ctl("lease", "revoke", lease)
+    refused = ctl("compaction", "1", check=False)
+    assert refused.returncode != 0 and "namespace policy" in refused.stderr
+    assert ctl("endpoint", "status").returncode == 0
