@@ -68,7 +68,7 @@ class ClusterHub:
         self._lease = 0
         self._put_revision = 0  # revision of our last Put; a later delete of our key means "re-put"
         self._key_lost = asyncio.Event()
-        self._last_error = ""
+        self._last_error: dict[str, str] = {}  # per loop: the same failure every second is logged once
         self._tasks: list[asyncio.Task[None]] = []
         if self.resolver:
             self._tasks = [
@@ -95,9 +95,8 @@ class ClusterHub:
                 raise
             except (grpc.aio.AioRpcError, RegistrationError, TimeoutError) as exc:
                 text = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-                # the same failure every second (etcd down, auth on) is logged once
-                (log.warning if text != self._last_error else log.debug)("resolver %s: %s", what, text)
-                self._last_error = text
+                (log.warning if text != self._last_error.get(what) else log.debug)("resolver %s: %s", what, text)
+                self._last_error[what] = text
             except Exception:
                 log.exception("resolver %s failed", what)
             await asyncio.sleep(RETRY_S)
@@ -123,7 +122,7 @@ class ClusterHub:
         self._key_lost.clear()
         await self._put_own_key()
         log.info("registered %r (lease %x, ttl %d s)", self.own_key.decode(errors="replace"), self._lease, self.ttl_s)
-        self._last_error = ""
+        self._last_error.pop("registration", None)
         call = self.hub.channel.stream_stream(KEEPALIVE_PATH)(wait_for_ready=True)
         request = rpc_pb2.LeaseKeepAliveRequest(ID=self._lease).SerializeToString()
         try:
@@ -169,6 +168,7 @@ class ClusterHub:
             if member is not None:
                 members[kv.key] = member
         self.members = members
+        self._last_error.pop("discovery", None)
         if self.own_key not in members:
             self._note_deleted(self.own_key, listing.header.revision)
         create = rpc_pb2.WatchCreateRequest(
