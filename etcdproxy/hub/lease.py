@@ -120,10 +120,14 @@ class LeaseHub:
             self._pruner = self.hub.loop.create_task(self._prune_loop())
 
     async def _write_loop(self, call: Any, outbox: asyncio.Queue[int]) -> None:
-        while True:
-            lease_id = await outbox.get()
-            await call.write(keepalive_request(lease_id))
-            self.renewals_sent += 1
+        try:
+            while True:
+                lease_id = await outbox.get()
+                await call.write(keepalive_request(lease_id))
+                self.renewals_sent += 1
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+            # the call ended; _run sees why on its next read and re-sends what is unanswered
+            log.debug("upstream LeaseKeepAlive write failed: %r", exc)
 
     def _on_response(self, payload: bytes) -> None:
         lease_id, ttl = parse_response(payload)
