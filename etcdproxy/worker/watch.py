@@ -49,6 +49,15 @@ NO_LEADER = "etcdserver: no leader"
 
 
 @dataclass(slots=True, eq=False)
+class CancelAck:
+    """A client cancel, answered in request order once etcd's current header is known."""
+
+    watch_id: int
+    requested: bool = False
+    header: bytes | None = None
+
+
+@dataclass(slots=True, eq=False)
 class WatchStream:
     metadata: s.Metadata
     require_leader: bool
@@ -61,7 +70,7 @@ class WatchStream:
     end: errors.EtcdError | None = None
     # creates (CWatcher) and cancels (watch id) in request order: etcd answers creates in
     # order and numbers auto ids in order, so answers are released from the head only
-    fifo: deque[CWatcher | int] = field(default_factory=deque)
+    fifo: deque[CWatcher | CancelAck] = field(default_factory=deque)
 
     def allocate_id(self, requested: int) -> int | None:
         """etcd's rule: 0 picks the next free id, any other id is used unless taken."""
@@ -91,9 +100,9 @@ class WatchService:
         self._wids = itertools.count(1)
         self.by_wid: dict[int, tuple[WatchStream, CWatcher]] = {}
         self.by_sw: dict[int, dict[int, tuple[WatchStream, CWatcher]]] = {}
-        # progress requests in flight: req_id -> (stream, watch id of a cancel to acknowledge
-        # with the fresh header, or None for a client's RequestProgress)
-        self.progress_waiters: dict[int, tuple[WatchStream, int | None]] = {}
+        # progress requests in flight: req_id -> (stream, the cancel to acknowledge with the
+        # fresh header, or None for a client's RequestProgress)
+        self.progress_waiters: dict[int, tuple[WatchStream, CancelAck | None]] = {}
         self._progress_ids = itertools.count(1)
         self.last_header = b""
         hub.handlers[s.Kind.WATCH_CREATED] = self.on_created
@@ -178,12 +187,19 @@ class WatchService:
         return s.WatchCreate(epoch, watcher.wid, watcher.key, watcher.range_end, start, stream.metadata, resume)
 
     def _release(self, stream: WatchStream) -> None:
-        """Answer, in request order, every create whose outcome is known (etcd's ordering)."""
+        """Answer creates and cancels in request order as their outcomes become known."""
         while stream.fifo:
             head = stream.fifo[0]
-            if isinstance(head, int):
+            if isinstance(head, CancelAck):
+                if not head.requested:
+                    head.requested = True
+                    if not self._start_cancel(stream, head):
+                        stream.fifo.popleft()  # unknown id: etcd does not answer either
+                        continue
+                if head.header is None:
+                    return
                 stream.fifo.popleft()
-                self._cancel_now(stream, head)
+                stream.push(encode_response(head.watch_id, head.header, canceled=True))
                 continue
             if not head.ready:
                 return
@@ -225,22 +241,21 @@ class WatchService:
                 self._cancel_from_hub(stream, head, *head.cancel_after, created=False)
 
     def _cancel(self, stream: WatchStream, watch_id: int) -> None:
-        if stream.fifo:  # after the creates before it, like etcd
-            stream.fifo.append(watch_id)
-            self._release(stream)
-        else:
-            self._cancel_now(stream, watch_id)
+        stream.fifo.append(CancelAck(watch_id))
+        self._release(stream)
 
-    def _cancel_now(self, stream: WatchStream, watch_id: int) -> None:
-        watcher = stream.watchers.get(watch_id)
+    def _start_cancel(self, stream: WatchStream, ack: CancelAck) -> bool:
+        """Stop the watcher now; its ack waits for the store revision (an upstream progress
+        answer), since etcd's cancel answer carries the header of the moment it cancelled."""
+        watcher = stream.watchers.get(ack.watch_id)
         if watcher is None:
-            return  # unknown id: etcd does not answer either
+            return False
         stream.flush(watcher)
         self._forget(stream, watcher, tell_hub=True)
-        # etcd's ack carries the store revision at cancel time: ask the hub (upstream progress)
         req_id = next(self._progress_ids)
-        self.progress_waiters[req_id] = (stream, watch_id)
+        self.progress_waiters[req_id] = (stream, ack)
         self._send_when_up(lambda e: s.WatchProgressRequest(e, req_id, stream.metadata))
+        return True
 
     def _forget(self, stream: WatchStream, watcher: CWatcher, tell_hub: bool) -> None:
         watcher.canceled = True
@@ -365,12 +380,13 @@ class WatchService:
         waiter = self.progress_waiters.pop(message.req_id, None)
         if waiter is None:
             return
-        stream, canceled_id = waiter
+        stream, ack = waiter
         if message.header:
             self.last_header = message.header
         header = message.header or self.last_header
-        if canceled_id is not None:  # the acknowledgement of a client cancel
-            stream.push(encode_response(canceled_id, header, canceled=True))
+        if ack is not None:  # the acknowledgement of a client cancel, released in order
+            ack.header = header
+            self._release(stream)
             return
         for watcher in list(stream.dirty.values()):
             stream.flush(watcher)
