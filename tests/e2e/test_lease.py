@@ -241,7 +241,7 @@ def test_etcdctl_lease_keep_alive(etcdctl_bin: str, shared_proxy: ProxyProcess, 
         [*base, "lease", "keep-alive", "--once", f"{lease_id:x}"], env=env, capture_output=True, timeout=15, text=True
     )
     assert once.returncode == 0, once.stderr
-    assert re.fullmatch(rf"lease {lease_id:x} keepalived with TTL\((5|6)\)\n", once.stdout), once.stdout
+    assert re.fullmatch(rf"lease {lease_id:016x} keepalived with TTL\((5|6)\)\n", once.stdout), once.stdout
     with subprocess.Popen(
         [*base, "lease", "keep-alive", f"{lease_id:x}"],
         env=env,
@@ -254,7 +254,7 @@ def test_etcdctl_lease_keep_alive(etcdctl_bin: str, shared_proxy: ProxyProcess, 
         finally:
             stop_process(proc)
         out = proc.stdout.read() if proc.stdout else ""
-    assert len(re.findall(rf"lease {lease_id:x} keepalived with TTL\(\d\)", out)) >= 2, out
+    assert len(re.findall(rf"lease {lease_id:016x} keepalived with TTL\(\d\)", out)) >= 2, out
     via_proxy.lease.LeaseRevoke(pb.LeaseRevokeRequest(ID=lease_id))
     gone = subprocess.run(
         [*base, "lease", "keep-alive", "--once", f"{lease_id:x}"], env=env, capture_output=True, timeout=15, text=True
