@@ -595,9 +595,9 @@ class Bench:
         """LeaseKeepAlive streams open at etcd mid-run (started - handled) minus those open before the run: the
         streams this run added. A proxy reusing an upstream stream kept from an earlier run adds 0."""
         with contextlib.suppress(Exception):
-            run.reached_etcd["keepalive_streams_added"] = (
-                _open_ka(bl.scrape(self.metrics_url)) - run.details["ka_open_before"]
-            )
+            now_open = _open_ka(bl.scrape(self.metrics_url))
+            run.reached_etcd["keepalive_streams_open"] = now_open
+            run.reached_etcd["keepalive_streams_added"] = now_open - run.details["ka_open_before"]
 
     def sc_storm(self, run: Run, t: Target, budget: float) -> None:
         p = self.p
