@@ -66,6 +66,9 @@ def run_child(config: Config, spec: ChildSpec) -> int:
     if spec.role == HUB:
         from etcdproxy.hub.process import main
     else:
+        from etcdproxy import tls
+
+        tls.set_cipher_env(config)  # before grpc is imported: grpc core reads it once, at init
         from etcdproxy.worker.process import main
     return int(main(config, spec))
 
@@ -140,6 +143,16 @@ class Supervisor:
         except proc.GuardError as exc:
             raise BootError(str(exc)) from exc
         log.debug("metrics dir %s", proc.prepare_metrics_dir(self.run_dir))
+        if self.config.auto_tls:
+            # once, before any fork, so every worker serves the same certificate
+            from etcdproxy import tls  # late: pulls in cryptography, needed only here
+
+            try:
+                files = tls.ensure_self_signed(self.config)
+            except OSError as exc:
+                raise BootError(f"cannot create the --auto-tls certificate: {exc}") from exc
+            if files is not None and files.auto:
+                log.info("--auto-tls: serving the self-signed certificate %s", files.cert_file)
         if self.config.embedded_etcd:
             self.etcd = EmbeddedEtcd(debug=self.config.debug, parent_dir=self.run_dir)
             try:

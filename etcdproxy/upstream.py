@@ -11,6 +11,7 @@ import logging
 
 import grpc
 
+from etcdproxy import tls
 from etcdproxy.config import Config
 
 log = logging.getLogger(__name__)
@@ -65,5 +66,8 @@ def channel_options(config: Config) -> list[tuple[str, int | str]]:
 
 def open_channel(config: Config) -> grpc.aio.Channel:
     t = target(config.endpoints)
+    if tls.upstream_tls(config):
+        log.info("upstream channel to %s over TLS", t)
+        return grpc.aio.secure_channel(t, tls.channel_credentials(config), options=channel_options(config))
     log.info("upstream channel to %s", t)
     return grpc.aio.insecure_channel(t, options=channel_options(config))

@@ -17,6 +17,7 @@ import contextlib
 import email.utils
 import gzip
 import logging
+import ssl
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from urllib.parse import urlsplit
 
 import grpc
 
-from etcdproxy import health, metrics, upstream
+from etcdproxy import health, metrics, tls, upstream
 from etcdproxy.ipc import schema as s
 
 if TYPE_CHECKING:
@@ -61,13 +62,14 @@ def listen_address(metrics_addr: str) -> tuple[str, int]:
     return url.hostname or "", int(url.port or 0)
 
 
-def etcd_metrics_urls(endpoints: tuple[str, ...]) -> list[str]:
-    return [f"http://{upstream.host_port(e)}/metrics" for e in endpoints if e]
+def etcd_metrics_urls(endpoints: tuple[str, ...], secure: bool = False) -> list[str]:
+    scheme = "https" if secure else "http"
+    return [f"{scheme}://{upstream.host_port(e)}/metrics" for e in endpoints if e]
 
 
-def fetch(url: str) -> bytes:
+def fetch(url: str, context: ssl.SSLContext | None = None) -> bytes:
     """GET ``url`` (blocking, for a thread); raises unless etcd answered 200."""
-    with urllib.request.urlopen(url, timeout=ETCD_METRICS_TIMEOUT_S) as response:
+    with urllib.request.urlopen(url, timeout=ETCD_METRICS_TIMEOUT_S, context=context) as response:
         return bytes(response.read())
 
 
@@ -76,7 +78,11 @@ class MetricsServer:
         self.hub = hub
         self.config = hub.config
         self.server: asyncio.Server | None = None
-        self.etcd_urls = etcd_metrics_urls(self.config.endpoints)
+        secure = tls.upstream_tls(self.config)
+        self.etcd_urls = etcd_metrics_urls(self.config.endpoints, secure)
+        # etcd's /metrics over https with the upstream TLS files (SPEC 13.1)
+        self.etcd_context = tls.upstream_http_context(self.config) if secure else None
+        self.server_files = tls.server_files(self.config)
         self.good_url = 0  # index of the etcd endpoint that answered last: tried first
         self.scrape_lock = asyncio.Lock()  # one exposition at a time: settle_dead is not reentrant
         self.self_channel: grpc.aio.Channel | None = None
@@ -90,7 +96,11 @@ class MetricsServer:
 
     async def start(self) -> None:
         host, port = listen_address(self.config.metrics_addr)
-        self.server = await asyncio.start_server(self._serve, host or None, port, reuse_address=True)
+        context = None
+        if self.config.metrics_addr.startswith("https://"):
+            assert self.server_files is not None  # config.py refuses https without a certificate
+            context = tls.server_ssl_context(self.config, self.server_files)
+        self.server = await asyncio.start_server(self._serve, host or None, port, reuse_address=True, ssl=context)
         log.info("serving /health and /metrics on %s", self.config.metrics_addr)
 
     async def close(self) -> None:
@@ -208,7 +218,11 @@ class MetricsServer:
             return None
         if self.self_channel is None:
             target = upstream.host_port(url)
-            if url.startswith("https://"):
+            if self.server_files is not None:
+                # the proxy's listener is TLS: dial it like Go's self client does (SPEC 13.2)
+                creds = tls.self_client_credentials(self.server_files)
+                self.self_channel = grpc.aio.secure_channel(target, creds)
+            elif url.startswith("https://"):
                 self.self_channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials())
             else:
                 self.self_channel = grpc.aio.insecure_channel(target)
@@ -223,7 +237,7 @@ class MetricsServer:
             index = (self.good_url + i) % count
             url = self.etcd_urls[index]
             try:
-                body = await asyncio.to_thread(fetch, url)
+                body = await asyncio.to_thread(fetch, url, self.etcd_context)
             except (OSError, urllib.error.URLError, ValueError) as exc:
                 errors.append(f"{url}: {exc}")
                 continue

@@ -14,7 +14,7 @@ import signal
 
 import grpc
 
-from etcdproxy import metrics, proc
+from etcdproxy import metrics, proc, tls
 from etcdproxy.config import Config
 from etcdproxy.core import errors
 from etcdproxy.worker.cache import RangeService
@@ -62,8 +62,12 @@ async def serve(config: Config, spec: proc.ChildSpec) -> int:
     if config.cache:
         handlers.overrides["/etcdserverpb.KV/Range"] = RangeService(hub, config, namespace).handler()
     server.add_generic_rpc_handlers(handlers.generic_handlers())
+    files = tls.server_files(config)
     try:
-        port = server.add_insecure_port(config.listen_addr)
+        if files is None:
+            port = server.add_insecure_port(config.listen_addr)
+        else:
+            port = server.add_secure_port(config.listen_addr, tls.server_credentials(files))
     except RuntimeError as exc:
         log.error("cannot listen on %s: %s", config.listen_addr, exc)
         return proc.EXIT_BOOT_ERROR
@@ -79,7 +83,7 @@ async def serve(config: Config, spec: proc.ChildSpec) -> int:
     metrics.settle_own_pid()  # before the first flush: a dead predecessor may have had our pid
     reporter = loop.create_task(report_loop(hub))
     proc.notify_ready(spec)
-    log.info("worker %d serving gRPC on %s", spec.index, config.listen_addr)
+    log.info("worker %d serving gRPC%s on %s", spec.index, "" if files is None else " over TLS", config.listen_addr)
     await stop.wait()
     log.info("worker %d stopping", spec.index)
     stopping = loop.create_task(server.stop(config.graceful_timeout_s))

@@ -118,7 +118,7 @@ def test_metrics_addr_accepted(addr: str) -> None:
         ("unix://x:1", 'invalid --metrics-addr "unix://x:1": want http://host:port or https://host:port'),
         (
             "https://h:1",
-            "--metrics-addr https://h:1: https is not implemented yet in etcdproxy (TLS, issue 8); use http://",
+            "--metrics-addr https://h:1: https needs the listener's certificate (--cert-file/--key-file or --auto-tls)",
         ),
     ],
 )

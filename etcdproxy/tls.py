@@ -1,0 +1,382 @@
+"""TLS for both sides of the proxy: file checks, gRPC credentials, ssl contexts, --auto-tls.
+
+* Upstream (proxy -> etcd, SPEC 13.1): ``--cacert/--cert/--key`` and ``https://`` endpoints give a
+  grpc.ssl_channel_credentials channel. The client certificate must have an empty subject CN (etcd
+  would take the CN as the user of every proxied request); the check and its message are Go's.
+  Unlike Go, ``--cacert`` alone works (SPEC 20.2 V).
+* Downstream (clients -> proxy, SPEC 13.2): ``--cert-file/--key-file[/--trusted-ca-file]`` or
+  ``--auto-tls`` give grpc.ssl_server_credentials; a trusted CA makes client certificates required.
+
+What grpcio cannot do, and how each flag is handled (docs/tls.md):
+
+* No skip-verify switch in grpc.ssl_channel_credentials: ``--insecure-skip-tls-verify`` is refused
+  (config.NOT_IMPLEMENTED).
+* No TLS version bounds on the server: grpc core always negotiates TLS 1.2..1.3, so only
+  ``--tls-min-version TLS1.2`` with ``--tls-max-version "" | TLS1.3`` are accepted with a TLS listener.
+* Cipher suites: grpc core reads the ``GRPC_SSL_CIPHER_SUITES`` environment variable (OpenSSL
+  names, TLS 1.2 suites; TLS 1.3 suites are fixed, as in Go). Workers set it before their first
+  gRPC object exists; Go names are mapped below and unknown ones refused with Go's message.
+* No CRL hook on the server: ``--client-crl-file`` is refused (config.NOT_IMPLEMENTED).
+
+Everything here that reads files runs in the supervisor before any fork, so a bad file is an exit 1
+at start-up, not a crash loop of children.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import ssl
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from etcdproxy.config import Config, go_quote
+
+CIPHER_SUITES_ENV = "GRPC_SSL_CIPHER_SUITES"
+AUTO_TLS_SUBDIR = os.path.join("fixtures", "proxy")
+
+# Go cipher-suite names (crypto/tls CipherSuites() + InsecureCipherSuites(), and the short
+# CHACHA20 aliases etcd's tlsutil also knows) -> OpenSSL/BoringSSL name, or None when grpc's
+# BoringSSL has no such suite (RC4, 3DES, CBC-SHA256), which we refuse rather than drop.
+GO_CIPHER_SUITES: dict[str, str | None] = {
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA": "ECDHE-ECDSA-AES128-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA": "ECDHE-ECDSA-AES256-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA": "ECDHE-RSA-AES128-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA": "ECDHE-RSA-AES256-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256": "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384": "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256": "ECDHE-RSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384": "ECDHE-RSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-RSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305": "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305": "ECDHE-RSA-CHACHA20-POLY1305",
+    "TLS_RSA_WITH_AES_128_CBC_SHA": "AES128-SHA",
+    "TLS_RSA_WITH_AES_256_CBC_SHA": "AES256-SHA",
+    "TLS_RSA_WITH_AES_128_GCM_SHA256": "AES128-GCM-SHA256",
+    "TLS_RSA_WITH_AES_256_GCM_SHA384": "AES256-GCM-SHA384",
+    "TLS_RSA_WITH_RC4_128_SHA": None,
+    "TLS_RSA_WITH_3DES_EDE_CBC_SHA": None,
+    "TLS_RSA_WITH_AES_128_CBC_SHA256": None,
+    "TLS_ECDHE_ECDSA_WITH_RC4_128_SHA": None,
+    "TLS_ECDHE_RSA_WITH_RC4_128_SHA": None,
+    "TLS_ECDHE_RSA_WITH_3DES_EDE_CBC_SHA": None,
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256": None,
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256": None,
+}
+# TLS 1.3 suites: Go accepts the names but never restricts TLS 1.3 with them; neither does grpc.
+GO_TLS13_SUITES = frozenset({"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"})
+
+
+class TLSConfigError(ValueError):
+    """A TLS setting the proxy cannot start with; the message is printed as-is, exit 1."""
+
+
+def openssl_cipher_list(go_names: tuple[str, ...]) -> str:
+    """Go cipher-suite names -> the ``GRPC_SSL_CIPHER_SUITES`` value ("" when none are given)."""
+    out: list[str] = []
+    for name in go_names:
+        if name in GO_TLS13_SUITES:
+            continue
+        if name not in GO_CIPHER_SUITES:
+            raise TLSConfigError(f"unexpected TLS cipher suite {go_quote(name)}")
+        mapped = GO_CIPHER_SUITES[name]
+        if mapped is None:
+            raise TLSConfigError(
+                f"TLS cipher suite {name} is not available in grpcio's TLS library (BoringSSL); "
+                "choose an AES-GCM, CHACHA20 or AES-CBC-SHA suite"
+            )
+        if mapped not in out:
+            out.append(mapped)
+    if go_names and not out:
+        raise TLSConfigError(
+            "--listen-cipher-suites lists only TLS 1.3 suites, which cannot be restricted; "
+            "name at least one TLS 1.2 suite (grpcio would otherwise refuse every TLS 1.2 client)"
+        )
+    return ":".join(out)
+
+
+def set_cipher_env(config: Config) -> None:
+    """In a worker, after fork and before grpc is imported: grpc core reads GRPC_SSL_CIPHER_SUITES
+    once when it initialises (setting it later has no effect). The hub never gets it, so its TLS
+    to etcd keeps grpc's default list."""
+    ciphers = openssl_cipher_list(config.listen_cipher_suites)
+    if ciphers:
+        os.environ[CIPHER_SUITES_ENV] = ciphers
+
+
+# --- which side uses TLS ---------------------------------------------------------------------
+
+
+def upstream_tls(config: Config) -> bool:
+    """Go: any of --cacert/--cert/--key (or --insecure-skip-tls-verify, refused), or an https:// endpoint."""
+    if config.cacert or config.cert or config.key:
+        return True
+    return any(e.startswith(("https://", "unixs://")) for e in config.endpoints)
+
+
+def server_tls(config: Config) -> bool:
+    """Clients -> proxy over TLS: files given, or --auto-tls (used only when no file is given, as in Go)."""
+    return bool(config.cert_file or config.key_file or config.trusted_ca_file or config.auto_tls)
+
+
+def auto_tls_dir(config: Config) -> str:
+    return os.path.join(config.data_dir, AUTO_TLS_SUBDIR)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerFiles:
+    """The certificate files the listener actually uses (given, or generated by --auto-tls)."""
+
+    cert_file: str
+    key_file: str
+    trusted_ca_file: str = ""
+    auto: bool = False
+
+
+def server_files(config: Config) -> ServerFiles | None:
+    if config.cert_file or config.key_file or config.trusted_ca_file:
+        return ServerFiles(config.cert_file, config.key_file, config.trusted_ca_file)
+    if config.auto_tls:
+        directory = auto_tls_dir(config)
+        return ServerFiles(os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem"), auto=True)
+    return None
+
+
+# --- start-up checks (supervisor / CLI, before any fork) ---------------------------------------
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise TLSConfigError(f"open {path}: {exc.strerror.lower() if exc.strerror else exc}") from exc
+
+
+def _load_cert(path: str) -> x509.Certificate:
+    data = _read(path)
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError as exc:
+        raise TLSConfigError(f"{path}: not a PEM certificate: {exc}") from exc
+
+
+def common_name(cert: x509.Certificate) -> str:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""
+
+
+def check_client_cert_cn(path: str) -> None:
+    """Go's rule (client/pkg/transport/listener.go): the proxy's client certificate has no CN."""
+    cn = common_name(_load_cert(path))
+    if cn:
+        raise TLSConfigError(f"cert has non empty Common Name ({cn}): {path}")
+
+
+def _check_pair(cert_flag: str, cert: str, key_flag: str, key: str) -> None:
+    if bool(cert) != bool(key):
+        given, missing = (cert_flag, key_flag) if cert else (key_flag, cert_flag)
+        raise TLSConfigError(f"{given} needs {missing}")
+    if cert:
+        try:
+            ssl.create_default_context().load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise TLSConfigError(f"cannot load {cert_flag} {cert} with {key_flag} {key}: {exc}") from exc
+
+
+def startup_errors(config: Config) -> list[str]:
+    """Everything about TLS that would fail later in a child; [] when fine. Reads the files."""
+    try:
+        _check_upstream(config)
+        _check_server(config)
+    except TLSConfigError as exc:
+        return [str(exc)]
+    return []
+
+
+def _check_upstream(config: Config) -> None:
+    if not upstream_tls(config):
+        return
+    # One channel carries every endpoint, so it is TLS for all of them or for none.
+    schemes = {e.partition("://")[0] for e in config.endpoints if "://" in e}
+    if {"http", "https"} <= schemes:
+        raise TLSConfigError("--endpoints mixes http:// and https:// endpoints; use one scheme for all")
+    if config.cacert:
+        _read(config.cacert)
+    if config.cert:
+        # Go reads --cert for the CN check whenever TLS is on, so --cacert alone fails there;
+        # here the check applies only to a certificate that is actually given.
+        check_client_cert_cn(config.cert)
+    _check_pair("--cert", config.cert, "--key", config.key)
+
+
+def _check_server(config: Config) -> None:
+    files = server_files(config)
+    if files is None:
+        return
+    if not files.auto:
+        if not (files.cert_file and files.key_file):
+            raise TLSConfigError("a TLS listener needs both --cert-file and --key-file")
+        _check_pair("--cert-file", files.cert_file, "--key-file", files.key_file)
+        if files.trusted_ca_file:
+            _read(files.trusted_ca_file)
+    if config.tls_min_version == "TLS1.3" or config.tls_max_version == "TLS1.2":
+        raise TLSConfigError(
+            f"--tls-min-version {config.tls_min_version} --tls-max-version {config.tls_max_version or '(newest)'}: "
+            "grpcio's server always allows TLS 1.2 and TLS 1.3 and has no setting to narrow that; "
+            "only --tls-min-version TLS1.2 with --tls-max-version TLS1.3 or empty is supported"
+        )
+    openssl_cipher_list(config.listen_cipher_suites)
+
+
+# --- --auto-tls ------------------------------------------------------------------------------
+
+
+def ensure_self_signed(config: Config) -> ServerFiles | None:
+    """Create the --auto-tls certificate once (reused if both files exist, like Go's SelfCert).
+
+    Called by the supervisor before forking, so every worker serves the same certificate.
+    """
+    files = server_files(config)
+    if files is None or not files.auto:
+        return files
+    if os.path.exists(files.cert_file) and os.path.exists(files.key_file):
+        return files
+    os.makedirs(os.path.dirname(files.cert_file), mode=0o700, exist_ok=True)
+    cert_pem, key_pem = self_signed_pem(_listen_host(config.listen_addr), config.self_signed_cert_validity)
+    fd = os.open(files.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key_pem)
+    with open(files.cert_file, "wb") as f:
+        f.write(cert_pem)
+    return files
+
+
+def _listen_host(listen_addr: str) -> str:
+    return urlsplit("https://" + listen_addr).hostname or ""
+
+
+def self_signed_pem(host: str, validity_years: int) -> tuple[bytes, bytes]:
+    """An ECDSA P-256 server certificate for ``host`` (IP or DNS SAN), Organization "etcd" like Go."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "etcd")])
+    sans: list[x509.GeneralName] = []
+    try:
+        sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+    except ValueError:
+        if host:
+            sans.append(x509.DNSName(host))
+    # 0.0.0.0 / :: listen on every address: also cover loopback clients.
+    if host in ("", "0.0.0.0", "::"):
+        sans += [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+    # Year arithmetic on days keeps huge validities from overflowing datetime.
+    days = min(validity_years * 365, (datetime.datetime(9999, 1, 1, tzinfo=datetime.UTC) - now).days)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_encipherment=True,
+                content_commitment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert = builder.sign(key, hashes.SHA256())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+# --- credentials and contexts (children, after fork) -------------------------------------------
+
+
+def _maybe(path: str) -> bytes | None:
+    return _read(path) if path else None
+
+
+def channel_credentials(config: Config) -> object:
+    """grpc credentials of the upstream channel (hub only)."""
+    import grpc
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=_maybe(config.cacert),
+        private_key=_maybe(config.key),
+        certificate_chain=_maybe(config.cert),
+    )
+
+
+def server_credentials(files: ServerFiles) -> object:
+    """grpc credentials of the client-facing listener (workers)."""
+    import grpc
+
+    ca = _maybe(files.trusted_ca_file)
+    return grpc.ssl_server_credentials(
+        [(_read(files.key_file), _read(files.cert_file))],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
+def self_client_credentials(files: ServerFiles) -> object:
+    """Credentials of /proxy/health's own client (Go: server cert as client cert, trusted CA as roots;
+    auto-TLS: skip verify, which here is pinning the self-signed certificate, exact and stricter)."""
+    import grpc
+
+    if files.auto:
+        return grpc.ssl_channel_credentials(root_certificates=_read(files.cert_file))
+    return grpc.ssl_channel_credentials(
+        root_certificates=_maybe(files.trusted_ca_file),
+        private_key=_read(files.key_file),
+        certificate_chain=_read(files.cert_file),
+    )
+
+
+def server_ssl_context(config: Config, files: ServerFiles) -> ssl.SSLContext:
+    """The --metrics-addr https listener: same files, versions and cipher suites as the gRPC one."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if config.tls_min_version == "TLS1.3" else ssl.TLSVersion.TLSv1_2
+    if config.tls_max_version == "TLS1.2":
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(files.cert_file, files.key_file)
+    if files.trusted_ca_file:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(files.trusted_ca_file)
+    ciphers = openssl_cipher_list(config.listen_cipher_suites)
+    if ciphers:
+        ctx.set_ciphers(ciphers)
+    return ctx
+
+
+def upstream_http_context(config: Config) -> ssl.SSLContext:
+    """The hub's fetch of etcd's /metrics over https: --cacert as roots (Go ignores it unless all three
+    files are given, then fails against a private CA), client certificate when --cert/--key are set."""
+    ctx = ssl.create_default_context(cafile=config.cacert or None)
+    if config.cert and config.key:
+        ctx.load_cert_chain(config.cert, config.key)
+    return ctx
