@@ -127,7 +127,10 @@ class Hub:
             log.error("dropping bad frame from %r: %s", identity, exc)
             return
         for message in messages:
-            self._on_message(identity, message)
+            try:  # one failing handler must not drop the rest of the worker's batch
+                self._on_message(identity, message)
+            except Exception:
+                log.exception("error handling %s from %s", message.kind.name, identity.decode())
 
     def _on_message(self, identity: bytes, message: s.Message) -> None:
         worker = self.workers.get(identity)

@@ -208,7 +208,12 @@ class HubClient:
 
     def _on_frame(self, frame: bytes) -> None:
         for message in codec.decode_frame(frame):
-            self._on_message(message)
+            # One failing handler must not drop the rest of the batch: that would look like
+            # (and be handled as) lost IPC messages for every stream of this worker.
+            try:
+                self._on_message(message)
+            except Exception:
+                log.exception("error handling hub message %s", message.kind.name)
 
     def _on_message(self, message: s.Message) -> None:
         self._last_heard = self.loop.time()
