@@ -367,6 +367,22 @@ def test_unknown_ca_upstream_fails_calls(pki: PKI, mtls_etcd: EtcdServer, proxy:
 # --------------------------------------------------------------------------- downstream TLS
 
 
+def tls12_handshake(port: int, pki: PKI, cipher: str, client: Pair | None = None) -> str:
+    """A TLS 1.2 handshake offering only ``cipher``; returns the suite the server chose."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(pki.ca.path)
+    if client is not None:
+        ctx.load_cert_chain(client.cert, client.key)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(cipher)
+    ctx.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection((LOCALHOST, port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname=LOCALHOST) as conn,
+    ):
+        return str(conn.cipher()[0])
+
+
 def _tls11_refused(endpoint: str, pki: PKI) -> ssl.SSLError | None:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_verify_locations(pki.ca.path)
@@ -406,6 +422,8 @@ def test_mutual_tls_on_the_grpc_port(pki: PKI, fresh_etcd: EtcdServer, proxy: Pr
     error = _tls11_refused(p.endpoint, pki)
     assert error is not None, "a TLS 1.1 handshake succeeded"
     assert range_count(fresh_etcd) == before, "a refused client reached etcd"
+    # grpc's default TLS 1.2 list (compare test_cipher_suites_and_versions)
+    assert tls12_handshake(p.port, pki, "ECDHE-RSA-AES256-GCM-SHA384", pki.client) == "ECDHE-RSA-AES256-GCM-SHA384"
 
     stubs = secure_stubs(p.endpoint, good)
     try:
@@ -426,21 +444,9 @@ def test_cipher_suites_and_versions(pki: PKI, fresh_etcd: EtcdServer, proxy: Pro
         proxy, [fresh_etcd.endpoint], (*server_args(pki, mutual=False), f"--listen-cipher-suites={suite}"), None
     )
 
-    def handshake(cipher: str) -> str:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.load_verify_locations(pki.ca.path)
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-        ctx.set_ciphers(cipher)
-        ctx.set_alpn_protocols(["h2"])
-        with (
-            socket.create_connection((LOCALHOST, p.port), timeout=5) as raw,
-            ctx.wrap_socket(raw, server_hostname=LOCALHOST) as conn,
-        ):
-            return str(conn.cipher()[0])
-
-    wait_until(lambda: handshake("ECDHE-RSA-AES128-GCM-SHA256"), 10, "a TLS 1.2 handshake")
+    assert tls12_handshake(p.port, pki, "ECDHE-RSA-AES128-GCM-SHA256") == "ECDHE-RSA-AES128-GCM-SHA256"
     with pytest.raises(ssl.SSLError):
-        handshake("ECDHE-RSA-AES256-GCM-SHA384")  # grpc's default list has it; ours does not
+        tls12_handshake(p.port, pki, "ECDHE-RSA-AES256-GCM-SHA384")  # in grpc's default list, not in ours
 
     for args, message in (
         (["--listen-cipher-suites=BOGUS"], 'unexpected TLS cipher suite "BOGUS"'),
