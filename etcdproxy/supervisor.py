@@ -143,10 +143,12 @@ class Supervisor:
         except proc.GuardError as exc:
             raise BootError(str(exc)) from exc
         log.debug("metrics dir %s", proc.prepare_metrics_dir(self.run_dir))
+        from etcdproxy import tls  # late: pulls in cryptography
+
+        for warning in tls.unused_flag_warnings(self.config):
+            log.warning("%s", warning)
         if self.config.auto_tls:
             # once, before any fork, so every worker serves the same certificate
-            from etcdproxy import tls  # late: pulls in cryptography, needed only here
-
             try:
                 files = tls.ensure_self_signed(self.config)
             except OSError as exc:

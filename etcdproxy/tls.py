@@ -186,7 +186,8 @@ def _check_pair(cert_flag: str, cert: str, key_flag: str, key: str) -> None:
         raise TLSConfigError(f"{given} needs {missing}")
     if cert:
         try:
-            ssl.create_default_context().load_cert_chain(cert, key)
+            # a password callback, else OpenSSL would prompt on the terminal for an encrypted key
+            ssl.create_default_context().load_cert_chain(cert, key, password=lambda: b"")
         except (OSError, ssl.SSLError) as exc:
             raise TLSConfigError(f"cannot load {cert_flag} {cert} with {key_flag} {key}: {exc}") from exc
 
@@ -234,6 +235,24 @@ def _check_server(config: Config) -> None:
             "only --tls-min-version TLS1.2 with --tls-max-version TLS1.3 or empty is supported"
         )
     openssl_cipher_list(config.listen_cipher_suites)
+
+
+def unused_flag_warnings(config: Config) -> list[str]:
+    """Listener TLS settings given without a TLS listener: Go ignores them too; we at least say so."""
+    if server_files(config) is not None:
+        return []
+    unused = [
+        flag
+        for flag, given in (
+            ("--listen-cipher-suites", bool(config.listen_cipher_suites)),
+            ("--tls-min-version", config.tls_min_version != "TLS1.2"),
+            ("--tls-max-version", config.tls_max_version != ""),
+        )
+        if given
+    ]
+    if not unused:
+        return []
+    return [f"{', '.join(unused)} set but the listener is not TLS (no --cert-file/--key-file/--auto-tls): no effect"]
 
 
 # --- --auto-tls ------------------------------------------------------------------------------

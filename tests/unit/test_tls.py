@@ -136,6 +136,18 @@ def test_startup_errors(tmp_path: Path) -> None:
     for fragment, config in cases.items():
         errors = tls.startup_errors(config)
         assert len(errors) == 1 and fragment in errors[0], (fragment, errors)
+    # an encrypted key is refused (Go cannot use one either), without a password prompt
+    encrypted = tmp_path / "enc.key"
+    private = serialization.load_pem_private_key(key.read_bytes(), None)
+    encrypted.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    (error,) = tls.startup_errors(dataclasses.replace(ok, key=str(encrypted)))
+    assert error.startswith("cannot load --cert")
     # version bounds only matter to a TLS listener (Go ignores them without one too)
     assert tls.startup_errors(Config(tls_min_version="TLS1.3")) == []
 
@@ -148,6 +160,13 @@ def test_check_runs_the_tls_checks_last(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:  # Go's own validation wins
         check(Config(cert=str(named), key=str(key), resolver_ttl_s=3))
     assert exc.value.messages == ['invalid resolver-prefix ""']
+
+
+def test_unused_listener_flags_are_reported() -> None:
+    assert tls.unused_flag_warnings(Config()) == []
+    (warning,) = tls.unused_flag_warnings(Config(tls_min_version="TLS1.3", listen_cipher_suites=("X",)))
+    assert warning.startswith("--listen-cipher-suites, --tls-min-version set but the listener is not TLS")
+    assert tls.unused_flag_warnings(Config(auto_tls=True, tls_max_version="TLS1.3")) == []
 
 
 def test_which_side_uses_tls() -> None:
