@@ -36,6 +36,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from etcdproxy.etcdpb import rpc_pb2
 from tests.conftest import ProxyLauncher
 from tests.helpers import (
+    IMPL_GO,
     LOCALHOST,
     READY_LINE,
     ROOT,
@@ -47,6 +48,7 @@ from tests.helpers import (
     http_get,
     log_tail,
     proxy_command,
+    proxy_impl,
     stop_process,
     wait_until,
 )
@@ -345,6 +347,8 @@ def test_client_cert_with_common_name_is_refused(pki: PKI, mtls_etcd: EtcdServer
 
 def test_cacert_alone_against_server_only_tls(pki: PKI, proxy: ProxyLauncher, tmp_path: Path) -> None:
     """The Go proxy cannot start this way (SPEC 20.2 V); etcdproxy verifies etcd and shows no certificate."""
+    if proxy_impl() == IMPL_GO:
+        pytest.skip("the Go proxy exits at start-up with --cacert alone (SPEC 20.2 V)")
     etcd = start_tls_etcd(tmp_path, pki, client_cert_auth=False, name="server-tls")
     try:
         p = proxy(endpoints=[f"https://{etcd.endpoint}"], extra_args=(f"--cacert={pki.ca.path}",))
