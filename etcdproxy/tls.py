@@ -29,6 +29,7 @@ import ipaddress
 import os
 import ssl
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -37,6 +38,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from etcdproxy.config import Config, go_quote
+
+if TYPE_CHECKING:
+    import grpc  # imported at run time only in children: the supervisor stays grpc-free
 
 CIPHER_SUITES_ENV = "GRPC_SSL_CIPHER_SUITES"
 AUTO_TLS_SUBDIR = os.path.join("fixtures", "proxy")
@@ -119,11 +123,6 @@ def upstream_tls(config: Config) -> bool:
     if config.cacert or config.cert or config.key:
         return True
     return any(e.startswith(("https://", "unixs://")) for e in config.endpoints)
-
-
-def server_tls(config: Config) -> bool:
-    """Clients -> proxy over TLS: files given, or --auto-tls (used only when no file is given, as in Go)."""
-    return bool(config.cert_file or config.key_file or config.trusted_ca_file or config.auto_tls)
 
 
 def auto_tls_dir(config: Config) -> str:
@@ -339,7 +338,7 @@ def _maybe(path: str) -> bytes | None:
     return _read(path) if path else None
 
 
-def channel_credentials(config: Config) -> object:
+def channel_credentials(config: Config) -> grpc.ChannelCredentials:
     """grpc credentials of the upstream channel (hub only)."""
     import grpc
 
@@ -350,7 +349,7 @@ def channel_credentials(config: Config) -> object:
     )
 
 
-def server_credentials(files: ServerFiles) -> object:
+def server_credentials(files: ServerFiles) -> grpc.ServerCredentials:
     """grpc credentials of the client-facing listener (workers)."""
     import grpc
 
@@ -362,7 +361,7 @@ def server_credentials(files: ServerFiles) -> object:
     )
 
 
-def self_client_credentials(files: ServerFiles) -> object:
+def self_client_credentials(files: ServerFiles) -> grpc.ChannelCredentials:
     """Credentials of /proxy/health's own client (Go: server cert as client cert, trusted CA as roots;
     auto-TLS: skip verify, which here is pinning the self-signed certificate, exact and stricter)."""
     import grpc
