@@ -67,7 +67,14 @@ def channel_options(config: Config) -> list[tuple[str, int | str]]:
 def open_channel(config: Config) -> grpc.aio.Channel:
     t = target(config.endpoints)
     if tls.upstream_tls(config):
+        options = channel_options(config)
+        if t.startswith("ipv4:"):
+            # grpc checks every address of the channel against one name: its authority, which for a
+            # list target is the whole list and matches no certificate. Use the first endpoint's.
+            first = host_port(config.endpoints[0])
+            options.append(("grpc.default_authority", first))
+            log.warning("TLS to several endpoints: every member's certificate must be valid for %s", first)
         log.info("upstream channel to %s over TLS", t)
-        return grpc.aio.secure_channel(t, tls.channel_credentials(config), options=channel_options(config))
+        return grpc.aio.secure_channel(t, tls.channel_credentials(config), options=options)
     log.info("upstream channel to %s", t)
     return grpc.aio.insecure_channel(t, options=channel_options(config))

@@ -337,6 +337,14 @@ def test_tls_termination_etcdctl(pki: PKI, mtls_etcd: EtcdServer, proxy: ProxyLa
     assert status == 200 and "etcd_server_has_leader" in body
 
 
+def test_tls_to_a_list_of_ip_endpoints(pki: PKI, mtls_etcd: EtcdServer, proxy: ProxyLauncher) -> None:
+    """An ``ipv4:a,b`` channel: grpc would check the certificates against the whole list as one name."""
+    url = f"https://{mtls_etcd.endpoint}"
+    p = proxy(endpoints=[url, url], extra_args=upstream_args(pki))
+    assert etcdctl(p.endpoint, "put", "tls/list", "ok").strip() == "OK"
+    assert etcdctl(p.endpoint, "get", "tls/list", "--print-value-only").strip() == "ok"
+
+
 def test_client_cert_with_common_name_is_refused(pki: PKI, mtls_etcd: EtcdServer) -> None:
     args = [f"--endpoints=https://{mtls_etcd.endpoint}", f"--cacert={pki.ca.path}"]
     result = run_proxy_expecting_exit([*args, f"--cert={pki.named_client.cert}", f"--key={pki.named_client.key}"])
