@@ -32,15 +32,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
 from etcdproxy.config import Config, go_quote
 
 if TYPE_CHECKING:
     import grpc  # imported at run time only in children: the supervisor stays grpc-free
+    from cryptography import x509
 
 CIPHER_SUITES_ENV = "GRPC_SSL_CIPHER_SUITES"
 AUTO_TLS_SUBDIR = os.path.join("fixtures", "proxy")
@@ -159,7 +155,17 @@ def _read(path: str) -> bytes:
         raise TLSConfigError(f"open {path}: {exc.strerror.lower() if exc.strerror else exc}") from exc
 
 
+def _require_cryptography(why: str) -> None:
+    """cryptography is needed only for the CN check and --auto-tls; say so at start-up if missing."""
+    try:
+        import cryptography  # noqa: F401
+    except ImportError as exc:
+        raise TLSConfigError(f"{why} needs the Python package cryptography (pip install cryptography)") from exc
+
+
 def _load_cert(path: str) -> x509.Certificate:
+    from cryptography import x509
+
     data = _read(path)
     try:
         return x509.load_pem_x509_certificate(data)
@@ -168,6 +174,8 @@ def _load_cert(path: str) -> x509.Certificate:
 
 
 def common_name(cert: x509.Certificate) -> str:
+    from cryptography.x509.oid import NameOID
+
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(names[0].value) if names else ""
 
@@ -211,6 +219,7 @@ def _check_upstream(config: Config) -> None:
     if config.cacert:
         _read(config.cacert)
     if config.cert:
+        _require_cryptography("--cert (its Common Name is checked)")
         # Go reads --cert for the CN check whenever TLS is on, so --cacert alone fails there;
         # here the check applies only to a certificate that is actually given.
         check_client_cert_cn(config.cert)
@@ -221,7 +230,9 @@ def _check_server(config: Config) -> None:
     files = server_files(config)
     if files is None:
         return
-    if not files.auto:
+    if files.auto:
+        _require_cryptography("--auto-tls")
+    else:
         if not (files.cert_file and files.key_file):
             raise TLSConfigError("a TLS listener needs both --cert-file and --key-file")
         _check_pair("--cert-file", files.cert_file, "--key-file", files.key_file)
@@ -283,6 +294,11 @@ def _listen_host(listen_addr: str) -> str:
 
 def self_signed_pem(host: str, validity_years: int) -> tuple[bytes, bytes]:
     """An ECDSA P-256 server certificate for ``host`` (IP or DNS SAN), Organization "etcd" like Go."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "etcd")])

@@ -7,6 +7,7 @@ import datetime
 import ipaddress
 import os
 import ssl
+import sys
 from pathlib import Path
 
 import pytest
@@ -167,6 +168,16 @@ def test_unused_listener_flags_are_reported() -> None:
     (warning,) = tls.unused_flag_warnings(Config(tls_min_version="TLS1.3", listen_cipher_suites=("X",)))
     assert warning.startswith("--listen-cipher-suites, --tls-min-version set but the listener is not TLS")
     assert tls.unused_flag_warnings(Config(auto_tls=True, tls_max_version="TLS1.3")) == []
+
+
+def test_cryptography_is_needed_only_for_the_cn_check_and_auto_tls(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "cryptography", None)  # import fails as if not installed
+    assert tls.startup_errors(Config()) == []
+    assert tls.startup_errors(Config(cacert=__file__)) == []
+    (error,) = tls.startup_errors(Config(auto_tls=True))
+    assert error == "--auto-tls needs the Python package cryptography (pip install cryptography)"
+    (error,) = tls.startup_errors(Config(cert="c.pem", key="k.pem"))
+    assert "needs the Python package cryptography" in error
 
 
 def test_which_side_uses_tls() -> None:
