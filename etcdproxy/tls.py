@@ -199,6 +199,14 @@ def _check_pair(cert_flag: str, cert: str, key_flag: str, key: str) -> None:
             raise TLSConfigError(f"cannot load {cert_flag} {cert} with {key_flag} {key}: {exc}") from exc
 
 
+def _check_ca(flag: str, path: str) -> None:
+    _read(path)  # Go's "open <file>: ..." for a missing file
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=path)
+    except ssl.SSLError as exc:
+        raise TLSConfigError(f"cannot load {flag} {path}: no PEM certificate in it ({exc})") from exc
+
+
 def startup_errors(config: Config) -> list[str]:
     """Everything about TLS that would fail later in a child; [] when fine. Reads the files."""
     try:
@@ -217,7 +225,7 @@ def _check_upstream(config: Config) -> None:
     if {"http", "https"} <= schemes:
         raise TLSConfigError("--endpoints mixes http:// and https:// endpoints; use one scheme for all")
     if config.cacert:
-        _read(config.cacert)
+        _check_ca("--cacert", config.cacert)
     if config.cert:
         _require_cryptography("--cert (its Common Name is checked)")
         # Go reads --cert for the CN check whenever TLS is on, so --cacert alone fails there;
@@ -237,7 +245,7 @@ def _check_server(config: Config) -> None:
             raise TLSConfigError("a TLS listener needs both --cert-file and --key-file")
         _check_pair("--cert-file", files.cert_file, "--key-file", files.key_file)
         if files.trusted_ca_file:
-            _read(files.trusted_ca_file)
+            _check_ca("--trusted-ca-file", files.trusted_ca_file)
     if config.tls_min_version == "TLS1.3" or config.tls_max_version == "TLS1.2":
         raise TLSConfigError(
             f"--tls-min-version {config.tls_min_version} --tls-max-version {config.tls_max_version or '(newest)'}: "

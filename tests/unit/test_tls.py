@@ -127,6 +127,7 @@ def test_startup_errors(tmp_path: Path) -> None:
         "--key needs --cert": dataclasses.replace(ok, cert=""),
         "cannot load --cert": dataclasses.replace(ok, key=str(other_cert)),
         "open /nonexistent/ca.pem: no such file or directory": dataclasses.replace(ok, cacert="/nonexistent/ca.pem"),
+        "cannot load --cacert": dataclasses.replace(ok, cacert=str(key)),
         "mixes http:// and https://": dataclasses.replace(ok, endpoints=("http://a:1", "https://b:2")),
         "needs both --cert-file and --key-file": Config(trusted_ca_file=str(cert)),
         "grpcio's server always allows TLS 1.2 and TLS 1.3": Config(
@@ -170,10 +171,13 @@ def test_unused_listener_flags_are_reported() -> None:
     assert tls.unused_flag_warnings(Config(auto_tls=True, tls_max_version="TLS1.3")) == []
 
 
-def test_cryptography_is_needed_only_for_the_cn_check_and_auto_tls(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cryptography_is_needed_only_for_the_cn_check_and_auto_tls(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    ca, _ = _write_cert(tmp_path, "ca", "ca")
     monkeypatch.setitem(sys.modules, "cryptography", None)  # import fails as if not installed
     assert tls.startup_errors(Config()) == []
-    assert tls.startup_errors(Config(cacert=__file__)) == []
+    assert tls.startup_errors(Config(cacert=str(ca))) == []
     (error,) = tls.startup_errors(Config(auto_tls=True))
     assert error == "--auto-tls needs the Python package cryptography (pip install cryptography)"
     (error,) = tls.startup_errors(Config(cert="c.pem", key="k.pem"))
