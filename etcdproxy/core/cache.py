@@ -25,7 +25,9 @@ import bisect
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from etcdproxy.core import errors
+from google.protobuf.message import DecodeError
+
+from etcdproxy.core import errors, wire
 from etcdproxy.etcdpb import rpc_pb2, v3election_pb2, v3lock_pb2
 
 Interval = tuple[bytes, bytes | None]  # [start, end), end None = +infinity
@@ -143,39 +145,14 @@ def _under(name: bytes) -> Invalidation:
     return Invalidation(((prefix, prefix_end(prefix)),))
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        b = data[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, pos
-        shift += 7
-
-
 def header_revision(response: bytes) -> int:
     """``header.revision`` of any etcd response (header is field 1) without decoding the rest; 0 if absent."""
     try:
-        pos = 0
-        while pos < len(response):
-            tag, pos = _varint(response, pos)
-            number, wire_type = tag >> 3, tag & 7
-            if wire_type == 2:
-                length, pos = _varint(response, pos)
-                if number == 1:
-                    revision: int = rpc_pb2.ResponseHeader.FromString(response[pos : pos + length]).revision
-                    return revision
-                pos += length
-            elif wire_type == 0:
-                _, pos = _varint(response, pos)
-            elif wire_type == 1:
-                pos += 8
-            elif wire_type == 5:
-                pos += 4
-            else:
-                return 0
-    except (IndexError, ValueError):
+        for number, wire_type, start, end in wire.fields(response):
+            if number == 1 and wire_type == 2:
+                revision: int = rpc_pb2.ResponseHeader.FromString(response[start:end]).revision
+                return revision
+    except (wire.WireError, DecodeError):
         return 0
     return 0
 

@@ -7,6 +7,7 @@ says "Error parsing message", so we scan the wire format ourselves to name the r
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from google.protobuf.message import DecodeError
@@ -16,7 +17,11 @@ INVALID_WIRE = "proto: cannot parse invalid wire-format data"
 INVALID_UTF8 = "string field contains invalid UTF-8"
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int] | None:
+class WireError(ValueError):
+    """Bytes that are not protobuf wire format; the message is the Go decoder's complaint."""
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
     value = shift = 0
     while pos < len(data):
         b = data[pos]
@@ -26,39 +31,43 @@ def _varint(data: bytes, pos: int) -> tuple[int, int] | None:
             return value, pos
         shift += 7
         if shift >= 70:
-            return None
-    return None
+            break
+    raise WireError(UNEXPECTED_EOF)
 
 
-def scan_error(data: bytes) -> str | None:
-    """The Go decoder's complaint about ``data`` at the top level, or None if well-formed."""
+def fields(data: bytes) -> Iterator[tuple[int, int, int, int]]:
+    """Top-level fields of a message as (number, wire type, start, end): for length-delimited
+    fields [start, end) is the payload, for the others the encoded value. Raises WireError."""
     pos = 0
     while pos < len(data):
-        tag = _varint(data, pos)
-        if tag is None:
-            return UNEXPECTED_EOF
-        key, pos = tag
+        key, pos = _varint(data, pos)
         wire_type, number = key & 7, key >> 3
         if number == 0:
-            return INVALID_WIRE
+            raise WireError(INVALID_WIRE)
+        start = pos
         if wire_type == 0:
-            v = _varint(data, pos)
-            if v is None:
-                return UNEXPECTED_EOF
-            pos = v[1]
+            _, pos = _varint(data, pos)
         elif wire_type == 1:
             pos += 8
         elif wire_type == 5:
             pos += 4
         elif wire_type == 2:
-            ln = _varint(data, pos)
-            if ln is None:
-                return UNEXPECTED_EOF
-            pos = ln[1] + ln[0]
+            length, start = _varint(data, pos)
+            pos = start + length
         else:  # groups (3, 4) are not used by etcd's proto3 messages; 6 and 7 do not exist
-            return INVALID_WIRE
+            raise WireError(INVALID_WIRE)
         if pos > len(data):
-            return UNEXPECTED_EOF
+            raise WireError(UNEXPECTED_EOF)
+        yield number, wire_type, start, pos
+
+
+def scan_error(data: bytes) -> str | None:
+    """The Go decoder's complaint about ``data`` at the top level, or None if well-formed."""
+    try:
+        for _ in fields(data):
+            pass
+    except WireError as exc:
+        return str(exc)
     return None
 
 
