@@ -188,6 +188,47 @@ def leftover_children(pid: int) -> list[int]:
     return [p for p, _ in descendants(pid)]
 
 
+def children_with_titles(ppid: int) -> dict[int, str]:
+    """Live children of ``ppid``: pid -> command line (the process title for etcdproxy's)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) == ppid and fields[0] not in "ZX":
+            found[int(entry)] = cmd
+    return found
+
+
+def child_pid(ppid: int, title: str) -> int | None:
+    """The live child of ``ppid`` whose title is ``title`` (e.g. "etcdproxy: hub")."""
+    return next((pid for pid, cmd in children_with_titles(ppid).items() if cmd == title), None)
+
+
+def established_connections(pid: int, port: int) -> int:
+    """Established TCP connections on local ``port`` held by ``pid`` (via /proc/<pid>/fd)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            cols = line.split()
+            if int(cols[1].rsplit(":", 1)[1], 16) == port and cols[3] == "01" and cols[9] in inodes:
+                count += 1
+    return count
+
+
 def log_tail(path: Path, lines: int = 60) -> str:
     try:
         text = path.read_text(errors="replace")

@@ -27,6 +27,7 @@ import grpc
 import pytest
 
 from etcdproxy.etcdpb import rpc_pb2
+from tests.helpers import established_connections
 
 pytestmark = pytest.mark.e2e
 
@@ -114,22 +115,6 @@ def bindable(port: int) -> bool:
         except OSError:
             return False
         return True
-
-
-def established_sockets(pid: int, port: int) -> int:
-    """Established TCP connections on local ``port`` held by ``pid`` (via /proc/<pid>/fd)."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with_target = os.readlink(f"/proc/{pid}/fd/{fd}") if os.path.exists(f"/proc/{pid}/fd/{fd}") else ""
-        if with_target.startswith("socket:["):
-            inodes.add(with_target[8:-1])
-    count = 0
-    for table in ("tcp", "tcp6"):
-        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
-            cols = line.split()
-            if int(cols[1].rsplit(":", 1)[1], 16) == port and cols[3] == "01" and cols[9] in inodes:
-                count += 1
-    return count
 
 
 # --- the proxy as a subprocess ---
@@ -261,7 +246,7 @@ def test_killed_worker_is_replaced_and_other_clients_keep_their_streams(proxy: t
         for outcome in outcomes:
             created = outcome.get(timeout=10)
             assert isinstance(created, rpc_pb2.WatchResponse) and created.created, created
-        on_worker0 = established_sockets(worker0, port)
+        on_worker0 = established_connections(worker0, port)
 
         os.kill(worker0, signal.SIGKILL)
         new_worker0 = running.child("etcdproxy: worker 0")

@@ -47,6 +47,7 @@ from tests.helpers import (
     EtcdServer,
     ProxyProcess,
     Stubs,
+    child_pid,
     connect,
     start_etcd,
     start_proxy,
@@ -1325,21 +1326,6 @@ def test_half_close_keeps_delivering(target: Stubs, streams: Callable[..., RawWa
 
 
 # =========================================================================== scenario 47 (hub side)
-
-
-def child_pid(parent: int, title: str) -> int | None:
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[1]) == parent and fields[0] not in "ZX" and cmd == title:
-            return int(entry)
-    return None
 
 
 def test_upstream_cancel_after_hub_restart_reaches_client(aux: Env, streams: Callable[..., RawWatch]) -> None:

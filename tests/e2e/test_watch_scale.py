@@ -33,7 +33,18 @@ import grpc
 import pytest
 
 from etcdproxy.etcdpb import rpc_pb2, rpc_pb2_grpc
-from tests.helpers import LOCALHOST, EtcdServer, ProxyProcess, free_port, http_get, sum_metric, wait_until
+from tests.helpers import (
+    LOCALHOST,
+    EtcdServer,
+    ProxyProcess,
+    child_pid,
+    children_with_titles,
+    established_connections,
+    free_port,
+    http_get,
+    sum_metric,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -154,45 +165,6 @@ async def put(kv: rpc_pb2_grpc.KVStub, key: bytes, value: bytes) -> int:
 # --------------------------------------------------------------------------- processes
 
 
-def children_with_titles(parent: int) -> dict[int, str]:
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[1]) == parent and fields[0] not in "ZX":
-            found[int(entry)] = cmd
-    return found
-
-
-def child_pid(parent: int, title: str) -> int | None:
-    return next((pid for pid, cmd in children_with_titles(parent).items() if cmd == title), None)
-
-
-def client_connections(pid: int, port: int) -> int:
-    """Established TCP connections on local ``port`` owned by ``pid``."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    count = 0
-    for table in ("tcp", "tcp6"):
-        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
-            cols = line.split()
-            if int(cols[1].rsplit(":", 1)[1], 16) == port and cols[3] == "01" and cols[9] in inodes:
-                count += 1
-    return count
-
-
 def stable_metric(etcd: EtcdServer) -> float:
     """The watcher gauge once it stopped moving (0.5 s apart)."""
 
@@ -240,7 +212,7 @@ def test_thousand_watchers_cost_one_upstream_watcher(
         streams = await open_streams(endpoint, key, connections=20, per_stream=50)
         try:
             if running is not None:
-                per_worker.extend(client_connections(pid, running.port) for pid in workers)
+                per_worker.extend(established_connections(pid, running.port) for pid in workers)
             await asyncio.sleep(0.5)  # let any late upstream watcher show up before counting
             loop = asyncio.get_running_loop()
             watchers = await loop.run_in_executor(None, stable_metric, etcd_server)
