@@ -1,7 +1,8 @@
 """The only place that creates gRPC channels to etcd: endpoints, limits, keepalive.
 
-Runs in the hub only (after fork). Endpoint failover and TLS come with issue 8; today the
-channel targets every endpoint with round_robin when they are all IP literals, else the first.
+Runs in the hub only (after fork). Several IP endpoints are balanced with round_robin (a dead
+member's subchannel is skipped and streams re-open on another); host-name endpoints use the first
+one until explicit failover lands (issue 8). TLS credentials come from tls.py.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ import grpc
 
 from etcdproxy import metrics
 from etcdproxy.core.broadcast import Broadcast, HistoryBudget
+from etcdproxy.core.methods import by_name
 from etcdproxy.etcdpb import kv_pb2, rpc_pb2
 from etcdproxy.ipc import schema as s
 
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WATCH_PATH = "/etcdserverpb.Watch/Watch"
-RANGE_PATH = "/etcdserverpb.KV/Range"
+RANGE = by_name("etcdserverpb.KV", "Range")
 DELETE = kv_pb2.Event.DELETE
 NO_LEADER = "etcdserver: no leader"
 # How often the hub asks etcd for progress on each upstream stream, so that frontiers of
@@ -366,7 +367,7 @@ class WatchHub:
                     key=create.key, range_end=create.range_end, count_only=True, serializable=True, limit=1
                 )
                 metadata = [(k, v) for k, v in create.metadata if k in ("token", "hasleader")]
-                code, body = await self.hub.forwarder.unary(_RANGE_METHOD, request.SerializeToString(), metadata, 10.0)
+                code, body = await self.hub.forwarder.unary(RANGE, request.SerializeToString(), metadata, 10.0)
                 for worker, waiting_create in batch:
                     if worker.identity not in self.hub.workers:
                         continue
@@ -552,12 +553,3 @@ class WatchHub:
         self._progress_task.cancel()
         for stream in self.streams.values():
             stream.close()
-
-
-def _range_method() -> Any:
-    from etcdproxy.core.methods import by_name
-
-    return by_name("etcdserverpb.KV", "Range")
-
-
-_RANGE_METHOD = _range_method()
