@@ -56,14 +56,19 @@ class _CountedRequests:
         return request
 
 
+def _begin(stats: metrics.RpcStats, request: Any, client_streams: bool) -> Any:
+    """Count a call as started (and its request as received, or wrap the request stream)."""
+    stats.started += 1
+    stats.open += 1
+    if client_streams:
+        return _CountedRequests(request, stats)
+    stats.received += 1
+    return request
+
+
 def _unary(stats: metrics.RpcStats, behaviour: Callable[[Any, Context], Awaitable[Any]], client_streams: bool) -> Any:
     async def unary(request: Any, context: Context) -> Any:
-        stats.started += 1
-        stats.open += 1
-        if client_streams:
-            request = _CountedRequests(request, stats)
-        else:
-            stats.received += 1
+        request = _begin(stats, request, client_streams)
         code = "Unknown"
         try:
             response = await behaviour(request, context)
@@ -83,12 +88,7 @@ def _streaming(
     stats: metrics.RpcStats, behaviour: Callable[[Any, Context], AsyncIterator[Any]], client_streams: bool
 ) -> Any:
     async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
-        stats.started += 1
-        stats.open += 1
-        if client_streams:
-            request = _CountedRequests(request, stats)
-        else:
-            stats.received += 1
+        request = _begin(stats, request, client_streams)
         code = "Unknown"
         try:
             # aclosing: if grpc closes us at a yield, the servicer's own cleanup runs now, not at GC
