@@ -467,7 +467,9 @@ class WatchHub:
         for receiver in waiting:
             identity, wid = receiver
             start = broadcast.receivers.get(receiver, 0)
-            if start <= 0:  # "from now" (etcd 3.5 also treats a negative start revision so)
+            # "from now"; a negative start has its own s-watcher: etcd 3.5 starts it from now too,
+            # or (if the store was ever compacted) cancels it next as compacted, relayed as is
+            if start <= 0:
                 start = floor
             elif start < floor:
                 # it waited for this create but etcd started the watch later than it needs
