@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import click
 
 from etcdproxy.config import (
+    GO_MAX_SEND_BYTES,
     Config,
     ConfigError,
     check,
@@ -51,6 +52,8 @@ class Flag:
     kind: Kind
     help: str
     own: bool = False  # an etcdproxy flag, not one of `etcd grpc-proxy start`
+    # What --help prints as the default when Config's default is a "not given" sentinel.
+    shown_default: str = ""
 
     @property
     def name(self) -> str:
@@ -77,7 +80,12 @@ FLAGS: tuple[Flag, ...] = (
     Flag("namespace", "string", "prefix added to every key"),
     Flag("enable_pprof", "bool", "serve Go profiling data (not available in etcdproxy)"),
     Flag("data_dir", "string", "directory for generated TLS certificates"),
-    Flag("max_send_bytes", "int", "largest message sent to etcd (<= 0: no limit)"),
+    Flag(
+        "max_send_bytes",
+        "int",
+        "largest message sent to etcd (<= 0: no limit; not given: etcd's own limit decides)",
+        shown_default=str(GO_MAX_SEND_BYTES),
+    ),
     Flag("max_recv_bytes", "int", "largest message accepted from etcd (<= 0: no limit)"),
     Flag("grpc_keepalive_min_time_s", "duration", "shortest ping interval tolerated from clients"),
     Flag("grpc_keepalive_interval_s", "duration", "ping idle client connections this often (0 = off)"),
@@ -104,7 +112,12 @@ FLAGS: tuple[Flag, ...] = (
     Flag("workers", "int", "worker processes serving clients (default: number of CPUs)", own=True),
     Flag("embedded_etcd", "bool", "start a throwaway local etcd and use it as the only endpoint", own=True),
     Flag("run_dir", "string", "directory for IPC sockets and heartbeat files (default: a new temp dir)", own=True),
-    Flag("max_request_bytes", "int", "largest client request accepted, like etcd's --max-request-bytes", own=True),
+    Flag(
+        "max_request_bytes",
+        "int",
+        "largest client request accepted, like etcd's --max-request-bytes (0: etcd's own limit decides)",
+        own=True,
+    ),
     Flag("graceful_timeout_s", "duration", "how long a stop waits for calls and streams to finish", own=True),
     Flag("heartbeat_timeout_s", "duration", "restart a child process silent for this long", own=True),
     Flag("default_call_timeout_s", "duration", "deadline for upstream calls without one (0 = none)", own=True),
@@ -216,7 +229,9 @@ _TYPES: dict[Kind, click.ParamType[Any]] = {
 
 def _help_with_default(flag: Flag, default: object) -> str:
     """Help text plus the default as Go prints it; zero values are not shown, like pflag."""
-    if flag.kind == "duration":
+    if flag.shown_default:
+        shown = flag.shown_default
+    elif flag.kind == "duration":
         assert isinstance(default, float)
         shown = format_go_duration(default) if default else ""
     elif flag.kind == "strings":

@@ -13,9 +13,21 @@ from fractions import Fraction
 from urllib.parse import urlsplit
 
 DEFAULT_LISTEN_ADDR = "127.0.0.1:23790"
-# etcd's own request limit (--max-request-bytes 1.5 MiB) plus the 512 KiB gRPC overhead it allows.
-ETCD_MAX_REQUEST_BYTES = 1572864
+# etcd's server accepts gRPC messages up to its --max-request-bytes (default 1.5 MiB) plus this.
 GRPC_OVERHEAD_BYTES = 512 * 1024
+# The Go proxy's --max-send-bytes default. --help shows it, but Config keeps 0 ("not given") so that an
+# unset flag leaves the decision to etcd: Go's 1.5 MiB makes the proxy refuse Puts etcd would answer
+# itself (SPEC 16, etcd issue 11984). An explicit --max-send-bytes, even 1572864, is applied like Go.
+GO_MAX_SEND_BYTES = 1572864
+# gRPC-Go's default server receive limit, which the Go proxy's client port has (not configurable there).
+GO_SERVER_MAX_RECEIVE_BYTES = 4 << 20
+# Memory guard: the most a worker's gRPC server buffers for one client message when no flag sets a
+# limit. It must stay above any receive limit etcd is realistically run with (--max-request-bytes +
+# 512 KiB; etcd warns above 10 MiB), so that by default etcd, not the proxy, answers a large request
+# with its own status; and it must bound what one client can make a worker (and, over IPC, the hub)
+# hold. 32 MiB also keeps a few such requests batched into one IPC frame under msgpack's 100 MiB
+# default Unpacker buffer (ipc/codec.py decode_frame).
+SERVER_RECEIVE_GUARD_BYTES = 32 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +49,8 @@ class Config:
     namespace: str = ""
     enable_pprof: bool = False
     data_dir: str = "default.proxy"
-    max_send_bytes: int = 1572864
+    # 0 = not given (--help shows Go's default, GO_MAX_SEND_BYTES): no limit of ours, etcd decides.
+    max_send_bytes: int = 0
     max_recv_bytes: int = 2147483647
     grpc_keepalive_min_time_s: float = 5.0
     grpc_keepalive_interval_s: float = 7200.0
@@ -67,9 +80,10 @@ class Config:
     embedded_etcd: bool = False
     # Directory for the hub's ipc:// socket, heartbeats and metrics files; "" = a fresh temp dir.
     run_dir: str = ""
-    # Largest request a client may send through the proxy (etcd's --max-request-bytes);
-    # the gRPC server accepts this plus GRPC_OVERHEAD_BYTES like etcd does.
-    max_request_bytes: int = ETCD_MAX_REQUEST_BYTES
+    # Largest request a client may send through the proxy (etcd's --max-request-bytes); the gRPC
+    # server accepts this plus GRPC_OVERHEAD_BYTES like etcd does. 0 = not given: see
+    # server_max_receive_bytes (etcd's own limit then applies, whatever etcd was started with).
+    max_request_bytes: int = 0
     graceful_timeout_s: float = 10.0
     # A child whose heartbeat file is older than this is aborted and respawned.
     heartbeat_timeout_s: float = 30.0
@@ -86,7 +100,21 @@ class Config:
 
     @property
     def server_max_receive_bytes(self) -> int:
-        return self.max_request_bytes + GRPC_OVERHEAD_BYTES
+        """The workers' gRPC receive limit for one client message.
+
+        * --max-request-bytes given: it plus GRPC_OVERHEAD_BYTES, exactly like etcd's server;
+        * --max-send-bytes given (> 0): what the Go proxy's server takes (4 MiB), or more if the
+          operator allows more to etcd; a request between --max-send-bytes and this limit fails in
+          the hub with RESOURCE_EXHAUSTED like Go's "trying to send message larger than max";
+        * neither: SERVER_RECEIVE_GUARD_BYTES, so etcd answers every realistic request itself.
+
+        Never above the guard unless --max-request-bytes says so: the guard bounds worker memory.
+        """
+        if self.max_request_bytes > 0:
+            return self.max_request_bytes + GRPC_OVERHEAD_BYTES
+        if self.max_send_bytes > 0:
+            return min(max(self.max_send_bytes, GO_SERVER_MAX_RECEIVE_BYTES), SERVER_RECEIVE_GUARD_BYTES)
+        return SERVER_RECEIVE_GUARD_BYTES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +135,6 @@ class ConfigError(ValueError):
 # --namespace and exposes every key. Value: why, or the issue that will implement it.
 NOT_IMPLEMENTED: dict[str, str] = {
     "discovery_srv": "issue 8",
-    "endpoints_auto_sync_interval_s": "issue 8",
     "enable_pprof": "Python has no pprof; profile the processes with py-spy instead",
     # grpcio limits (docs/tls.md): no way to do these right, so they are refused, not ignored
     "insecure_skip_tls_verify": (
@@ -306,8 +333,8 @@ def _own_errors(config: Config) -> list[str]:
     errors: list[str] = []
     if config.workers < 1:
         errors.append(f"invalid --workers {config.workers}: need at least 1 worker process")
-    if config.max_request_bytes < 1:
-        errors.append(f"invalid --max-request-bytes {config.max_request_bytes}: must be positive")
+    if config.max_request_bytes < 0:
+        errors.append(f"invalid --max-request-bytes {config.max_request_bytes}: must not be negative")
     if config.cache_max_entries < 1 or config.cache_max_bytes < 1:
         errors.append("invalid --cache-max-entries/--cache-max-bytes: must be positive (use --cache=false to disable)")
     if config.heartbeat_timeout_s <= 0:
@@ -323,6 +350,13 @@ def _own_errors(config: Config) -> list[str]:
         errors.append("etcdclient: no available endpoints")
     if any(e == "" for e in config.endpoints):
         errors.append("invalid --endpoints: empty endpoint in the list")
+    # clientv3.New's check, same words. An unset --max-send-bytes (0) is not compared: Go would compare
+    # its 1.5 MiB default, but refusing what Go takes (an explicit 0) would be worse than this leniency.
+    if 0 < config.max_recv_bytes < config.max_send_bytes:
+        errors.append(
+            f"gRPC message recv limit ({config.max_recv_bytes} bytes) must be greater than "
+            f"send limit ({config.max_send_bytes} bytes)"
+        )
     errors += _metrics_addr_errors(config.metrics_addr)
     return errors
 

@@ -33,6 +33,8 @@ MAX_INT32 = 2**31 - 1
 def server_options(config: Config) -> list[tuple[str, int]]:
     options = [
         ("grpc.so_reuseport", 1),
+        # Not Go's fixed 4 MiB, which answers for etcd (etcd issue 11984): by default a memory guard
+        # well above etcd's own limit, so etcd's answer reaches the client (Config.server_max_receive_bytes).
         ("grpc.max_receive_message_length", config.server_max_receive_bytes),
         ("grpc.max_send_message_length", -1),
         ("grpc.max_concurrent_streams", min(config.max_concurrent_streams, MAX_INT32)),

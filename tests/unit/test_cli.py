@@ -15,9 +15,10 @@ import click
 import pytest
 
 import etcdproxy
-from etcdproxy import cli
+from etcdproxy import cli, upstream
 from etcdproxy.config import (
     NOT_IMPLEMENTED,
+    SERVER_RECEIVE_GUARD_BYTES,
     Config,
     ConfigError,
     check,
@@ -30,6 +31,7 @@ from etcdproxy.config import (
     unimplemented,
     validate,
 )
+from etcdproxy.worker.process import server_options
 
 
 @pytest.fixture
@@ -319,6 +321,8 @@ def test_help(main_exit: Any) -> None:
         assert flag.name in (own_part if flag.own else go_part)
     assert "2h0m0s" in out
     assert "[127.0.0.1:2379]" in out
+    max_send = out[out.index("--max-send-bytes") : out.index("--max-recv-bytes")]
+    assert "[default: 1572864]" in max_send  # Go's default, though Config keeps 0 = not given
     code, out2, _, _ = main_exit(["-h"])
     assert (code, out2) == (0, out)
 
@@ -371,7 +375,7 @@ OWN_DEFAULTS: dict[str, Any] = {
     "--workers": os.cpu_count() or 1,
     "--embedded-etcd": False,
     "--run-dir": "",
-    "--max-request-bytes": 1572864,
+    "--max-request-bytes": 0,
     "--graceful-timeout": "10s",
     "--heartbeat-timeout": "30s",
     "--default-call-timeout": "0",
@@ -394,12 +398,19 @@ def test_every_config_field_has_a_flag() -> None:
     assert sorted(f.field for f in cli.FLAGS) == sorted(f.name for f in dataclasses.fields(Config))
 
 
+# Flags whose Config default is a "not given" sentinel: --help still shows Go's default (SPEC 16).
+NOT_GIVEN: dict[str, Any] = {"--max-send-bytes": 0}
+
+
 @pytest.mark.parametrize(("flag", "default"), [*SPEC_DEFAULTS.items(), *OWN_DEFAULTS.items()])
 def test_defaults_match_spec(flag: str, default: Any) -> None:
     (spec,) = [f for f in cli.FLAGS if f.name == flag]
     value = getattr(cli.build_config([]), spec.field)
     if spec.kind == "duration":
         default = parse_go_duration(default)
+    if flag in NOT_GIVEN:
+        assert spec.shown_default == str(default)
+        default = NOT_GIVEN[flag]
     assert value == default
     assert value == default_of(spec.field) or spec.field == "workers"
 
@@ -518,7 +529,7 @@ def test_python_m_etcdproxy_subprocess() -> None:
     [
         (["--workers=0"], "--workers 0"),
         (["--workers=-2"], "--workers -2"),
-        (["--max-request-bytes=0"], "--max-request-bytes 0"),
+        (["--max-request-bytes=-1"], "--max-request-bytes -1"),
         (["--heartbeat-timeout=0"], "--heartbeat-timeout 0s"),
         (["--graceful-timeout=-1s"], "--graceful-timeout -1s"),
         (["--grpc-keepalive-min-time=-5s"], "--grpc-keepalive-min-time -5s"),
@@ -528,6 +539,10 @@ def test_python_m_etcdproxy_subprocess() -> None:
         (["--listen-addr=h:99999"], "--listen-addr"),
         (["--endpoints="], "etcdclient: no available endpoints"),
         (["--endpoints=a:1,,b:2"], "empty endpoint"),
+        (
+            ["--max-send-bytes=2000", "--max-recv-bytes=1000"],
+            "gRPC message recv limit (1000 bytes) must be greater than send limit (2000 bytes)",
+        ),
     ],
 )
 def test_own_validation(main_exit: Any, args: list[str], fragment: str) -> None:
@@ -547,10 +562,64 @@ def test_own_validation(main_exit: Any, args: list[str], fragment: str) -> None:
         ["--endpoints=", "--embedded-etcd"],
         ["--grpc-keepalive-interval=0", "--grpc-keepalive-timeout=0", "--graceful-timeout=0"],
         ["--max-send-bytes=-1", "--max-recv-bytes=0"],  # Go applies them only when > 0
+        ["--max-request-bytes=0"],  # = not given: etcd's own limit
+        ["--max-send-bytes=1000", "--max-recv-bytes=1000"],  # clientv3 accepts equal limits
+        ["--max-send-bytes=1000", "--max-recv-bytes=0"],
+        ["--max-send-bytes=0", "--max-recv-bytes=1000"],
+        ["--max-recv-bytes=1000"],  # Go compares its 1.5 MiB default and refuses; we apply no send limit
     ],
 )
 def test_own_validation_accepts(args: list[str]) -> None:
     assert validate(cli.build_config(args)) == []
+
+
+# --- message size limits (SPEC 16, etcd issue 11984) ---------------------------------------------------
+
+GUARD = SERVER_RECEIVE_GUARD_BYTES
+
+
+@pytest.mark.parametrize(
+    ("args", "send", "recv", "server_receive"),
+    [
+        # not given: nothing of ours pre-empts etcd; only the workers' memory guard
+        ([], -1, 2147483647, GUARD),
+        # given explicitly, even at Go's default: applied like Go (server: gRPC-Go's 4 MiB)
+        (["--max-send-bytes=1572864"], 1572864, 2147483647, 4 * 1024 * 1024),
+        (["--max-send-bytes", "100"], 100, 2147483647, 4 * 1024 * 1024),
+        (["--max-send-bytes=10485760"], 10485760, 2147483647, 10485760),  # more than Go allows
+        (["--max-send-bytes=1073741824"], 1073741824, 2147483647, GUARD),  # the guard still bounds memory
+        (["--max-send-bytes=0"], -1, 2147483647, GUARD),  # <= 0: no limit, like Go
+        (["--max-send-bytes=-1"], -1, 2147483647, GUARD),
+        (["--max-recv-bytes=1048576"], -1, 1048576, GUARD),
+        (["--max-recv-bytes=0"], -1, -1, GUARD),
+        # etcdproxy's --max-request-bytes: etcd's server limit, given explicitly
+        (["--max-request-bytes=1572864"], -1, 2147483647, 1572864 + 512 * 1024),
+        (["--max-request-bytes=1000", "--max-send-bytes=100"], 100, 2147483647, 1000 + 512 * 1024),
+    ],
+)
+def test_message_size_limits(
+    monkeypatch: pytest.MonkeyPatch, args: list[str], send: int, recv: int, server_receive: int
+) -> None:
+    config = cli.build_config(args)
+    assert validate(config) == []
+    upstream_opts = dict(upstream.channel_options(config))
+    assert upstream_opts["grpc.max_send_message_length"] == send
+    assert upstream_opts["grpc.max_receive_message_length"] == recv
+    assert config.server_max_receive_bytes == server_receive
+    server_opts = dict(server_options(config))
+    assert server_opts["grpc.max_receive_message_length"] == server_receive
+    assert server_opts["grpc.max_send_message_length"] == -1
+    # the environment is an explicit setting too
+    env = {a.split("=")[0]: a.split("=")[1] for a in args if "=" in a}
+    if env and len(env) == len(args):
+        for flag, value in env.items():
+            monkeypatch.setenv("ETCDPROXY_" + flag.removeprefix("--").upper().replace("-", "_"), value)
+        assert cli.build_config([]) == config
+
+
+def test_guard_is_above_etcds_limits_and_below_msgpacks() -> None:
+    assert SERVER_RECEIVE_GUARD_BYTES > 10 * 1024 * 1024 + 512 * 1024  # etcd warns above 10 MiB requests
+    assert 3 * SERVER_RECEIVE_GUARD_BYTES < 100 * 1024 * 1024  # msgpack.Unpacker's default buffer
 
 
 # --- flags accepted but not implemented yet ----------------------------------------------------------
