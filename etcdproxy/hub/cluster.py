@@ -120,7 +120,13 @@ class ClusterHub:
             raise RegistrationError(f"LeaseGrant: {grant.error}")
         self._lease = grant.ID
         self._key_lost.clear()
-        await self._put_own_key()
+        try:
+            await self._put_own_key()
+        except Exception:
+            # e.g. etcd auth on (no token: "user name is empty"): drop the lease now rather than
+            # leave one per retry second alive for --resolver-ttl
+            await self._revoke()
+            raise
         log.info("registered %r (lease %x, ttl %d s)", self.own_key.decode(errors="replace"), self._lease, self.ttl_s)
         self._last_error.pop("registration", None)
         call = self.hub.channel.stream_stream(KEEPALIVE_PATH)(wait_for_ready=True)
@@ -195,10 +201,14 @@ class ClusterHub:
         finally:
             call.cancel()
 
+    async def _revoke(self) -> None:
+        lease, self._lease = self._lease, 0
+        if lease:
+            with contextlib.suppress(Exception):
+                request = rpc_pb2.LeaseRevokeRequest(ID=lease).SerializeToString()
+                await self.hub.forwarder.unary(REVOKE, request, [], 1.0)
+
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        if self._lease:  # like the Go proxy closing its session: our key goes at once
-            with contextlib.suppress(Exception):
-                request = rpc_pb2.LeaseRevokeRequest(ID=self._lease).SerializeToString()
-                await self.hub.forwarder.unary(REVOKE, request, [], 1.0)
+        await self._revoke()  # like the Go proxy closing its session: our key goes at once
