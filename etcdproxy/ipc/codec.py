@@ -37,15 +37,29 @@ def decode(data: bytes) -> Message:
         items: Any = msgpack.unpackb(data, raw=False, use_list=True)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise CodecError(f"undecodable message: {exc}") from exc
-    return _build(items)
+    try:
+        return _build(items)
+    except CodecError:
+        raise
+    except Exception as exc:  # e.g. malformed metadata pairs
+        raise CodecError(f"malformed message: {exc}") from exc
 
 
 def decode_frame(frame: bytes) -> list[Message]:
     """Every message of a (possibly batched) frame, in order."""
-    unpacker = msgpack.Unpacker(raw=False, use_list=True)
-    unpacker.feed(frame)
+    # The whole frame is in memory already: let the buffer hold all of it (msgpack's default
+    # 100 MiB cap would drop a batch carrying a huge Range response, and every message with it).
+    unpacker = msgpack.Unpacker(raw=False, use_list=True, max_buffer_size=max(len(frame), 1))
     try:
-        return [_build(items) for items in unpacker]
+        unpacker.feed(frame)
+        messages = []
+        end = 0  # where the last complete message ended
+        for items in unpacker:
+            messages.append(_build(items))
+            end = unpacker.tell()
+        if end != len(frame):  # iteration stops quietly at a cut-off message
+            raise CodecError(f"truncated frame: {len(frame) - end} bytes after the last whole message")
+        return messages
     except CodecError:
         raise
     except Exception as exc:
