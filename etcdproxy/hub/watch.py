@@ -32,6 +32,7 @@ from etcdproxy.core.broadcast import Broadcast, HistoryBudget
 from etcdproxy.core.methods import by_name
 from etcdproxy.etcdpb import kv_pb2, rpc_pb2
 from etcdproxy.ipc import schema as s
+from etcdproxy.upstream import interrupted
 
 if TYPE_CHECKING:
     from etcdproxy.hub.process import Hub, WorkerState
@@ -145,8 +146,8 @@ class UpstreamStream:
 
     async def _run(self) -> None:
         backoff = REOPEN_BACKOFF_S[0]
-        channel = self.watch_hub.hub.channel
         while not self.closed:
+            channel = self.watch_hub.hub.channel  # read at each (re)open: it changes on failover
             self.call = channel.stream_stream(WATCH_PATH)(metadata=self.metadata, wait_for_ready=True)
             # (Re-)create every s-watcher from where it stands: no gap, no duplicate.
             self.outbox.clear()
@@ -171,8 +172,10 @@ class UpstreamStream:
             except grpc.aio.AioRpcError as exc:
                 code, details = exc.code(), exc.details() or ""
             except asyncio.CancelledError:
-                self.call.cancel()
-                raise
+                if not interrupted():
+                    self.call.cancel()
+                    raise
+                code, details = grpc.StatusCode.CANCELLED, "endpoint failover"  # channel closed under us
             finally:
                 writer.cancel()
             if self.closed:
@@ -372,7 +375,9 @@ class WatchHub:
                     if worker.identity not in self.hub.workers:
                         continue
                     if code != 0:
-                        self._reject(worker, waiting_create, b"", str(body))
+                        # refused (a dead token, no permission, no leader): etcd words a refused
+                        # watch differently from a refused Range, so let it answer this create itself
+                        self._admit(worker, waiting_create, self._new_broadcast(group, waiting_create, 0), 0, b"")
                         continue
                     header_msg = rpc_pb2.RangeResponse.FromString(body).header  # type: ignore[arg-type]
                     self._join_at(
@@ -395,11 +400,6 @@ class WatchHub:
                 return
         broadcast = self._new_broadcast(group, create, start)
         self._admit(worker, create, broadcast, start, header)
-
-    def _reject(self, worker: WorkerState, create: s.WatchCreate, header: bytes, reason: str) -> None:
-        self.hub.send(
-            worker, s.WatchCanceled(self.hub.epoch, self.hub.next_seq(worker), create.wid, 0, header, 0, reason, True)
-        )
 
     def on_watch_cancel(self, worker: WorkerState, cancel: s.WatchCancel) -> None:
         receiver = (worker.identity, cancel.wid)

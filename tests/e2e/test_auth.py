@@ -346,13 +346,6 @@ def test_token_reuse_after_disable_enable(both: tuple[Stubs, Stubs]) -> None:
     assert want["new watch with old token"][1:3] == (True, True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hub/watch.py _run_probe: a create joining an existing watch of the same token and range is checked "
-    "with a Range, and a refusal is passed on with the Range's message ('etcdserver: invalid auth token') "
-    "instead of etcd's watch cancel_reason ('rpc error: code = PermissionDenied desc = etcdserver: "
-    "permission denied' in etcd 3.5.1)",
-)
 def test_dead_token_watch_joining_open_watch(both: tuple[Stubs, Stubs]) -> None:
     """As above, but the new watch with the dead token is on the key its old watch still watches."""
     run_both(both, lambda s, p: disable_enable_scenario(s, p, second_watch_key=b"k"))
