@@ -134,7 +134,10 @@ class ConfigError(ValueError):
 # not exist yet. Refusing them is safer than silently running a proxy that, say, ignores
 # --namespace and exposes every key. Value: why, or the issue that will implement it.
 NOT_IMPLEMENTED: dict[str, str] = {
-    "discovery_srv": "issue 8",
+    "discovery_srv": (
+        "Python has no DNS SRV lookup without a dependency etcdproxy does not carry; list the members with "
+        "--endpoints, and --endpoints-auto-sync-interval keeps the list current"
+    ),
     "enable_pprof": "Python has no pprof; profile the processes with py-spy instead",
     # grpcio limits (docs/tls.md): no way to do these right, so they are refused, not ignored
     "insecure_skip_tls_verify": (

@@ -24,6 +24,7 @@ import grpc
 
 from etcdproxy import metrics
 from etcdproxy.etcdpb import rpc_pb2
+from etcdproxy.upstream import interrupted
 
 RANGE_PATH = "/etcdserverpb.KV/Range"
 WATCH_PATH = "/etcdserverpb.Watch/Watch"
@@ -90,6 +91,10 @@ async def probe_get(channel: grpc.aio.Channel) -> Health:
         await call(PROBE_REQUEST, timeout=GET_TIMEOUT_S, wait_for_ready=True)
     except grpc.aio.AioRpcError as exc:
         return decide(exc.code().value[0], exc.details() or "")
+    except asyncio.CancelledError:
+        if not interrupted():
+            raise
+        return Health(False, "etcd endpoint failover in progress")
     return Health(True)
 
 
@@ -99,6 +104,10 @@ async def probe_watch(channel: grpc.aio.Channel) -> Health:
         await call.write(WATCH_REQUEST)
         response = await call.read()  # the created response, or EOF / an error
     except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        return Health(False, WATCH_TIMEOUT)
+    except asyncio.CancelledError:
+        if not interrupted():
+            raise
         return Health(False, WATCH_TIMEOUT)
     finally:
         call.cancel()

@@ -220,7 +220,7 @@ def startup_errors(config: Config) -> list[str]:
 def _check_upstream(config: Config) -> None:
     if not upstream_tls(config):
         return
-    # One channel carries every endpoint, so it is TLS for all of them or for none.
+    # Failover moves between endpoints with the same credentials: TLS for all of them or for none.
     schemes = {e.partition("://")[0] for e in config.endpoints if "://" in e}
     if {"http", "https"} <= schemes:
         raise TLSConfigError("--endpoints mixes http:// and https:// endpoints; use one scheme for all")

@@ -1,21 +1,61 @@
-"""The only place that creates gRPC channels to etcd: endpoints, limits, keepalive.
+"""The only place that creates gRPC channels to etcd: endpoints, failover, limits, keepalive.
 
-Runs in the hub only (after fork). Several IP endpoints are balanced with round_robin (a dead
-member's subchannel is skipped and streams re-open on another); host-name endpoints use the first
-one until explicit failover lands (issue 8). TLS credentials come from tls.py.
+Runs in the hub only (after fork). The hub talks to one etcd endpoint at a time, chosen at
+random at start (so several proxies spread over the members), through one channel. The
+``Upstream`` object moves to the next endpoint when the current one
+
+* cannot be reached (the channel falls into TRANSIENT_FAILURE: connection refused, connect
+  timeout, or a keepalive ping left unanswered on a partitioned link), or
+* has lost its raft leader (a require-leader Watch stream with no watcher, which etcd ends with
+  ``etcdserver: no leader``; the Go proxy's ``__lostleader`` watch plays the same role).
+
+Moving closes the old channel, which cancels every call on it: the hub's own streams (watch,
+lease, cache, cluster) re-open on ``Upstream.channel`` and resume where they stood; forwarded
+idempotent unary calls are retried there; mutations and forwarded client streams end with
+UNAVAILABLE (they may have reached etcd, so only the client can decide to repeat them).
+
+A channel to a single endpoint (instead of one channel balancing over all of them) keeps each
+endpoint's TLS server name right and lets host names be re-resolved by grpc itself.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import asyncio
+import contextlib
 import logging
+import random
+from collections.abc import Callable
 
 import grpc
 
-from etcdproxy import tls
+from etcdproxy import metrics, tls
 from etcdproxy.config import Config
+from etcdproxy.core import errors
 
 log = logging.getLogger(__name__)
+
+WATCH_PATH = "/etcdserverpb.Watch/Watch"
+MEMBER_LIST_PATH = "/etcdserverpb.Cluster/MemberList"
+# When --dial-keepalive-time is 0 (Go's "off"), the hub still pings etcd while calls are open,
+# or a member behind a silent partition is never left (TCP alone gives up after ~15 min).
+# 10 s is above etcd's default --grpc-keepalive-min-time (5 s), so etcd never answers with
+# GOAWAY too_many_pings.
+LIVENESS_PING_S = 10.0
+LIVENESS_TIMEOUT_S = 5.0
+# Lower bound of a connection attempt (grpc's default is 20 s): a member that accepts TCP but
+# never speaks HTTP/2 is given up after this long.
+CONNECT_TIMEOUT_MS = 3000
+# Pause after every endpoint has failed in a row, doubling up to the cap.
+ROUND_BACKOFF_S = (0.1, 2.0)
+AUTO_SYNC_TIMEOUT_S = 5.0
+
+
+def interrupted() -> bool:
+    """Inside ``except asyncio.CancelledError``: True if it came from a grpc call cancelled under
+    us (its channel was closed to fail over, and grpc.aio raises CancelledError for calls
+    cancelled locally), False if the running task itself is being cancelled."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
 
 
 def host_port(endpoint: str) -> str:
@@ -26,56 +66,187 @@ def host_port(endpoint: str) -> str:
     return endpoint.rstrip("/")
 
 
-def _is_ip(hostport: str) -> bool:
-    host = hostport.rsplit(":", 1)[0].strip("[]")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def target(endpoints: tuple[str, ...]) -> str:
-    addrs = [host_port(e) for e in endpoints if e]
-    if len(addrs) > 1 and all(_is_ip(a) for a in addrs):
-        return "ipv4:" + ",".join(addrs)
-    if len(addrs) > 1:
-        log.warning("several endpoints with host names; using %s only until failover lands (issue 8)", addrs[0])
-    return addrs[0]
+def target(endpoint: str) -> str:
+    """grpc target of one endpoint (host names are resolved, and re-resolved, by grpc)."""
+    if endpoint.startswith(("unix://", "unixs://")):
+        return "unix:" + host_port(endpoint)
+    return host_port(endpoint)
 
 
 def channel_options(config: Config) -> list[tuple[str, int | str]]:
-    opts: list[tuple[str, int | str]] = [
-        ("grpc.lb_policy_name", "round_robin"),
+    keepalive_s = config.dial_keepalive_time_s if config.dial_keepalive_time_s > 0 else LIVENESS_PING_S
+    timeout_s = config.dial_keepalive_timeout_s if config.dial_keepalive_time_s > 0 else LIVENESS_TIMEOUT_S
+    return [
         # etcd itself decides what is too large; our limits only stop nothing etcd would take
         ("grpc.max_send_message_length", config.max_send_bytes if config.max_send_bytes > 0 else -1),
         ("grpc.max_receive_message_length", config.max_recv_bytes if config.max_recv_bytes > 0 else -1),
-        # one connection carries every client's streams: never cap concurrent streams locally
+        # one connection carries every client's streams: never share or cap it locally
         ("grpc.use_local_subchannel_pool", 1),
         ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS),
         ("grpc.max_reconnect_backoff_ms", 2000),
+        ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(timeout_s * 1000)),
+        # a keepalive ping that joins one already in flight (grpc's BDP probe) is bounded by this
+        # general ping timeout instead (60 s by default): keep both the same
+        ("grpc.http2.ping_timeout_ms", int(timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1 if config.permit_without_stream else 0),
+        ("grpc.http2.max_pings_without_data", 0),
     ]
-    if config.dial_keepalive_time_s > 0:
-        opts += [
-            ("grpc.keepalive_time_ms", int(config.dial_keepalive_time_s * 1000)),
-            ("grpc.keepalive_timeout_ms", int(config.dial_keepalive_timeout_s * 1000)),
-            ("grpc.keepalive_permit_without_calls", 1 if config.permit_without_stream else 0),
-            ("grpc.http2.max_pings_without_data", 0),
-        ]
-    return opts
 
 
-def open_channel(config: Config) -> grpc.aio.Channel:
-    t = target(config.endpoints)
+def open_channel(config: Config, endpoint: str) -> grpc.aio.Channel:
+    t = target(endpoint)
     if tls.upstream_tls(config):
-        options = channel_options(config)
-        if t.startswith("ipv4:"):
-            # grpc checks every address of the channel against one name: its authority, which for a
-            # list target is the whole list and matches no certificate. Use the first endpoint's.
-            first = host_port(config.endpoints[0])
-            options.append(("grpc.default_authority", first))
-            log.warning("TLS to several endpoints: every member's certificate must be valid for %s", first)
         log.info("upstream channel to %s over TLS", t)
-        return grpc.aio.secure_channel(t, tls.channel_credentials(config), options=options)
+        return grpc.aio.secure_channel(t, tls.channel_credentials(config), options=channel_options(config))
     log.info("upstream channel to %s", t)
     return grpc.aio.insecure_channel(t, options=channel_options(config))
+
+
+def member_endpoints(members: list[tuple[str, bool, list[str]]]) -> list[str]:
+    """Client URLs of named, non-learner members (clientv3's auto-sync rule), in order, once."""
+    out: list[str] = []
+    for name, is_learner, urls in members:
+        if not name or is_learner:
+            continue
+        out.extend(u for u in urls if u not in out)
+    return out
+
+
+class Upstream:
+    """The hub's channel to etcd and the endpoint it points at; see the module docstring."""
+
+    def __init__(self, config: Config, shuffle: Callable[[list[str]], None] = random.shuffle) -> None:
+        self.config = config
+        self.endpoints = [e for e in config.endpoints if e]
+        shuffle(self.endpoints)
+        self.index = 0
+        self.channel = open_channel(config, self.endpoint)
+        self.switches = 0
+        self._failed_in_row = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing: set[asyncio.Task[None]] = set()
+        metrics.UPSTREAM_ENDPOINTS.set([host_port(self.endpoint)])
+
+    @property
+    def endpoint(self) -> str:
+        return self.endpoints[self.index]
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._watch_state()), loop.create_task(self._watch_leader())]
+        if self.config.endpoints_auto_sync_interval_s > 0:
+            self._tasks.append(loop.create_task(self._auto_sync()))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await self.channel.close(grace=1.0)
+
+    # ---- moving ----------------------------------------------------------------------------
+
+    def fail_over(self, channel: grpc.aio.Channel, reason: str) -> bool:
+        """Leave ``channel``'s endpoint for the next one; False if there is nowhere to go or
+        someone already moved away from ``channel``."""
+        if channel is not self.channel or len(self.endpoints) < 2:
+            return False
+        old = self.endpoint
+        self._switch((self.index + 1) % len(self.endpoints))
+        self._failed_in_row += 1
+        log.warning("etcd endpoint %s %s; moving to %s", old, reason, self.endpoint)
+        return True
+
+    def _switch(self, index: int) -> None:
+        old = self.channel
+        self.index = index
+        self.channel = open_channel(self.config, self.endpoint)
+        self.switches += 1
+        metrics.UPSTREAM_ENDPOINTS.set([host_port(self.endpoint)])
+        # grace None cancels every call on the old channel now: their owners re-open here
+        task = asyncio.get_running_loop().create_task(old.close(grace=None))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _pause_after_round(self) -> None:
+        """After every endpoint failed in a row, wait before the next round (no hot loop)."""
+        if self._failed_in_row >= len(self.endpoints):
+            rounds = self._failed_in_row // len(self.endpoints)
+            await asyncio.sleep(min(ROUND_BACKOFF_S[0] * 2 ** (rounds - 1), ROUND_BACKOFF_S[1]))
+
+    # ---- detecting -------------------------------------------------------------------------
+
+    async def _watch_state(self) -> None:
+        was_ready: grpc.aio.Channel | None = None  # the channel last seen READY
+        while True:
+            channel = self.channel
+            state = channel.get_state(try_to_connect=True)
+            if state is grpc.ChannelConnectivity.READY:
+                self._failed_in_row = 0
+                was_ready = channel
+            elif was_ready is channel and self.fail_over(channel, f"dropped the connection ({state.name})"):
+                # a connection that broke (reset, keepalive unanswered, GOAWAY) is not retried on
+                # the same member first: that could cost a full connect timeout on a partition
+                continue
+            elif state is grpc.ChannelConnectivity.TRANSIENT_FAILURE and self.fail_over(channel, "is unreachable"):
+                await self._pause_after_round()
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(channel.wait_for_state_change(state), 1.0)
+
+    async def _watch_leader(self) -> None:
+        """A require-leader Watch stream without watchers: etcd ends it when its member has no
+        leader (at open, or within a few election timeouts of losing it)."""
+        while True:
+            channel = self.channel
+            call = channel.stream_stream(WATCH_PATH)(metadata=(("hasleader", "true"),), wait_for_ready=True)
+            try:
+                await call.read()
+                details = await call.details() or ""
+            except grpc.aio.AioRpcError as exc:
+                details = exc.details() or ""
+            except asyncio.CancelledError:
+                if not interrupted():
+                    raise
+                details = ""
+            finally:
+                call.cancel()
+            if details == errors.NO_LEADER.message and self.fail_over(channel, "has no leader"):
+                await self._pause_after_round()
+            else:
+                await asyncio.sleep(ROUND_BACKOFF_S[0] if channel is not self.channel else ROUND_BACKOFF_S[1])
+
+    async def _auto_sync(self) -> None:
+        """--endpoints-auto-sync-interval: replace the endpoints with the members' client URLs."""
+        from etcdproxy.etcdpb import rpc_pb2  # generated code: only the hub needs it here
+
+        while True:
+            await asyncio.sleep(self.config.endpoints_auto_sync_interval_s)
+            call = self.channel.unary_unary(
+                MEMBER_LIST_PATH,
+                request_serializer=rpc_pb2.MemberListRequest.SerializeToString,
+                response_deserializer=rpc_pb2.MemberListResponse.FromString,
+            )
+            try:
+                response = await call(rpc_pb2.MemberListRequest(linearizable=True), timeout=AUTO_SYNC_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("endpoint auto-sync: MemberList failed (%s: %s)", exc.code().name, exc.details())
+                continue
+            except asyncio.CancelledError:
+                if not interrupted():
+                    raise
+                continue
+            found = member_endpoints([(m.name, m.isLearner, list(m.clientURLs)) for m in response.members])
+            self.replace_endpoints(found)
+
+    def replace_endpoints(self, found: list[str]) -> None:
+        if not found or sorted(map(host_port, found)) == sorted(map(host_port, self.endpoints)):
+            return
+        log.info("endpoint auto-sync: endpoints are now %s", ",".join(found))
+        current = host_port(self.endpoint)
+        self.endpoints = list(found)
+        same = [i for i, e in enumerate(self.endpoints) if host_port(e) == current]
+        if same:
+            self.index = same[0]
+        else:  # our member left the cluster: move now
+            self._switch(0)

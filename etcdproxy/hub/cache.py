@@ -42,6 +42,7 @@ from etcdproxy.core.cache import Invalidation, header_revision, invalidation_for
 from etcdproxy.core.methods import Method, by_name
 from etcdproxy.etcdpb import rpc_pb2
 from etcdproxy.ipc import schema as s
+from etcdproxy.upstream import interrupted
 
 if TYPE_CHECKING:
     from etcdproxy.hub.process import Hub, WorkerState
@@ -235,6 +236,10 @@ class CacheHub:
                     backoff = BACKOFF_S[0]
             except grpc.aio.AioRpcError as exc:
                 log.warning("cache invalidation watch failed (%s: %s)", exc.code().name, exc.details())
+            except asyncio.CancelledError:
+                if not interrupted():
+                    raise
+                log.info("cache invalidation watch: endpoint failover; re-opening")
             except Exception:  # a bug must not leave the cache serving without invalidations
                 log.exception("cache invalidation watch: unexpected error")
             finally:
@@ -292,7 +297,7 @@ class CacheHub:
         except asyncio.CancelledError:
             if pinger.done():  # cancelled by keep_alive (stall), not by the hub stopping
                 return True
-            raise
+            raise  # the hub stopping, or a failover (_watch_loop tells them apart)
         finally:
             pinger.cancel()
 
@@ -306,13 +311,17 @@ class CacheHub:
         elsewhere; an anonymous watch opened earlier even survives AuthEnable. So the cache serves
         only while auth is off: enabling auth anywhere stops hits within AUTH_PROBE_S.
         """
-        call = self.hub.channel.unary_unary(AUTH_STATUS_PATH)
         while True:
+            call = self.hub.channel.unary_unary(AUTH_STATUS_PATH)  # the channel changes on failover
             try:
                 await call(b"", timeout=AUTH_PROBE_S)
                 auth_on = False
             except grpc.aio.AioRpcError as exc:
                 auth_on = exc.code() in AUTH_CODES or self._auth_on  # other failures: unknown, keep
+            except asyncio.CancelledError:
+                if not interrupted():
+                    raise
+                auth_on = self._auth_on
             if auth_on != self._auth_on:
                 log.info(
                     "etcd auth is %s: range cache %s", "on" if auth_on else "off", "paused" if auth_on else "allowed"

@@ -30,6 +30,7 @@ from etcdproxy.core.cache import prefix_end
 from etcdproxy.core.cluster import parse_registration, proxy_member_list, registration_value
 from etcdproxy.core.methods import by_name
 from etcdproxy.etcdpb import kv_pb2, rpc_pb2
+from etcdproxy.upstream import interrupted
 
 if TYPE_CHECKING:
     from etcdproxy.hub.process import Hub
@@ -92,7 +93,9 @@ class ClusterHub:
             try:
                 await run()
             except asyncio.CancelledError:
-                raise
+                if not interrupted():
+                    raise
+                log.info("resolver %s: endpoint failover; starting again", what)
             except (grpc.aio.AioRpcError, RegistrationError, TimeoutError) as exc:
                 text = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
                 (log.warning if text != self._last_error.get(what) else log.debug)("resolver %s: %s", what, text)

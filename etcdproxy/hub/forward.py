@@ -9,12 +9,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from etcdproxy.core.methods import METHODS, Method, Shape
 from etcdproxy.ipc.schema import Metadata
+from etcdproxy.upstream import interrupted
+
+if TYPE_CHECKING:
+    from etcdproxy.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -33,36 +37,63 @@ def status_of(exc: grpc.aio.AioRpcError) -> tuple[int, str]:
     return exc.code().value[0], exc.details() or ""
 
 
-class Forwarder:
-    """Makes the upstream calls; one per hub, bound to the hub's channel."""
+# What a client sees when the endpoint its call was on is left (see upstream.py): like a
+# broken connection to etcd, so clients retry what they consider safe to retry.
+MOVED = (grpc.StatusCode.UNAVAILABLE.value[0], "etcdproxy: connection to etcd lost (endpoint failover)")
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self.channel = channel
-        self._unary: list[Any] = [channel.unary_unary(m.path) if m.shape is Shape.UNARY else None for m in METHODS]
+
+class Forwarder:
+    """Makes the upstream calls; one per hub, always on the upstream's current channel."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self._channel: grpc.aio.Channel | None = None
+        self._unary: list[Any] = []
+
+    def _calls(self) -> tuple[grpc.aio.Channel, list[Any]]:
+        channel = self.upstream.channel
+        if channel is not self._channel:  # first call, or the endpoint changed
+            self._channel = channel
+            self._unary = [channel.unary_unary(m.path) if m.shape is Shape.UNARY else None for m in METHODS]
+        return channel, self._unary
 
     async def unary(
         self, method: Method, payload: bytes, metadata: Metadata, timeout_s: float | None
     ) -> tuple[int, bytes | str]:
         """(0, response bytes) or (status code, message)."""
-        call = self._unary[method.index]
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
         attempt = 0
         while True:
             attempt += 1
+            channel, calls = self._calls()
             remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
             try:
-                response: bytes = await call(payload, metadata=metadata, timeout=remaining, wait_for_ready=True)
+                response: bytes = await calls[method.index](
+                    payload, metadata=metadata, timeout=remaining, wait_for_ready=True
+                )
                 return OK, response
             except grpc.aio.AioRpcError as exc:
+                # cancelled because the upstream closed this channel to move on: etcd may or
+                # may not have seen the call, so only repeatable calls are tried again
+                moved = exc.code() is grpc.StatusCode.CANCELLED and channel is not self.upstream.channel
                 retry = (
                     method.idempotent
-                    and exc.code() is UNAVAILABLE
+                    and (exc.code() is UNAVAILABLE or moved)
                     and attempt < RETRY_ATTEMPTS
                     and (deadline is None or deadline - loop.time() > RETRY_BACKOFF_S)
                 )
                 if not retry:
-                    return status_of(exc)
+                    return MOVED if moved else status_of(exc)
+                if moved:
+                    continue  # the new endpoint is there already: no pause
+            except asyncio.CancelledError:
+                # grpc.aio raises this (not an AioRpcError) for a call cancelled by the close
+                if not interrupted():
+                    raise
+                if not method.idempotent or attempt >= RETRY_ATTEMPTS:
+                    return MOVED
+                continue
             await asyncio.sleep(RETRY_BACKOFF_S)
 
 
@@ -75,7 +106,7 @@ class UpstreamStream:
 
     def __init__(
         self,
-        channel: grpc.aio.Channel,
+        upstream: Upstream,
         method: Method,
         metadata: Metadata,
         timeout_s: float | None,
@@ -83,7 +114,8 @@ class UpstreamStream:
         finish: Callable[[int, str], None],
     ) -> None:
         self.method = method
-        self._channel = channel
+        self._upstream = upstream
+        self._channel: grpc.aio.Channel | None = None
         self._metadata = metadata
         self._timeout_s = timeout_s
         self._emit = emit
@@ -126,10 +158,12 @@ class UpstreamStream:
                 if first is None:  # half-closed without a request: grpc-go's answer
                     self._finish(grpc.StatusCode.INTERNAL.value[0], "grpc: error unmarshalling request: EOF")
                     return
+                self._channel = self._upstream.channel
                 self._call = self._channel.unary_stream(self.method.path)(
                     first, metadata=self._metadata, timeout=self._timeout_s, wait_for_ready=True
                 )
             else:
+                self._channel = self._upstream.channel
                 self._call = self._channel.stream_stream(self.method.path)(
                     metadata=self._metadata, timeout=self._timeout_s, wait_for_ready=True
                 )
@@ -146,8 +180,12 @@ class UpstreamStream:
             code = await self._call.code()
             self._finish(code.value[0], await self._call.details() or "")
         except grpc.aio.AioRpcError as exc:
-            self._finish(*status_of(exc))
+            moved = exc.code() is grpc.StatusCode.CANCELLED and self._channel is not self._upstream.channel
+            self._finish(*(MOVED if moved else status_of(exc)))
         except asyncio.CancelledError:
+            if interrupted():  # its channel was closed to fail over (upstream.py)
+                self._finish(*MOVED)
+                return
             if self._call is not None:
                 self._call.cancel()
             raise

@@ -89,7 +89,6 @@ class MetricsServer:
         self.recent_leases = metrics.RecentLeases()
         self.connections: set[asyncio.Task[None]] = set()
         self._watch_keepalives()
-        metrics.UPSTREAM_ENDPOINTS.set(upstream.host_port(e) for e in self.config.endpoints if e)
         metrics.UPSTREAM_STATES.known.update(state.name for state in grpc.ChannelConnectivity)
 
     # ---- lifecycle -----------------------------------------------------------------------

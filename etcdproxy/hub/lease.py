@@ -29,6 +29,7 @@ from etcdproxy.core.lease import RenewalBook, Verdict, keepalive_request, parse_
 from etcdproxy.core.methods import Method, by_name
 from etcdproxy.etcdpb import rpc_pb2 as pb
 from etcdproxy.ipc import schema as s
+from etcdproxy.upstream import interrupted
 
 if TYPE_CHECKING:
     from etcdproxy.hub.process import Hub, WorkerState
@@ -164,6 +165,10 @@ class LeaseHub:
                     self._broadcast_no_leader()
                 else:
                     log.warning("upstream LeaseKeepAlive stream failed (%s: %s); re-opening", exc.code().name, details)
+            except asyncio.CancelledError:
+                if not interrupted():
+                    raise
+                log.warning("upstream LeaseKeepAlive stream: endpoint failover; re-opening")
             except Exception:  # a bug must not stop renewals for good
                 log.exception("upstream LeaseKeepAlive stream: unexpected error; re-opening")
             finally:

@@ -60,8 +60,8 @@ class Hub:
         self.epoch = random.getrandbits(62) + 1
         self.workers: dict[bytes, WorkerState] = {}
         self.loop = asyncio.get_running_loop()
-        self.channel = upstream.open_channel(config)
-        self.forwarder = Forwarder(self.channel)
+        self.upstream = upstream.Upstream(config)
+        self.forwarder = Forwarder(self.upstream)
         self.ctx = new_context()
         self.link = HubLink(self.ctx, proc.hub_endpoint(spec.run_dir), self._on_frame, self._on_unreachable, self.loop)
         self.hostname = socket.gethostname()
@@ -78,6 +78,11 @@ class Hub:
         self.cache = CacheHub(self) if config.cache else None
         # last: it wraps handlers the components registered (to count leases kept alive)
         self.metrics_server = MetricsServer(self) if config.metrics_addr else None
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The current channel to etcd: it changes on failover, so read it at each (re)open."""
+        return self.upstream.channel
 
     def register(self, kind: s.Kind, handler: Callable[[WorkerState, Any], None]) -> None:
         self.handlers[kind] = handler
@@ -226,7 +231,9 @@ class Hub:
             worker.streams.pop(req_id, None)
             self._send(worker, s.StreamEnd(self.epoch, self._seq(worker), req_id, code, text))
 
-        worker.streams[req_id] = UpstreamStream(self.channel, method, message.metadata, message.timeout_s, emit, finish)
+        worker.streams[req_id] = UpstreamStream(
+            self.upstream, method, message.metadata, message.timeout_s, emit, finish
+        )
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -251,6 +258,7 @@ class Hub:
                 return proc.EXIT_BOOT_ERROR
             self.closers.append(self.metrics_server.close)
         self.link.start()
+        self.upstream.start()
         tasks = [
             self.loop.create_task(proc.heartbeat_loop(self.spec)),
             self.loop.create_task(self._sweep()),
@@ -266,7 +274,7 @@ class Hub:
         for close in self.closers:
             await close()
         self.link.close()
-        await self.channel.close(grace=1.0)
+        await self.upstream.close()
         self.ctx.term()
         return 0
 

