@@ -3,7 +3,7 @@
 ``Relay(target_port)`` listens on a free loopback port and copies bytes both ways. Its mode
 can change at any time:
 
-* ``pass``: copy (after ``delay_s`` per chunk, if set);
+* ``pass``: copy (each chunk after ``delay_s``, if set: a slow link);
 * ``blackhole``: keep every connection open but drop all bytes both ways, and accept new
   connections that then hear nothing (a silent partition: only keepalive pings notice);
 * ``reset``: close every connection with RST and reset new ones at once (a crashed peer).
@@ -105,8 +105,12 @@ class Relay:
             self._sockets += [client, upstream]
             with self._lock:
                 self._pairs.append((client, upstream))
+            try:
+                for sock in (client, upstream):
+                    sock.settimeout(0.2)
+            except OSError:  # closed meanwhile by close()
+                continue
             for src, dst in ((client, upstream), (upstream, client)):
-                src.settimeout(0.2)
                 threading.Thread(target=self._pump, args=(src, dst, client), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, client: socket.socket) -> None:

@@ -3,8 +3,11 @@
 * kill -9 of the member the hub uses, while 500 c-watchers watch, leases are kept alive and a
   writer writes to another member: every c-watcher sees every revision once, in order; no
   kept-alive lease expires; unary calls through the proxy resume within 2 s;
-* a silent partition (tests/faults.py relay in blackhole mode) between the hub and its member:
-  the hub notices (keepalive) and moves on, with the same guarantees for watches;
+* a silent partition (tests/faults.py relay in blackhole mode) or a reset link between the hub
+  and its member: the hub notices (keepalive, connection errors) and moves on, with the same
+  guarantees for watches; added latency does not make it move;
+* the hub's member cut off from its peers (relays on the peer ports): it loses its leader and
+  the hub moves to the majority;
 * 2 of 3 members stopped: require-leader watch streams end with ``etcdserver: no leader``;
   after quorum returns, plain watches carry on without loss and new requests succeed;
 * ``--endpoints-auto-sync-interval``: a proxy given one endpoint learns the others and
@@ -28,7 +31,7 @@ import grpc
 import pytest
 
 from etcdproxy.etcdpb import rpc_pb2
-from tests.faults import BLACKHOLE, Relay
+from tests.faults import BLACKHOLE, RESET, Relay
 from tests.helpers import (
     LOCALHOST,
     EtcdServer,
@@ -392,8 +395,30 @@ def test_kill_the_hubs_member(cluster: Cluster, proxy: Callable[..., ProxyProces
     assert "moving to" in p.log_tail(200)
 
 
-def test_silent_partition_of_the_hubs_member(cluster: Cluster, proxy: Callable[..., ProxyProcess]) -> None:
+def _slow(relay: Relay) -> None:
+    relay.delay_s = 0.2
+
+
+@pytest.mark.parametrize(
+    ("fault", "moves", "max_gap_s"),
+    [
+        # a silent partition: keepalive (1 s + 1 s) notices it, then the move: seconds, not minutes
+        ("blackhole", True, 6.0),
+        # the link is reset (and new connections too) while the member lives: move at once
+        ("reset", True, 2.0),
+        # 200 ms more latency per chunk is not a failure: stay, lose nothing
+        ("delay", False, 3.0),
+    ],
+)
+def test_link_fault_to_the_hubs_member(
+    cluster: Cluster, proxy: Callable[..., ProxyProcess], fault: str, moves: bool, max_gap_s: float
+) -> None:
     relays = [Relay(m.client_port) for m in cluster.members]
+    apply: dict[str, Callable[[Relay], None]] = {
+        "blackhole": lambda r: r.set_mode(BLACKHOLE),
+        "reset": lambda r: r.set_mode(RESET),
+        "delay": _slow,
+    }
     try:
         p = proxy(
             endpoints=[r.endpoint for r in relays],
@@ -401,11 +426,10 @@ def test_silent_partition_of_the_hubs_member(cluster: Cluster, proxy: Callable[.
         )
         ports = {r.port: i for i, r in enumerate(relays)}
         used = hub_member(p, ports)
-        result = run_disruption(cluster, p, lambda i: relays[i].set_mode(BLACKHOLE), used)
-        # keepalive (1 s + 1 s), then a connect attempt, then the move: a few seconds, not minutes
-        print("blackhole:", result)
-        assert result["unary_gap_s"] < 6.0, result
-        assert hub_member(p, ports) != used
+        result = run_disruption(cluster, p, lambda i: apply[fault](relays[i]), used)
+        print(f"{fault}:", result)
+        assert result["unary_gap_s"] < max_gap_s, result
+        assert (hub_member(p, ports) != used) is moves, p.log_tail(100)
     finally:
         for r in relays:
             r.close()
