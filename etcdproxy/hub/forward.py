@@ -40,6 +40,10 @@ def status_of(exc: grpc.aio.AioRpcError) -> tuple[int, str]:
 # What a client sees when the endpoint its call was on is left (see upstream.py): like a
 # broken connection to etcd, so clients retry what they consider safe to retry.
 MOVED = (grpc.StatusCode.UNAVAILABLE.value[0], "etcdproxy: connection to etcd lost (endpoint failover)")
+# A client deadline that passed while its mutation waited for a connection (grpc-go's wording).
+DEADLINE = (grpc.StatusCode.DEADLINE_EXCEEDED.value[0], "context deadline exceeded")
+# How often a mutation waiting for a connection re-checks that the upstream did not move.
+READY_POLL_S = 0.25
 
 
 class Forwarder:
@@ -67,10 +71,19 @@ class Forwarder:
         while True:
             attempt += 1
             channel, calls = self._calls()
+            if not method.idempotent:
+                # A mutation waits for a connection here, not inside grpc (wait_for_ready): one
+                # that never left can then follow a failover to the next endpoint instead of
+                # failing with the channel it was queued on.
+                ready = await self._until_ready(channel, deadline)
+                if ready is None:
+                    return DEADLINE
+                if not ready:
+                    continue  # moved meanwhile: wait on the new channel
             remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
             try:
                 response: bytes = await calls[method.index](
-                    payload, metadata=metadata, timeout=remaining, wait_for_ready=True
+                    payload, metadata=metadata, timeout=remaining, wait_for_ready=method.idempotent
                 )
                 return OK, response
             except grpc.aio.AioRpcError as exc:
@@ -95,6 +108,29 @@ class Forwarder:
                     return MOVED
                 continue
             await asyncio.sleep(RETRY_BACKOFF_S)
+
+    async def _until_ready(self, channel: grpc.aio.Channel, deadline: float | None) -> bool | None:
+        """True once ``channel`` is READY, False if the upstream moved to another channel
+        meanwhile, None if the deadline passed first."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if channel is not self.upstream.channel:
+                return False
+            state = channel.get_state(try_to_connect=True)
+            if state is grpc.ChannelConnectivity.READY:
+                return True
+            left = READY_POLL_S if deadline is None else min(READY_POLL_S, deadline - loop.time())
+            if left <= 0:
+                return None
+            try:
+                await asyncio.wait_for(channel.wait_for_state_change(state), left)
+            except TimeoutError:
+                pass
+            except asyncio.CancelledError:
+                if not interrupted():
+                    raise
+            except Exception:  # the channel was closed under us: the loop sees the move
+                await asyncio.sleep(0.05)
 
 
 class UpstreamStream:
