@@ -196,8 +196,33 @@ def via_proxy(shared_proxy: ProxyProcess) -> Iterator[Stubs]:
     stubs.close()
 
 
-@pytest.fixture(params=["direct", "proxy"])
+# The namespace the "ns-proxy" target runs under: the shared etcd sees every key with it in front.
+TARGET_NAMESPACE = "/target-ns/"
+
+
+@pytest.fixture(scope="session")
+def _ns_proxy_holder(etcd_server: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedProxy]:
+    launcher = ProxyLauncher(tmp_path_factory.mktemp("ns-proxy"), lambda: etcd_server)
+    holder = SharedProxy(launcher)
+    holder.launcher = lambda **kw: ProxyLauncher.__call__(launcher, extra_args=(f"--namespace={TARGET_NAMESPACE}",))
+    yield holder
+    problems = [p for p in launcher.close(failed=False) if "exited on its own" not in p]
+    assert not problems, problems
+
+
+@pytest.fixture
+def via_ns_proxy(_ns_proxy_holder: SharedProxy) -> Iterator[Stubs]:
+    proxy = _ns_proxy_holder.get()
+    stubs = connect("ns-proxy", proxy.endpoint)
+    yield stubs
+    stubs.close()
+    assert proxy.alive(), f"the namespaced proxy died during this test:\n{proxy.log_tail()}"
+
+
+@pytest.fixture(params=["direct", "proxy", "ns-proxy"])
 def target(request: pytest.FixtureRequest) -> Stubs:
-    """The same test body against etcd itself and through the proxy."""
-    stubs: Stubs = request.getfixturevalue("direct" if request.param == "direct" else "via_proxy")
+    """The same test body against etcd itself, through the proxy, and through a proxy with
+    --namespace (a client of a namespaced proxy must see an etcd of its own)."""
+    fixture = {"direct": "direct", "proxy": "via_proxy", "ns-proxy": "via_ns_proxy"}[request.param]
+    stubs: Stubs = request.getfixturevalue(fixture)
     return stubs
