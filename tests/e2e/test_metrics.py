@@ -33,6 +33,7 @@ from tests.helpers import (
     ProxyProcess,
     connect,
     descendants,
+    established_connections,
     find_binary,
     free_port,
     proxy_command,
@@ -275,7 +276,8 @@ def test_counters_add_up_across_workers_and_survive_kill_9(start: Callable[..., 
         assert mp.value("etcdproxy_grpc_server_in_flight", **WATCH) == 8
         puts_before_kill = mp.value("grpc_server_started_total", **PUT)
 
-        victim = workers[0]
+        # a worker that holds some of the watch connections (SO_REUSEPORT may give all to one)
+        victim = next(w for w in workers if established_connections(w, mp.proxy.port) > 0)
         os.kill(victim, signal.SIGKILL)
         wait_until(lambda: sum(w.error is not None for w in watches) > 0, 10, "a watch to break")
         wait_until(lambda: len(workers_of(mp)) == 2 and victim not in workers_of(mp), 20, "the worker respawned")
@@ -290,9 +292,17 @@ def test_counters_add_up_across_workers_and_survive_kill_9(start: Callable[..., 
         puts(mp.proxy.endpoint, connections=4, each=5)
         wait_until(lambda: mp.value("grpc_server_started_total", **PUT) == puts_before_kill + 20, 10, "20 more")
     finally:
-        for w in watches:
-            w.close()
+        for i, w in enumerate(watches):
+            if i % 2:  # half-close first (etcd keeps such a stream open), then drop the connection
+                w.requests.put(None)
+                time.sleep(0.1)
+                w.channel.close()
+            else:
+                w.close()
     wait_until(lambda: open_watches(mp) == 0, 10, "every watch stream handled")
+    # the clients cancelled or dropped the others: handled as Canceled, like etcd's (the stream context's error)
+    assert mp.value("grpc_server_handled_total", grpc_code="Canceled", **WATCH) == 8 - len(broken)
+    assert mp.value("grpc_server_handled_total", grpc_code="OK", **WATCH) == 0
     assert mp.value("etcd_grpc_proxy_watchers_coalescing_total") == 0
 
 
