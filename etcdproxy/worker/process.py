@@ -46,7 +46,14 @@ def server_options(config: Config) -> list[tuple[str, int]]:
     if config.grpc_keepalive_interval_s > 0:
         options.append(("grpc.keepalive_time_ms", int(config.grpc_keepalive_interval_s * 1000)))
     if config.grpc_keepalive_timeout_s > 0:
-        options.append(("grpc.keepalive_timeout_ms", int(config.grpc_keepalive_timeout_s * 1000)))
+        timeout_ms = int(config.grpc_keepalive_timeout_s * 1000)
+        options.append(("grpc.keepalive_timeout_ms", timeout_ms))
+        # grpc bounds a keepalive ping that joins one already in flight (a BDP probe) by its general
+        # ping timeout (60 s) instead: keep both the same, as Go's single timeout is
+        options.append(("grpc.http2.ping_timeout_ms", timeout_ms))
+    if config.grpc_keepalive_interval_s > 0:
+        # keep pinging an idle stream (grpc's default stops after two pings without data)
+        options.append(("grpc.http2.max_pings_without_data", 0))
     return options
 
 
