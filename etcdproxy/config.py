@@ -25,8 +25,7 @@ GO_SERVER_MAX_RECEIVE_BYTES = 4 << 20
 # limit. It must stay above any receive limit etcd is realistically run with (--max-request-bytes +
 # 512 KiB; etcd warns above 10 MiB), so that by default etcd, not the proxy, answers a large request
 # with its own status; and it must bound what one client can make a worker (and, over IPC, the hub)
-# hold. 32 MiB also keeps a few such requests batched into one IPC frame under msgpack's 100 MiB
-# default Unpacker buffer (ipc/codec.py decode_frame).
+# hold.
 SERVER_RECEIVE_GUARD_BYTES = 32 << 20
 
 

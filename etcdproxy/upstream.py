@@ -24,13 +24,13 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable
 
 import grpc
 
 from etcdproxy import metrics, tls
 from etcdproxy.config import Config
 from etcdproxy.core import errors
+from etcdproxy.etcdpb import rpc_pb2
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +117,12 @@ def member_endpoints(members: list[tuple[str, bool, list[str]]]) -> list[str]:
 class Upstream:
     """The hub's channel to etcd and the endpoint it points at; see the module docstring."""
 
-    def __init__(self, config: Config, shuffle: Callable[[list[str]], None] = random.shuffle) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
         self.endpoints = [e for e in config.endpoints if e]
-        shuffle(self.endpoints)
+        random.shuffle(self.endpoints)
         self.index = 0
         self.channel = open_channel(config, self.endpoint)
-        self.switches = 0
         self._failed_in_row = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._closing: set[asyncio.Task[None]] = set()
@@ -161,7 +160,6 @@ class Upstream:
         old = self.channel
         self.index = index
         self.channel = open_channel(self.config, self.endpoint)
-        self.switches += 1
         metrics.UPSTREAM_ENDPOINTS.set([host_port(self.endpoint)])
         # grace None cancels every call on the old channel now: their owners re-open here
         task = asyncio.get_running_loop().create_task(old.close(grace=None))
@@ -218,8 +216,6 @@ class Upstream:
 
     async def _auto_sync(self) -> None:
         """--endpoints-auto-sync-interval: replace the endpoints with the members' client URLs."""
-        from etcdproxy.etcdpb import rpc_pb2  # generated code: only the hub needs it here
-
         while True:
             await asyncio.sleep(self.config.endpoints_auto_sync_interval_s)
             call = self.channel.unary_unary(
