@@ -10,16 +10,18 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import queue
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +30,7 @@ import grpc
 from google.protobuf.message import Message
 
 from etcdproxy.etcdpb import (
+    rpc_pb2,
     rpc_pb2_grpc,
     v3election_pb2_grpc,
     v3lock_pb2_grpc,
@@ -539,6 +542,50 @@ class Stubs:
 
 def connect(name: str, endpoint: str) -> Stubs:
     return Stubs(name=name, endpoint=endpoint, channel=grpc.insecure_channel(endpoint))
+
+
+@contextlib.contextmanager
+def direct_and_proxied(etcd: EtcdServer, proxy: ProxyProcess) -> Iterator[tuple[Stubs, Stubs]]:
+    """Stubs straight to ``etcd`` and through ``proxy``, closed at the end; the proxy must
+    still be running then."""
+    direct, proxied = connect("direct", etcd.endpoint), connect("proxy", proxy.endpoint)
+    try:
+        yield direct, proxied
+    finally:
+        direct.close()
+        proxied.close()
+    assert proxy.alive(), proxy.log_tail()
+
+
+class HeldWatch:
+    """One Watch stream with one watcher on ``key``, held open on its own channel (its own
+    connection, so workers behind SO_REUSEPORT share such streams); a reader thread records
+    whether it was created and how it ended."""
+
+    def __init__(self, endpoint: str, key: bytes, options: Sequence[tuple[str, int]] = ()) -> None:
+        self.channel = grpc.insecure_channel(endpoint, options=[("grpc.use_local_subchannel_pool", 1), *options])
+        self.requests: queue.Queue[rpc_pb2.WatchRequest | None] = queue.Queue()
+        self.requests.put(rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(key=key)))
+        self.call = rpc_pb2_grpc.WatchStub(self.channel).Watch(iter(self.requests.get, None))
+        self.created = threading.Event()
+        self.ended = threading.Event()
+        self.error: grpc.RpcError | None = None
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for response in self.call:
+                if response.created:
+                    self.created.set()
+        except grpc.RpcError as exc:
+            self.error = exc
+        finally:
+            self.ended.set()
+
+    def close(self) -> None:
+        self.call.cancel()
+        self.requests.put(None)
+        self.channel.close()
 
 
 @dataclass(frozen=True)

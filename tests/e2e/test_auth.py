@@ -28,6 +28,7 @@ from tests.helpers import (
     ProxyProcess,
     Stubs,
     connect,
+    direct_and_proxied,
     free_port,
     outcome,
     start_etcd,
@@ -169,15 +170,9 @@ def keepalive_summary(item: tuple[str, Any]) -> Any:
 @pytest.fixture
 def both(fresh_etcd: EtcdServer, proxy: Callable[..., ProxyProcess]) -> Iterator[tuple[Stubs, Stubs]]:
     """(direct, through a proxy) stubs on a private etcd with a root user (auth still off)."""
-    p = proxy(etcd=fresh_etcd)
-    direct, proxied = connect("direct", fresh_etcd.endpoint), connect("proxy", p.endpoint)
-    add_root(direct.auth)
-    try:
+    with direct_and_proxied(fresh_etcd, proxy(etcd=fresh_etcd)) as (direct, proxied):
+        add_root(direct.auth)
         yield direct, proxied
-    finally:
-        direct.close()
-        proxied.close()
-    assert p.alive()
 
 
 def run_both(both: tuple[Stubs, Stubs], scenario: Callable[[Stubs, bytes], Steps]) -> Steps:
@@ -468,14 +463,8 @@ def test_expired_token(etcd_bin: str, tmp_path: Any, proxy: Callable[..., ProxyP
     """etcd with ``--auth-token-ttl 2``: a token unused for longer is refused alike, cache or not."""
     etcd = start_etcd(tmp_path, name="ttl", extra_args=("--auth-token-ttl=2",))
     try:
-        p = proxy(etcd=etcd)
-        direct, proxied = connect("direct", etcd.endpoint), connect("proxy", p.endpoint)
-        try:
+        with direct_and_proxied(etcd, proxy(etcd=etcd)) as (direct, proxied):
             expired_token_runs(etcd, direct, proxied)
-        finally:
-            direct.close()
-            proxied.close()
-        assert p.alive()
     finally:
         etcd.stop()
 

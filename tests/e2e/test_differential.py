@@ -31,6 +31,7 @@ from tests.helpers import (
     ProxyProcess,
     Stubs,
     connect,
+    direct_and_proxied,
     free_port,
     outcome,
     rpc_error,
@@ -228,13 +229,8 @@ def test_compact_matches(fresh_etcd: EtcdServer, proxy: Callable[..., ProxyProce
             )
         return out
 
-    p = proxy(etcd=fresh_etcd)
-    direct, proxied = connect("direct", fresh_etcd.endpoint), connect("proxy", p.endpoint)
-    try:
+    with direct_and_proxied(fresh_etcd, proxy(etcd=fresh_etcd)) as (direct, proxied):
         run_both(direct, proxied, scenario)
-    finally:
-        direct.close()
-        proxied.close()
 
 
 TOO_MANY_OPS = rpc_pb2.TxnRequest(
@@ -507,13 +503,8 @@ def membership_scenario(s: Stubs, p: bytes, etcd: EtcdServer) -> list[tuple[str,
 
 
 def test_membership_changes_match(fresh_etcd: EtcdServer, proxy: Callable[..., ProxyProcess]) -> None:
-    p = proxy(etcd=fresh_etcd)
-    direct, proxied = connect("direct", fresh_etcd.endpoint), connect("proxy", p.endpoint)
-    try:
+    with direct_and_proxied(fresh_etcd, proxy(etcd=fresh_etcd)) as (direct, proxied):
         run_both(direct, proxied, lambda s, pfx: membership_scenario(s, pfx, fresh_etcd))
-    finally:
-        direct.close()
-        proxied.close()
 
 
 # --------------------------------------------------------------------------- Maintenance
@@ -712,14 +703,8 @@ def auth_scenario(s: Stubs, p: bytes) -> list[tuple[str, Any]]:
 
 
 def test_auth_all_methods_match(fresh_etcd: EtcdServer, proxy: Callable[..., ProxyProcess]) -> None:
-    p = proxy(etcd=fresh_etcd)
-    direct, proxied = connect("direct", fresh_etcd.endpoint), connect("proxy", p.endpoint)
-    try:
+    with direct_and_proxied(fresh_etcd, proxy(etcd=fresh_etcd)) as (direct, proxied):
         run_both(direct, proxied, auth_scenario)
-    finally:
-        direct.close()
-        proxied.close()
-    assert p.alive()
 
 
 AUTH_ERRORS = [

@@ -30,7 +30,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from etcdproxy.etcdpb import rpc_pb2
+from etcdproxy.etcdpb import rpc_pb2, rpc_pb2_grpc
 from tests.faults import BLACKHOLE, RESET, Relay
 from tests.helpers import (
     LOCALHOST,
@@ -193,7 +193,7 @@ class WatchStream:
         self.created = 0
         self.error: grpc.RpcError | None = None
         self.ended = threading.Event()
-        self.call = rpc_pb2_grpc_watch(self.channel).Watch(iter(self.requests.get, None), metadata=metadata)
+        self.call = rpc_pb2_grpc.WatchStub(self.channel).Watch(iter(self.requests.get, None), metadata=metadata)
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
@@ -219,12 +219,6 @@ class WatchStream:
         self.requests.put(None)
         self.thread.join(timeout=5)
         self.channel.close()
-
-
-def rpc_pb2_grpc_watch(channel: grpc.Channel) -> object:
-    from etcdproxy.etcdpb import rpc_pb2_grpc
-
-    return rpc_pb2_grpc.WatchStub(channel)
 
 
 class Writer:

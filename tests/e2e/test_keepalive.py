@@ -9,50 +9,19 @@
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from collections.abc import Callable
 
 import grpc
 import pytest
 
-from etcdproxy.etcdpb import rpc_pb2, rpc_pb2_grpc
 from tests.faults import BLACKHOLE, Relay
-from tests.helpers import ProxyProcess, wait_until
+from tests.helpers import HeldWatch, ProxyProcess, wait_until
 
 pytestmark = [pytest.mark.timeout(90)]
 
 
-class IdleWatch:
-    """One Watch stream with one watcher on a key nobody writes, on its own channel."""
-
-    def __init__(self, endpoint: str, options: list[tuple[str, int]] | None = None) -> None:
-        self.channel = grpc.insecure_channel(endpoint, options=options or [])
-        self.requests: queue.Queue[rpc_pb2.WatchRequest | None] = queue.Queue()
-        create = rpc_pb2.WatchCreateRequest(key=b"keepalive-test/never-written")
-        self.requests.put(rpc_pb2.WatchRequest(create_request=create))
-        self.created = threading.Event()
-        self.error: grpc.RpcError | None = None
-        self.ended = threading.Event()
-        self.call = rpc_pb2_grpc.WatchStub(self.channel).Watch(iter(self.requests.get, None))
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        try:
-            for resp in self.call:
-                if resp.created:
-                    self.created.set()
-        except grpc.RpcError as exc:
-            self.error = exc
-        finally:
-            self.ended.set()
-
-    def close(self) -> None:
-        self.call.cancel()
-        self.requests.put(None)
-        self.channel.close()
-
+IDLE_KEY = b"keepalive-test/never-written"  # the watched stream stays idle
 
 # A client that pings every second while its stream is idle.
 EAGER_PINGS = [
@@ -66,7 +35,7 @@ EAGER_PINGS = [
 @pytest.mark.parametrize(("min_time", "ends"), [("5s", True), ("500ms", False)])
 def test_keepalive_min_time_is_enforced(proxy: Callable[..., ProxyProcess], min_time: str, ends: bool) -> None:
     p = proxy(extra_args=(f"--grpc-keepalive-min-time={min_time}",))
-    watch = IdleWatch(p.endpoint, EAGER_PINGS)
+    watch = HeldWatch(p.endpoint, IDLE_KEY, EAGER_PINGS)
     try:
         assert watch.created.wait(10)
         ended = watch.ended.wait(8)  # grpc servers tolerate two early pings, then GOAWAY
@@ -81,7 +50,7 @@ def test_keepalive_min_time_is_enforced(proxy: Callable[..., ProxyProcess], min_
 def test_silent_client_is_disconnected(proxy: Callable[..., ProxyProcess]) -> None:
     p = proxy(extra_args=("--grpc-keepalive-interval=1s", "--grpc-keepalive-timeout=1s"))
     relay = Relay(p.port)
-    watch = IdleWatch(relay.endpoint)
+    watch = HeldWatch(relay.endpoint, IDLE_KEY)
     try:
         assert watch.created.wait(10)
         assert relay.open_connections() == 1

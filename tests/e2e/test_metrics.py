@@ -8,11 +8,9 @@ starts, and the respawn test reads the metrics files, so it sets PROMETHEUS_MULT
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -30,6 +28,7 @@ from tests.helpers import (
     READY_LINE,
     ROOT,
     EtcdServer,
+    HeldWatch,
     ProxyProcess,
     connect,
     descendants,
@@ -204,38 +203,6 @@ def counter_files_with(mp: MetricsProxy, needle: bytes) -> set[int]:
     return pids
 
 
-class OpenWatch:
-    """A Watch stream held open on its own channel (own connection, so workers share them)."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.channel = grpc.insecure_channel(endpoint, options=[("grpc.use_local_subchannel_pool", 1)])
-        self.requests: queue.Queue[rpc_pb2.WatchRequest | None] = queue.Queue()
-        self.requests.put(rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(key=b"metrics/w")))
-        self.call = rpc_pb2_watch(self.channel)(iter(self.requests.get, None))
-        self.created = threading.Event()
-        self.error: grpc.RpcError | None = None
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        try:
-            for response in self.call:
-                if response.created:
-                    self.created.set()
-        except grpc.RpcError as exc:
-            self.error = exc
-
-    def close(self) -> None:
-        self.call.cancel()
-        self.requests.put(None)
-        self.channel.close()
-
-
-def rpc_pb2_watch(channel: grpc.Channel) -> Any:
-    from etcdproxy.etcdpb import rpc_pb2_grpc
-
-    return rpc_pb2_grpc.WatchStub(channel).Watch
-
-
 def puts(endpoint: str, connections: int, each: int) -> None:
     for c in range(connections):
         stubs = connect("proxy", endpoint)
@@ -268,7 +235,7 @@ def test_counters_add_up_across_workers_and_survive_kill_9(start: Callable[..., 
     # 12 connections over 2 SO_REUSEPORT workers: both served some (a 1 in 2048 chance otherwise)
     assert set(workers) <= counter_files_with(mp, b'"Put"'), "every worker counted Puts"
 
-    watches = [OpenWatch(mp.proxy.endpoint) for _ in range(8)]
+    watches = [HeldWatch(mp.proxy.endpoint, b"metrics/w") for _ in range(8)]
     try:
         for w in watches:
             assert w.created.wait(10)
@@ -309,7 +276,7 @@ def test_counters_add_up_across_workers_and_survive_kill_9(start: Callable[..., 
 def test_coalescing_metrics(start: Callable[..., MetricsProxy]) -> None:
     etcdproxy_only()
     mp = start(workers=2)
-    watches = [OpenWatch(mp.proxy.endpoint) for _ in range(3)]
+    watches = [HeldWatch(mp.proxy.endpoint, b"metrics/w") for _ in range(3)]
     try:
         for w in watches:
             assert w.created.wait(10)
