@@ -40,6 +40,7 @@ from tests.helpers import (
     connect,
     find_binary,
     free_port,
+    log_tail,
     proxy_impl,
     wait_until,
 )
@@ -103,13 +104,27 @@ class Cluster:
             )
         for i in range(3):
             self.run(i)
-        for m in self.members:
-            wait_until(lambda m=m: m.healthy(), 30, f"member {m.name} healthy")
+        for i in range(3):
+            self.wait_healthy(i)
 
     def run(self, i: int) -> None:
         m = self.members[i]
         with m.log_path.open("ab") as log:
             m.proc = subprocess.Popen(self.args[i], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def wait_healthy(self, i: int, timeout: float = 30) -> None:
+        """Wait for member ``i``; start it again if it exited, e.g. because its port was taken
+        meanwhile (on loopback, a client redialling a dead member can even connect to itself and
+        hold that port for a moment)."""
+        m = self.members[i]
+        deadline = time.monotonic() + timeout
+        while True:
+            wait_until(lambda: m.proc.poll() is not None or m.healthy(), timeout, f"member {m.name} healthy")
+            if m.proc.poll() is None:
+                return
+            assert time.monotonic() < deadline, f"member {m.name} keeps exiting:\n{log_tail(m.log_path, 5)}"
+            time.sleep(0.5)
+            self.run(i)
 
     def kill(self, i: int) -> None:
         proc = self.members[i].proc
@@ -501,7 +516,7 @@ def test_lost_quorum_ends_require_leader_streams(cluster: Cluster, proxy: Callab
         for i in others:
             cluster.run(i)
         for i in others:
-            wait_until(lambda i=i: cluster.members[i].healthy(), 30, f"member {i} back")
+            cluster.wait_healthy(i)
         stubs = connect("proxy", p.endpoint)
         revision = wait_until(
             lambda: _put(stubs, PREFIX + b"after"), 30, "a Put through the proxy after quorum returned"
