@@ -65,6 +65,9 @@ class ChildSpec:
     ready_fd: int  # write end of a pipe; the child writes b"R" once it serves; -1 if none
     supervisor_pid: int
     generation: int  # how many times this slot was (re)spawned, 0 first
+    # The client listening socket the supervisor bound (inheritable; a worker serves on it with
+    # socket.socket(fileno=...)); None: the worker binds --listen-addr itself (SO_REUSEPORT).
+    listen_fd: int | None = None
 
     @property
     def name(self) -> str:

@@ -290,3 +290,9 @@ def test_prepare_metrics_dir(tmp_path: os.PathLike[str], monkeypatch: pytest.Mon
     assert sorted(os.listdir(path)) == ["counter_12.db", "gauge_livesum_13.db", "notes.txt"]
     assert proc.prepare_metrics_dir("/elsewhere") == path  # an explicit setting wins; files wiped
     assert os.listdir(path) == ["notes.txt"]
+
+
+def test_child_spec_listen_fd_defaults_to_none() -> None:
+    assert spec().listen_fd is None  # workers bind --listen-addr themselves unless given a socket
+    given = ChildSpec(WORKER, 0, "/run/x", "/run/x/hb", -1, os.getpid(), 0, listen_fd=7)
+    assert given.listen_fd == 7
