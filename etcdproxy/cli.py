@@ -130,6 +130,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("cache", "bool", "answer serializable Ranges from a cache kept fresh by an upstream watch", own=True),
     Flag("cache_max_entries", "int", "range cache entries per worker process", own=True),
     Flag("cache_max_bytes", "int", "range cache bytes per worker process", own=True),
+    Flag("log_level", "string", "debug, info, warn or error, like etcd's --log-level (--debug: debug)", own=True),
+    Flag("log_format", "string", "console (one line of text) or json (etcd's field names), like etcd's", own=True),
 )
 GO_FLAGS: frozenset[str] = frozenset(f.name for f in FLAGS if not f.own)
 _BOOL_FLAGS: frozenset[str] = frozenset(f.name for f in FLAGS if f.kind == "bool")

@@ -85,6 +85,14 @@ def exit_action(*, stopping: bool, retiring: bool, code: int, ready: bool) -> st
     return "respawn"
 
 
+def signal_name(signum: int) -> str:
+    """``9`` -> ``SIGKILL``; an unknown number -> ``signal 99``."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 class BootError(Exception):
     """The proxy cannot start; the message is for the operator and the exit code is 1."""
 
@@ -316,10 +324,13 @@ class Supervisor:
         lived_s = now - slot.started_at
         slot.pid = 0
         action = exit_action(stopping=self.stop_mode is not None, retiring=slot.retiring, code=code, ready=slot.ready)
+        # Killed by a signal nobody here sent as part of a stop (kill -9, OOM killer, a crash): WARN.
+        how = f" (killed by {signal_name(-code)})" if code < 0 else ""
+        level = logging.WARNING if how and action != "none" else logging.INFO
         if action == "none":
-            log.info("%s pid %d exited with code %d", slot.name, pid, code)
+            log.log(level, "%s pid %d exited with code %d%s", slot.name, pid, code, how)
         elif action == "remove":
-            log.info("%s pid %d exited with code %d, not respawning (removed)", slot.name, pid, code)
+            log.log(level, "%s pid %d exited with code %d, not respawning (removed)%s", slot.name, pid, code, how)
             self.slots.remove(slot)
         elif action == "fatal":
             log.error("%s pid %d could not boot (exit code %d), stopping", slot.name, pid, code)
@@ -328,7 +339,9 @@ class Supervisor:
             slot.delay_s = proc.respawn_delay(slot.delay_s, lived_s)
             slot.respawn_at = now + slot.delay_s
             slot.ready = False
-            log.info("%s pid %d exited with code %d, respawning in %.1f s", slot.name, pid, code, slot.delay_s)
+            log.log(
+                level, "%s pid %d exited with code %d, respawning in %.1f s%s", slot.name, pid, code, slot.delay_s, how
+            )
 
     def respawn_due(self) -> None:
         now = time.monotonic()
@@ -507,6 +520,7 @@ class Supervisor:
 
 def run(config: Config) -> int:
     """Run the proxy until stopped; returns the process exit code (the CLI exits with it)."""
+    logs.configure(config.log_level, config.log_format)
     logs.setup("supervisor", config.debug)
     proc.set_title(None, "supervisor")
     return Supervisor(config).run()

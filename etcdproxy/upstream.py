@@ -48,6 +48,13 @@ CONNECT_TIMEOUT_MS = 3000
 # Pause after every endpoint has failed in a row, doubling up to the cap.
 ROUND_BACKOFF_S = (0.1, 2.0)
 AUTO_SYNC_TIMEOUT_S = 5.0
+# Operator-facing reachability log (_report_reachability): WARN once the hub has been without a
+# READY connection for this long (so within 2 s of start or of the loss), then at most once per
+# endpoint per WARN_EVERY_S; INFO when it connects again. The Go proxy logs every 1-2 s.
+UNREACHABLE_AFTER_S = 1.0
+WARN_EVERY_S = 10.0
+REPORT_TICK_S = 0.25
+STATUS_PATH = "/etcdserverpb.Maintenance/Status"
 
 
 def interrupted() -> bool:
@@ -104,6 +111,30 @@ def open_channel(config: Config, endpoint: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(t, options=channel_options(config))
 
 
+def _fields(endpoint: str) -> dict[str, dict[str, str]]:
+    """Structured fields of a log line about ``endpoint`` (logs.py prints them)."""
+    return {"fields": {"endpoint": endpoint}}
+
+
+async def unreachable_reason(channel: grpc.aio.Channel, down_s: float) -> str:
+    """Why ``channel`` has no connection, in grpc's words ("... Connection refused", "DNS resolution
+    failed ..."), from one fail-fast call; "" if it got an answer from etcd after all."""
+    call = channel.unary_unary(STATUS_PATH)
+    try:
+        await call(b"", timeout=1.0, wait_for_ready=False)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+            return f"no connection after {down_s:.1f} s (connecting)"
+        if exc.code() is grpc.StatusCode.UNAVAILABLE:
+            return exc.details() or "unavailable"
+        return ""  # etcd itself answered (e.g. auth): reachable
+    except asyncio.CancelledError:
+        if not interrupted():
+            raise
+        return ""  # failover closed the channel meanwhile
+    return ""
+
+
 def member_endpoints(members: list[tuple[str, bool, list[str]]]) -> list[str]:
     """Client URLs of named, non-learner members (clientv3's auto-sync rule), in order, once."""
     out: list[str] = []
@@ -135,6 +166,7 @@ class Upstream:
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._watch_state()), loop.create_task(self._watch_leader())]
+        self._tasks.append(loop.create_task(self._report_reachability()))
         if self.config.endpoints_auto_sync_interval_s > 0:
             self._tasks.append(loop.create_task(self._auto_sync()))
 
@@ -191,6 +223,33 @@ class Upstream:
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(channel.wait_for_state_change(state), 1.0)
+
+    async def _report_reachability(self) -> None:
+        """Log (never act on) the upstream connection: see UNREACHABLE_AFTER_S."""
+        loop = asyncio.get_running_loop()
+        down_since: float | None = loop.time()  # not connected yet
+        warned_at: dict[str, float] = {}
+        warned: set[str] = set()  # endpoints reported unreachable and not reachable since
+        while True:
+            await asyncio.sleep(REPORT_TICK_S)
+            channel, endpoint, now = self.channel, self.endpoint, loop.time()
+            if channel.get_state(try_to_connect=False) is grpc.ChannelConnectivity.READY:
+                if endpoint in warned:
+                    outage = f" after {now - down_since:.1f} s" if down_since is not None else ""
+                    log.info("etcd endpoint %s is reachable again%s", endpoint, outage, extra=_fields(endpoint))
+                    warned.clear()  # another endpoint's outage is over too: we have etcd again
+                down_since = None
+                continue
+            if down_since is None:
+                down_since = now
+            last = warned_at.get(endpoint)
+            if now - down_since < UNREACHABLE_AFTER_S or (last is not None and now - last < WARN_EVERY_S):
+                continue
+            warned_at[endpoint] = now
+            reason = await unreachable_reason(channel, now - down_since)
+            if reason:
+                warned.add(endpoint)
+                log.warning("etcd endpoint %s is unreachable: %s", endpoint, reason, extra=_fields(endpoint))
 
     async def _watch_leader(self) -> None:
         """A require-leader Watch stream without watchers: etcd ends it when its member has no

@@ -383,6 +383,8 @@ OWN_DEFAULTS: dict[str, Any] = {
     "--cache": True,
     "--cache-max-entries": 2048,
     "--cache-max-bytes": 64 << 20,
+    "--log-level": "info",
+    "--log-format": "console",
 }
 
 
@@ -539,6 +541,15 @@ def test_python_m_etcdproxy_subprocess() -> None:
         (["--listen-addr=h:99999"], "--listen-addr"),
         (["--endpoints="], "etcdclient: no available endpoints"),
         (["--endpoints=a:1,,b:2"], "empty endpoint"),
+        # the Go proxy starts with these and fails every call silently; we refuse them (issue 14)
+        (["--endpoints=127.0.0.1:abc"], '--endpoints "127.0.0.1:abc"'),
+        (["--endpoints=127.0.0.1"], '--endpoints "127.0.0.1": no port'),
+        (["--endpoints=127.0.0.1:99999"], '--endpoints "127.0.0.1:99999"'),
+        (["--endpoints=http://[::1"], '--endpoints "http://[::1"'),
+        (["--endpoints=:2379"], '--endpoints ":2379": no host'),
+        (["--endpoints=a:1,http://127.0.0.1:2379/v3"], "only host:port is allowed after the scheme"),
+        (["--log-level=verbose"], '--log-level "verbose"'),
+        (["--log-format=text"], '--log-format "text"'),
         (
             ["--max-send-bytes=2000", "--max-recv-bytes=1000"],
             "gRPC message recv limit (1000 bytes) must be greater than send limit (2000 bytes)",
@@ -566,6 +577,8 @@ def test_own_validation(main_exit: Any, args: list[str], fragment: str) -> None:
         ["--max-send-bytes=1000", "--max-recv-bytes=1000"],  # clientv3 accepts equal limits
         ["--max-send-bytes=1000", "--max-recv-bytes=0"],
         ["--max-send-bytes=0", "--max-recv-bytes=1000"],
+        ["--endpoints=nonexistent.invalid:2379,http://[::1]:2379,https://h:1/"],  # DNS may answer later
+        ["--log-level=warn", "--log-format=json"],
         ["--max-recv-bytes=1000"],  # Go compares its 1.5 MiB default and refuses; we apply no send limit
     ],
 )

@@ -186,16 +186,6 @@ def test_sd_notify_without_socket(monkeypatch: pytest.MonkeyPatch) -> None:
     assert proc.sd_notify("READY=1") is False
 
 
-@pytest.mark.parametrize(("role", "expected"), [("hub", "hub[%(process)d]"), ("100%", "100%%[%(process)d]")])
-def test_log_format(role: str, expected: str) -> None:
-    fmt = logs.format_string(role)
-    assert expected in fmt
-    record = logging.LogRecord("x", logging.INFO, __file__, 1, "hello %s", ("world",), None)
-    line = logging.Formatter(fmt).format(record)
-    assert line.endswith("INFO x: hello world")
-    assert f"[{os.getpid()}]" in line
-
-
 def test_logs_setup_is_idempotent() -> None:
     root = logging.getLogger()
     before = list(root.handlers)

@@ -1,0 +1,124 @@
+"""Operating the proxy (issue 14): logs an operator can use, --version, start-up refusals, run dir cleanup.
+
+Real processes only: ``python -m etcdproxy`` against a real etcd that is stopped and started again.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import (
+    LOCALHOST,
+    ROOT,
+    EtcdServer,
+    child_pid,
+    find_binary,
+    start_etcd,
+    start_proxy,
+    wait_until,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+def restart_etcd(server: EtcdServer) -> None:
+    """Start a stopped one-member etcd again on the same ports and data dir."""
+    args = [
+        find_binary("etcd"),
+        f"--name={server.name}",
+        f"--data-dir={server.data_dir}",
+        f"--listen-client-urls={server.client_url}",
+        f"--advertise-client-urls={server.client_url}",
+        f"--listen-peer-urls={server.peer_url}",
+        f"--initial-advertise-peer-urls={server.peer_url}",
+        f"--initial-cluster={server.name}={server.peer_url}",
+        f"--listen-metrics-urls=http://{LOCALHOST}:{server.metrics_port}",
+        "--log-level=warn",
+    ]
+    with server.log_path.open("ab") as log:
+        server.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    wait_until(server.healthy, 30, "etcd healthy again")
+
+
+def json_entries(path: Path) -> list[dict[str, Any]]:
+    """Every line of a --log-format=json log, parsed (a line that is not JSON fails the test)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def ts(entry: dict[str, Any]) -> float:
+    return datetime.datetime.fromisoformat(entry["ts"]).timestamp()
+
+
+@pytest.mark.timeout(120)
+def test_json_logs_unreachable_endpoint_recovery_and_killed_worker(tmp_path: Path) -> None:
+    etcd = start_etcd(tmp_path)
+    etcd.stop()  # its port now refuses connections
+    proxy = start_proxy([etcd.endpoint], tmp_path, workers=1, extra_args=["--log-format=json"])
+    try:
+        entries: list[dict[str, Any]] = []
+
+        def warned() -> list[dict[str, Any]]:
+            entries[:] = json_entries(proxy.log_path)
+            return [e for e in entries if e["level"] == "warn" and "is unreachable" in e["msg"]]
+
+        (warning,) = wait_until(warned, 10, "an unreachable-endpoint WARN")
+        hub_ready = next(e for e in entries if e["msg"].startswith("hub ready"))
+        assert ts(warning) - ts(hub_ready) <= 2.5, (warning, hub_ready)  # within 2 s (loose)
+        assert "Connection refused" in warning["msg"]
+        assert warning["endpoint"] == f"http://{etcd.endpoint}"
+        assert warning["role"] == "hub" and warning["pid"] == child_pid(proxy.proc.pid, "etcdproxy: hub")
+        for entry in entries:
+            assert set(entry) >= {"level", "ts", "caller", "msg", "role", "pid"}
+            assert entry["ts"][-6] in "+-" or entry["ts"].endswith("Z")  # a zone, RFC 3339
+        time.sleep(4)
+        assert len(warned()) == 1  # rate-limited: one per endpoint per 10 s
+
+        restart_etcd(etcd)
+        wait_until(
+            lambda: [e for e in json_entries(proxy.log_path) if "is reachable again" in e["msg"]],
+            15,
+            "a recovery INFO line",
+        )
+        assert [e["level"] for e in json_entries(proxy.log_path) if "is reachable again" in e["msg"]] == ["info"]
+
+        worker = child_pid(proxy.proc.pid, "etcdproxy: worker 0")
+        assert worker is not None
+        os.kill(worker, signal.SIGKILL)
+
+        def killed() -> list[dict[str, Any]]:
+            return [e for e in json_entries(proxy.log_path) if f"pid {worker} exited" in e["msg"]]
+
+        (line,) = wait_until(killed, 15, "the killed worker's exit line")
+        assert line["level"] == "warn" and "killed by SIGKILL" in line["msg"], line
+    finally:
+        proxy.stop()
+        etcd.stop()
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "fragment"),
+    [("127.0.0.1:abc", '"127.0.0.1:abc"'), ("127.0.0.1", "no port"), ("http://[::1", '"http://[::1"')],
+)
+@pytest.mark.timeout(60)
+def test_malformed_endpoint_is_refused_at_start(endpoint: str, fragment: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "etcdproxy", f"--endpoints={endpoint}", "--workers=1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert f"invalid --endpoints {fragment}" in result.stderr or fragment in result.stderr, result.stderr
+    assert "spawned" not in result.stderr  # refused before anything started
