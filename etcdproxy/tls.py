@@ -415,6 +415,17 @@ def server_ssl_context(config: Config, files: ServerFiles) -> ssl.SSLContext:
     return ctx
 
 
+def grpc_server_ssl_context(config: Config, files: ServerFiles) -> ssl.SSLContext:
+    """The client-facing gRPC listener (our own transport): ALPN h2 (and http/1.1 for /health and /metrics),
+    TLS version bounds, cipher suites, client certificates and --client-crl-file, all from the standard ssl module."""
+    ctx = server_ssl_context(config, files)
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    if config.client_crl_file:
+        ctx.load_verify_locations(config.client_crl_file)
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    return ctx
+
+
 def upstream_http_context(config: Config) -> ssl.SSLContext:
     """The hub's fetch of etcd's /metrics over https: --cacert as roots (Go ignores it unless all three
     files are given, then fails against a private CA), client certificate when --cert/--key are set."""

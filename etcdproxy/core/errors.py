@@ -9,34 +9,34 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import grpc
+from etcdproxy.h2.status import StatusCode
 
-CODES: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
+CODES: dict[int, StatusCode] = {int(c): c for c in StatusCode}
 
 
 @dataclass(frozen=True, slots=True)
 class EtcdError:
-    code: grpc.StatusCode
+    code: StatusCode
     message: str
 
 
-KEY_NOT_FOUND = EtcdError(grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: key not found")
-EMPTY_KEY = EtcdError(grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: key is not provided")
-COMPACTED = EtcdError(grpc.StatusCode.OUT_OF_RANGE, "etcdserver: mvcc: required revision has been compacted")
-NO_LEADER = EtcdError(grpc.StatusCode.UNAVAILABLE, "etcdserver: no leader")
-PERMISSION_DENIED = EtcdError(grpc.StatusCode.PERMISSION_DENIED, "etcdserver: permission denied")
+KEY_NOT_FOUND = EtcdError(StatusCode.INVALID_ARGUMENT, "etcdserver: key not found")
+EMPTY_KEY = EtcdError(StatusCode.INVALID_ARGUMENT, "etcdserver: key is not provided")
+COMPACTED = EtcdError(StatusCode.OUT_OF_RANGE, "etcdserver: mvcc: required revision has been compacted")
+NO_LEADER = EtcdError(StatusCode.UNAVAILABLE, "etcdserver: no leader")
+PERMISSION_DENIED = EtcdError(StatusCode.PERMISSION_DENIED, "etcdserver: permission denied")
 
 # The Go proxy's own answer (SPEC 2): kept so scripts that match it keep working.
-RANGE_STREAM_UNSUPPORTED = EtcdError(grpc.StatusCode.UNIMPLEMENTED, "RangeStream is not supported by the gRPC proxy")
+RANGE_STREAM_UNSUPPORTED = EtcdError(StatusCode.UNIMPLEMENTED, "RangeStream is not supported by the gRPC proxy")
 
 # Proxy-internal conditions: UNAVAILABLE tells every etcd client to retry.
 HUB_RESTARTED = EtcdError(
-    grpc.StatusCode.UNAVAILABLE, "etcdproxy: hub restarted; the request may or may not have been applied"
+    StatusCode.UNAVAILABLE, "etcdproxy: hub restarted; the request may or may not have been applied"
 )
-HUB_GAP = EtcdError(grpc.StatusCode.UNAVAILABLE, "etcdproxy: lost a message from the hub; please retry")
-WORKER_STOPPING = EtcdError(grpc.StatusCode.UNAVAILABLE, "etcdproxy: worker is shutting down; please reconnect")
+HUB_GAP = EtcdError(StatusCode.UNAVAILABLE, "etcdproxy: lost a message from the hub; please retry")
+WORKER_STOPPING = EtcdError(StatusCode.UNAVAILABLE, "etcdproxy: worker is shutting down; please reconnect")
 
 
 def unmarshal_error(detail: str) -> EtcdError:
     """What grpc-go (and so etcd) answers for request bytes it cannot parse."""
-    return EtcdError(grpc.StatusCode.INTERNAL, f"grpc: error unmarshalling request: {detail}")
+    return EtcdError(StatusCode.INTERNAL, f"grpc: error unmarshalling request: {detail}")

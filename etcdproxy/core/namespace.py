@@ -24,11 +24,10 @@ import enum
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import grpc
-
 from etcdproxy.core import errors
 from etcdproxy.core.cache import prefix_end
 from etcdproxy.etcdpb import kv_pb2, rpc_pb2, v3election_pb2, v3lock_pb2
+from etcdproxy.h2.status import StatusCode
 
 # [mod_revision, is_delete, event with prev_kv, event without prev_kv] (ipc.schema.WireEvent)
 WireEvent = tuple[int, bool, bytes, bytes]
@@ -121,7 +120,7 @@ def rule(path: str) -> tuple[Action, str]:
 def refusal(path: str, reason: str) -> errors.EtcdError:
     method = path.lstrip("/").split(".", 1)[-1]
     return errors.EtcdError(
-        grpc.StatusCode.PERMISSION_DENIED,
+        StatusCode.PERMISSION_DENIED,
         f"etcdproxy: {method} is refused by the namespace policy (--namespace is set): {reason}; see {DOC}",
     )
 

@@ -77,7 +77,11 @@ class Hub:
         self.cluster = ClusterHub(self)  # MemberList modes, --resolver-prefix registration
         self.cache = CacheHub(self) if config.cache else None
         # last: it wraps handlers the components registered (to count leases kept alive)
-        self.metrics_server = MetricsServer(self) if config.metrics_addr else None
+        # its routes also answer HTTP/1.1 on the gRPC port (workers relay HttpRequest); it listens only with
+        # --metrics-addr
+        self.http_routes = MetricsServer(self)
+        self.metrics_server = self.http_routes if config.metrics_addr else None
+        self.register(s.Kind.HTTP_REQUEST, self._on_http_request)
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -183,6 +187,20 @@ class Hub:
                 log.error("no handler for %s from %s", kind.name, identity.decode())
             else:
                 handler(worker, message)
+
+    # ---- HTTP/1.1 on the gRPC port --------------------------------------------------------
+
+    def _on_http_request(self, worker: WorkerState, message: s.HttpRequest) -> None:
+        self.loop.create_task(self._http(worker, message))
+
+    async def _http(self, worker: WorkerState, message: s.HttpRequest) -> None:
+        try:
+            response = await self.http_routes.route(message.method, message.path, {})
+            status, ctype, body = response.status, response.content_type, response.body
+        except Exception:
+            log.exception("HTTP route %s failed", message.path)
+            status, ctype, body = 500, "text/plain; charset=utf-8", b"Internal server error\n"
+        self._send(worker, s.HttpAnswer(self.epoch, self._seq(worker), message.req_id, status, ctype, body))
 
     # ---- unary ---------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import enum
 from dataclasses import dataclass
 
 # Bumped whenever a message below changes shape; checked in the Hello/Pong exchange.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # metadata forwarded from a client call to etcd: (key, value) pairs such as ("token", "...")
 Metadata = list[tuple[str, str]]
@@ -40,6 +40,7 @@ class Kind(enum.IntEnum):
     LEASE_KEEPALIVE = 12
     CACHE_SYNC = 16
     CACHE_ACK = 17
+    HTTP_REQUEST = 18
     # hub -> worker
     PONG = 20
     REPLY = 21
@@ -55,6 +56,7 @@ class Kind(enum.IntEnum):
     LEASE_NO_LEADER = 31
     CACHE_STATE = 36
     CACHE_INVALIDATE = 37
+    HTTP_ANSWER = 38
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,6 +390,30 @@ class CacheInvalidate:
     kind: Kind = Kind.CACHE_INVALIDATE
 
 
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    """An HTTP/1.1 GET/HEAD a worker received on the gRPC port (/health, /metrics, ...), for the hub's routes."""
+
+    epoch: int
+    req_id: int
+    method: str
+    path: str
+    kind: Kind = Kind.HTTP_REQUEST
+
+
+@dataclass(frozen=True, slots=True)
+class HttpAnswer:
+    """The hub's answer to an HttpRequest: the same status, content type and body as on --metrics-addr."""
+
+    epoch: int
+    seq: int
+    req_id: int
+    status: int
+    content_type: str
+    body: bytes
+    kind: Kind = Kind.HTTP_ANSWER
+
+
 WorkerMessage = (
     Hello
     | Ping
@@ -403,6 +429,7 @@ WorkerMessage = (
     | LeaseKeepAlive
     | CacheSync
     | CacheAck
+    | HttpRequest
 )
 HubMessage = (
     Pong
@@ -419,6 +446,7 @@ HubMessage = (
     | LeaseNoLeader
     | CacheState
     | CacheInvalidate
+    | HttpAnswer
 )
 Message = WorkerMessage | HubMessage
 
@@ -451,4 +479,6 @@ CLASSES: dict[Kind, type[Message]] = {
     Kind.CACHE_ACK: CacheAck,
     Kind.CACHE_STATE: CacheState,
     Kind.CACHE_INVALIDATE: CacheInvalidate,
+    Kind.HTTP_REQUEST: HttpRequest,
+    Kind.HTTP_ANSWER: HttpAnswer,
 }

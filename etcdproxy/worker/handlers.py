@@ -12,11 +12,11 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import grpc
-
 from etcdproxy.core import errors, wire
 from etcdproxy.core.methods import METHODS, Method, Shape
 from etcdproxy.core.namespace import Namespace, Refused
+from etcdproxy.h2 import rpc
+from etcdproxy.h2.status import StatusCode
 from etcdproxy.ipc.schema import Metadata
 from etcdproxy.worker.hubclient import HubClient, StreamState
 from etcdproxy.worker.instrument import instrument
@@ -31,11 +31,11 @@ HEALTH_SERVICE = "grpc.health.v1.Health"
 _SERVING, _NOT_SERVING = b"\x08\x01", b"\x08\x02"
 
 
-def forwarded_metadata(context: grpc.aio.ServicerContext[Any, Any]) -> Metadata:
+def forwarded_metadata(context: rpc.Context) -> Metadata:
     return [(k, v) for k, v in (context.invocation_metadata() or ()) if k in FORWARDED_METADATA]
 
 
-async def abort(context: grpc.aio.ServicerContext[Any, Any], error: errors.EtcdError) -> None:
+async def abort(context: rpc.Context, error: errors.EtcdError) -> None:
     await context.abort(error.code, error.message)
 
 
@@ -45,31 +45,25 @@ class Handlers:
         # --namespace: requests are rewritten (or refused) before the hub, responses after
         self.namespace = namespace
         # Methods served by a dedicated component instead of plain forwarding (path -> handler).
-        self.overrides: dict[str, grpc.RpcMethodHandler] = {}
+        self.overrides: dict[str, rpc.MethodHandler] = {}
 
-    def generic_handlers(self) -> list[grpc.GenericRpcHandler]:
-        by_service: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
-        for method in METHODS:
-            by_service.setdefault(method.service, {})[method.name] = self._handler(method)
-        by_service[HEALTH_SERVICE] = {
-            "Check": grpc.unary_unary_rpc_method_handler(self.health_check),
-            "Watch": grpc.unary_stream_rpc_method_handler(self.health_watch),
-        }
-        return [
-            grpc.method_handlers_generic_handler(svc, {name: instrument(svc, name, h) for name, h in handlers.items()})
-            for svc, handlers in by_service.items()
-        ]
+    def method_handlers(self) -> dict[str, rpc.MethodHandler]:
+        """Every served path -> its instrumented handler."""
+        table = {method.path: (method.service, method.name, self._handler(method)) for method in METHODS}
+        table[f"/{HEALTH_SERVICE}/Check"] = (HEALTH_SERVICE, "Check", rpc.unary_unary(self.health_check))
+        table[f"/{HEALTH_SERVICE}/Watch"] = (HEALTH_SERVICE, "Watch", rpc.unary_stream(self.health_watch))
+        return {path: instrument(svc, name, handler) for path, (svc, name, handler) in table.items()}
 
-    def _handler(self, method: Method) -> grpc.RpcMethodHandler:
+    def _handler(self, method: Method) -> rpc.MethodHandler:
         if method.path in self.overrides:
             return self.overrides[method.path]
         if method.name == "RangeStream":
-            return grpc.unary_stream_rpc_method_handler(self._range_stream)
+            return rpc.unary_stream(self._range_stream)
         if method.shape is Shape.UNARY:
-            return grpc.unary_unary_rpc_method_handler(self._unary_for(method))
+            return rpc.unary_unary(self._unary_for(method))
         if method.shape is Shape.SERVER_STREAM:
-            return grpc.unary_stream_rpc_method_handler(self._server_stream_for(method))
-        return grpc.stream_stream_rpc_method_handler(self._bidi_for(method))
+            return rpc.unary_stream(self._server_stream_for(method))
+        return rpc.stream_stream(self._bidi_for(method))
 
     # ---- unary ---------------------------------------------------------------------------
 
@@ -78,7 +72,7 @@ class Handlers:
         hub = self.hub
         namespace = self.namespace
 
-        async def unary(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        async def unary(request: bytes, context: rpc.Context) -> bytes:
             _, problem = wire.parse(request_class, request)
             if problem is not None:
                 await abort(context, errors.unmarshal_error(problem))
@@ -100,7 +94,7 @@ class Handlers:
         return unary
 
     async def _to_etcd(
-        self, namespace: Namespace, method: Method, request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+        self, namespace: Namespace, method: Method, request: bytes, context: rpc.Context
     ) -> bytes:
         try:
             return namespace.request(method.path, request)
@@ -111,7 +105,7 @@ class Handlers:
     # ---- streams -------------------------------------------------------------------------
 
     async def _relay(
-        self, req_id: int, state: StreamState, context: grpc.aio.ServicerContext[Any, Any]
+        self, req_id: int, state: StreamState, context: rpc.Context
     ) -> AsyncIterator[bytes]:
         """Yield upstream messages until the stream ends, then end the call with its status."""
         hub = self.hub
@@ -131,7 +125,7 @@ class Handlers:
         hub = self.hub
         namespace = self.namespace
 
-        async def server_stream(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+        async def server_stream(request: bytes, context: rpc.Context) -> AsyncIterator[bytes]:
             _, problem = wire.parse(request_class, request)
             if problem is not None:
                 await abort(context, errors.unmarshal_error(problem))
@@ -152,7 +146,7 @@ class Handlers:
         hub = self.hub
 
         async def bidi(
-            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+            requests: AsyncIterator[bytes], context: rpc.Context
         ) -> AsyncIterator[bytes]:
             req_id, state = hub.open_stream(method, forwarded_metadata(context))
 
@@ -178,7 +172,7 @@ class Handlers:
 
         return bidi
 
-    async def _range_stream(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+    async def _range_stream(self, request: bytes, context: rpc.Context) -> AsyncIterator[bytes]:
         await abort(context, errors.RANGE_STREAM_UNSUPPORTED)
         yield b""  # pragma: no cover - makes this an async generator
 
@@ -190,13 +184,13 @@ class Handlers:
             return None
         return _SERVING if self.hub.hub_alive else _NOT_SERVING
 
-    async def health_check(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    async def health_check(self, request: bytes, context: rpc.Context) -> bytes:
         status = self._health_status(request)
         if status is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+            await context.abort(StatusCode.NOT_FOUND, "unknown service")
         return status  # type: ignore[return-value]
 
-    async def health_watch(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+    async def health_watch(self, request: bytes, context: rpc.Context) -> AsyncIterator[bytes]:
         last = None
         while True:
             status = self._health_status(request) or b"\x08\x03"  # SERVICE_UNKNOWN

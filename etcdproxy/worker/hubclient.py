@@ -183,7 +183,7 @@ class HubClient:
         state = self.streams.get(req_id)
         if state is not None:
             self.cancel(req_id)
-            self._end_stream(req_id, state, error.code.value[0], error.message)
+            self._end_stream(req_id, state, error.code, error.message)
 
     def stream_delivered(self, req_id: int, state: StreamState) -> None:
         """The servicer wrote one message to its client: return credit to the hub in batches."""
@@ -196,7 +196,7 @@ class HubClient:
         """End every stream (of ``epoch``, if given) with ``error``."""
         for req_id, state in list(self.streams.items()):
             if epoch is None or state.epoch == epoch:
-                self._end_stream(req_id, state, error.code.value[0], error.message)
+                self._end_stream(req_id, state, error.code, error.message)
 
     def _end_stream(self, req_id: int, state: StreamState, code: int, text: str) -> None:
         self.streams.pop(req_id, None)
@@ -263,7 +263,7 @@ class HubClient:
             self.epoch = epoch
             for req_id, state in list(self.streams.items()):
                 if state.epoch and state.epoch != epoch:
-                    self._end_stream(req_id, state, errors.HUB_RESTARTED.code.value[0], errors.HUB_RESTARTED.message)
+                    self._end_stream(req_id, state, errors.HUB_RESTARTED.code, errors.HUB_RESTARTED.message)
             stale = [rid for rid, p in self.calls.items() if p.epoch and p.epoch != epoch]
         for req_id in stale:
             self._retry_or_fail(req_id)
@@ -285,12 +285,12 @@ class HubClient:
                 del self.calls[req_id]
                 if not pending.future.done():
                     err = errors.HUB_RESTARTED
-                    pending.future.set_result((err.code.value[0], err.message))
+                    pending.future.set_result((err.code, err.message))
             return
         state = self.streams.get(req_id)
         if state is not None:  # its open reached a newer hub, which did not run it
             err = errors.HUB_RESTARTED
-            self._end_stream(req_id, state, err.code.value[0], err.message)
+            self._end_stream(req_id, state, err.code, err.message)
 
     def _flush_unsent(self) -> None:
         while self._unsent and self.epoch:

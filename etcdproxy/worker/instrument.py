@@ -3,7 +3,7 @@
 ``instrument(service, method, handler)`` returns a handler that counts, like the Go proxy's
 interceptors: started, messages received and sent, and handled with its grpc_code exactly once
 per call, however it ends (returned, aborted, raised, cancelled by the client or its deadline, or
-closed by grpc while suspended). Counts go to metrics.RpcStats (plain ints); ``report_loop``
+closed by the transport while suspended). Counts go to metrics.RpcStats (plain ints); ``report_loop``
 writes them to the multiprocess files every metrics.FLUSH_INTERVAL_S along with the IPC queue
 depths of this worker.
 """
@@ -15,27 +15,26 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import grpc
-
 from etcdproxy import metrics
+from etcdproxy.h2 import rpc
 from etcdproxy.worker.hubclient import HubClient
 
-Context = Any  # grpc.aio.ServicerContext
+Context = rpc.Context
 
 
 def _ended_code(context: Context) -> str:
     """Code of a call whose handler returned: OK unless it set another one."""
     code = context.code()
-    return "OK" if code is None else metrics.go_code_name(code.value[0])
+    return "OK" if code is None else metrics.go_code_name(int(code))
 
 
 def _failed_code(exc: BaseException, context: Context) -> str:
     if isinstance(exc, asyncio.CancelledError | GeneratorExit):
-        # grpc cancels (or closes) the handler when the client is gone or its deadline passed
+        # the transport cancels (or closes) the handler when the client is gone or its deadline passed
         remaining = context.time_remaining()
         return "DeadlineExceeded" if remaining is not None and remaining <= 0 else "Canceled"
-    code = context.code()  # set by context.abort(); anything else becomes UNKNOWN in grpc
-    return "Unknown" if code is None else metrics.go_code_name(code.value[0])
+    code = context.code()  # set by context.abort(); anything else becomes UNKNOWN in the dispatcher
+    return "Unknown" if code is None else metrics.go_code_name(int(code))
 
 
 class _CountedRequests:
@@ -91,11 +90,11 @@ def _streaming(
         request = _begin(stats, request, client_streams)
         code = "Unknown"
         try:
-            # aclosing: if grpc closes us at a yield, the servicer's own cleanup runs now, not at GC
+            # aclosing: if the transport closes us at a yield, the servicer's own cleanup runs now, not at GC
             async with contextlib.aclosing(behaviour(request, context)) as responses:  # type: ignore[type-var]
                 async for response in responses:
                     yield response
-                    stats.sent += 1  # resumed: grpc wrote it
+                    stats.sent += 1  # resumed: the transport queued it
             code = _ended_code(context)
         except BaseException as exc:
             code = _failed_code(exc, context)
@@ -106,34 +105,40 @@ def _streaming(
     return stream
 
 
-def instrument(service: str, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    if handler.request_streaming and handler.response_streaming:
-        stats = metrics.rpc_stats("bidi_stream", service, method)
-        return grpc.stream_stream_rpc_method_handler(
-            _streaming(stats, handler.stream_stream, True),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+def _inline(stats: metrics.RpcStats, inline: rpc.Inline) -> rpc.Inline:
+    """Count an inline answer (a cache hit) as a whole call; a None (not answered inline) counts nothing,
+    since the call then runs the behaviour, which counts it."""
+
+    def counted(request: bytes, context: rpc.Context) -> bytes | None:
+        try:
+            answer = inline(request, context)
+        except rpc.Abort as abort:
+            _begin(stats, request, False)
+            stats.end(metrics.go_code_name(abort.code))
+            raise
+        if answer is not None:
+            stats.started += 1
+            stats.open += 1
+            stats.received += 1
+            stats.sent += 1
+            stats.end("OK")
+        return answer
+
+    return counted
+
+
+_TYPES = {(True, True): "bidi_stream", (False, True): "server_stream", (True, False): "client_stream"}
+
+
+def instrument(service: str, method: str, handler: rpc.MethodHandler) -> rpc.MethodHandler:
+    kind = _TYPES.get((handler.request_streaming, handler.response_streaming), "unary")
+    stats = metrics.rpc_stats(kind, service, method)
     if handler.response_streaming:
-        stats = metrics.rpc_stats("server_stream", service, method)
-        return grpc.unary_stream_rpc_method_handler(
-            _streaming(stats, handler.unary_stream, False),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    if handler.request_streaming:  # no etcd method has this shape; counted like the others
-        stats = metrics.rpc_stats("client_stream", service, method)
-        return grpc.stream_unary_rpc_method_handler(
-            _unary(stats, handler.stream_unary, True),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    stats = metrics.rpc_stats("unary", service, method)
-    return grpc.unary_unary_rpc_method_handler(
-        _unary(stats, handler.unary_unary, False),
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+        behaviour = _streaming(stats, handler.behaviour, handler.request_streaming)
+    else:  # no etcd method is client-streaming only; it would be counted like the others
+        behaviour = _unary(stats, handler.behaviour, handler.request_streaming)
+    inline = None if handler.inline is None else _inline(stats, handler.inline)
+    return rpc.MethodHandler(handler.request_streaming, handler.response_streaming, behaviour, inline)
 
 
 def queue_depths(hub: HubClient) -> dict[str, int]:

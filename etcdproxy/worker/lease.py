@@ -21,13 +21,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
-
-import grpc
 
 from etcdproxy.core import errors, wire
 from etcdproxy.core.lease import Interest
 from etcdproxy.etcdpb import rpc_pb2
+from etcdproxy.h2 import rpc
 from etcdproxy.ipc import schema as s
 from etcdproxy.worker.hubclient import HubClient
 
@@ -67,7 +65,7 @@ class ClientStream:
             self.queue.put_nowait(error)
 
 
-def requires_leader(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+def requires_leader(context: rpc.Context) -> bool:
     return any(k == "hasleader" and v == "true" for k, v in (context.invocation_metadata() or ()))
 
 
@@ -83,13 +81,13 @@ class LeaseServicer:
         hub.on_new_epoch.append(self._on_new_epoch)
         hub.on_gap.append(self._ask_all)
 
-    def handler(self) -> grpc.RpcMethodHandler:
-        return grpc.stream_stream_rpc_method_handler(self.keep_alive)
+    def handler(self) -> rpc.MethodHandler:
+        return rpc.stream_stream(self.keep_alive)
 
     # ---- client side ---------------------------------------------------------------------
 
     async def keep_alive(
-        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+        self, requests: AsyncIterator[bytes], context: rpc.Context
     ) -> AsyncIterator[bytes]:
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Any, TypeVar
-
-import grpc
+from typing import TypeVar
 
 from etcdproxy.config import Config
 from etcdproxy.core import errors, wire
 from etcdproxy.core.methods import Method, by_name
 from etcdproxy.core.namespace import DOC, Namespace
 from etcdproxy.etcdpb import rpc_pb2
+from etcdproxy.h2 import rpc
+from etcdproxy.h2.status import StatusCode
 from etcdproxy.ipc import schema as s
 from etcdproxy.worker.handlers import abort, forwarded_metadata
 from etcdproxy.worker.hubclient import HubClient
@@ -36,7 +36,7 @@ def namespace_of(config: Config) -> Namespace | None:
 
 def revoke_refused(lease_id: int) -> errors.EtcdError:
     return errors.EtcdError(
-        grpc.StatusCode.PERMISSION_DENIED,
+        StatusCode.PERMISSION_DENIED,
         f"etcdproxy: LeaseRevoke is refused by the namespace policy (--namespace is set): lease {lease_id:x} "
         f"has keys attached outside the namespace, which revoking it would delete; see {DOC}",
     )
@@ -54,11 +54,11 @@ class LeaseRevokeGuard:
         self.hub = hub
         self.namespace = namespace
 
-    def handler(self) -> grpc.RpcMethodHandler:
-        return grpc.unary_unary_rpc_method_handler(self.revoke)
+    def handler(self) -> rpc.MethodHandler:
+        return rpc.unary_unary(self.revoke)
 
     async def _call(
-        self, method: Method, payload: bytes, metadata: s.Metadata, context: grpc.aio.ServicerContext[Any, Any]
+        self, method: Method, payload: bytes, metadata: s.Metadata, context: rpc.Context
     ) -> tuple[int, bytes | str]:
         req_id, future = self.hub.call(method, payload, metadata, context.time_remaining())
         try:
@@ -67,7 +67,7 @@ class LeaseRevokeGuard:
             self.hub.cancel(req_id)
             raise
 
-    async def revoke(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    async def revoke(self, request: bytes, context: rpc.Context) -> bytes:
         message, problem = wire.parse(rpc_pb2.LeaseRevokeRequest, request)
         if problem is not None:
             await abort(context, errors.unmarshal_error(problem))

@@ -1,9 +1,13 @@
-"""A worker process: a grpc.aio server on the client port, talking to the hub over IPC.
+"""A worker process: our own HTTP/2 + gRPC server (etcdproxy.h2) on the client port, talking to the hub over IPC.
 
-Workers share --listen-addr through SO_REUSEPORT (the supervisor's port guard makes sure no
-other program holds it). Lifecycle: fork -> main() -> serve() until SIGTERM, then stop
-accepting, end long-lived streams with UNAVAILABLE (clients reconnect to another worker),
-and give unary calls ``graceful_timeout_s`` to finish.
+Workers share --listen-addr: a socket the supervisor bound and passed down (``spec.listen_fd``), or, without one,
+each worker's own SO_REUSEPORT socket (the supervisor's port guard makes sure no other program holds the port).
+No grpcio in this process: the transport, handlers and status codes are etcdproxy's own.
+
+Lifecycle: fork -> main() -> serve() until SIGTERM; then drain: every connection gets a graceful GOAWAY while
+the listener keeps accepting for ``drain_delay_s`` (new connections are told to go away at once, so a load
+balancer's health check has time to notice), then the listener closes, unary calls get ``graceful_timeout_s``
+to finish, and long-lived streams end with UNAVAILABLE (clients reconnect elsewhere).
 """
 
 from __future__ import annotations
@@ -11,14 +15,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-
-import grpc
+import socket
 
 from etcdproxy import metrics, proc, tls
 from etcdproxy.config import Config
 from etcdproxy.core import errors
+from etcdproxy.h2.protocol import Server, ServerOptions
+from etcdproxy.h2.rpc import Dispatcher
+from etcdproxy.h2.server import Settings
 from etcdproxy.worker.cache import RangeService
 from etcdproxy.worker.handlers import Handlers
+from etcdproxy.worker.http import HttpRelay
 from etcdproxy.worker.hubclient import HubClient
 from etcdproxy.worker.instrument import report_loop
 from etcdproxy.worker.lease import LeaseServicer
@@ -27,40 +34,28 @@ from etcdproxy.worker.watch import WatchService
 
 log = logging.getLogger(__name__)
 
-MAX_INT32 = 2**31 - 1
 
-
-def server_options(config: Config) -> list[tuple[str, int]]:
-    options = [
-        ("grpc.so_reuseport", 1),
+def server_options(config: Config) -> ServerOptions:
+    settings = Settings(
+        max_concurrent_streams=config.max_concurrent_streams,
         # Not Go's fixed 4 MiB, which answers for etcd (etcd issue 11984): by default a memory guard
         # well above etcd's own limit, so etcd's answer reaches the client (Config.server_max_receive_bytes).
-        ("grpc.max_receive_message_length", config.server_max_receive_bytes),
-        ("grpc.max_send_message_length", -1),
-        ("grpc.max_concurrent_streams", min(config.max_concurrent_streams, MAX_INT32)),
-        # etcd's keepalive enforcement: clients may ping no more often than min-time, and
-        # only while they have an active call (PermitWithoutStream=false).
-        ("grpc.http2.min_ping_interval_without_data_ms", int(config.grpc_keepalive_min_time_s * 1000)),
-        ("grpc.keepalive_permit_without_calls", 0),
-    ]
-    if config.grpc_keepalive_interval_s > 0:
-        options.append(("grpc.keepalive_time_ms", int(config.grpc_keepalive_interval_s * 1000)))
-    if config.grpc_keepalive_timeout_s > 0:
-        timeout_ms = int(config.grpc_keepalive_timeout_s * 1000)
-        options.append(("grpc.keepalive_timeout_ms", timeout_ms))
-        # grpc bounds a keepalive ping that joins one already in flight (a BDP probe) by its general
-        # ping timeout (60 s) instead: keep both the same, as Go's single timeout is
-        options.append(("grpc.http2.ping_timeout_ms", timeout_ms))
-    if config.grpc_keepalive_interval_s > 0:
-        # keep pinging an idle stream (grpc's default stops after two pings without data)
-        options.append(("grpc.http2.max_pings_without_data", 0))
-    return options
+        max_receive_message=config.server_max_receive_bytes,
+        # etcd's keepalive enforcement: clients may ping no more often than min-time while they have calls,
+        # and not at all without (grpc-go's PermitWithoutStream=false)
+        keepalive_min_time_s=config.grpc_keepalive_min_time_s,
+    )
+    return ServerOptions(settings, config.grpc_keepalive_interval_s, config.grpc_keepalive_timeout_s)
+
+
+def _split_host_port(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 async def serve(config: Config, spec: proc.ChildSpec) -> int:
     loop = asyncio.get_running_loop()
     hub = HubClient(proc.hub_endpoint(spec.run_dir), spec.index, loop)
-    server = grpc.aio.server(options=server_options(config))
     namespace = namespace_of(config)  # --namespace: see docs/namespace.md
     handlers = Handlers(hub, namespace)
     handlers.overrides["/etcdserverpb.Watch/Watch"] = WatchService(hub, namespace).handler()
@@ -70,24 +65,26 @@ async def serve(config: Config, spec: proc.ChildSpec) -> int:
     handlers.overrides["/etcdserverpb.Lease/LeaseKeepAlive"] = leases.handler()
     if config.cache:
         handlers.overrides["/etcdserverpb.KV/Range"] = RangeService(hub, config, namespace).handler()
-    server.add_generic_rpc_handlers(handlers.generic_handlers())
+    options = server_options(config)
+    options.http_app = HttpRelay(hub)
+    server = Server(Dispatcher(handlers.method_handlers(), loop), options, loop)
     files = tls.server_files(config)
+    context = None if files is None else tls.grpc_server_ssl_context(config, files)
+    listen_fd = getattr(spec, "listen_fd", None)
     try:
-        if files is None:
-            port = server.add_insecure_port(config.listen_addr)
+        if listen_fd is not None:
+            sock = socket.socket(fileno=listen_fd)
+            await server.listen(sock=sock, ssl_context=context)
         else:
-            port = server.add_secure_port(config.listen_addr, tls.server_credentials(files))
-    except RuntimeError as exc:
+            host, port = _split_host_port(config.listen_addr)
+            await server.listen(host=host, port=port, ssl_context=context, reuse_port=True)
+    except OSError as exc:
         log.error("cannot listen on %s: %s", config.listen_addr, exc)
-        return proc.EXIT_BOOT_ERROR
-    if not port:
-        log.error("cannot listen on %s", config.listen_addr)
         return proc.EXIT_BOOT_ERROR
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         loop.add_signal_handler(sig, stop.set)
     hub.start()
-    await server.start()
     heartbeat = loop.create_task(proc.heartbeat_loop(spec))
     metrics.settle_own_pid()  # before the first flush: a dead predecessor may have had our pid
     reporter = loop.create_task(report_loop(hub))
@@ -95,11 +92,7 @@ async def serve(config: Config, spec: proc.ChildSpec) -> int:
     log.info("worker %d serving gRPC%s on %s", spec.index, "" if files is None else " over TLS", config.listen_addr)
     await stop.wait()
     log.info("worker %d stopping", spec.index)
-    stopping = loop.create_task(server.stop(config.graceful_timeout_s))
-    await asyncio.sleep(0)  # let the server stop accepting before streams are ended
-    hub.end_streams(errors.WORKER_STOPPING)
-    leases.stop(errors.WORKER_STOPPING)
-    await stopping
+    await drain(server, config, hub, leases)
     heartbeat.cancel()
     reporter.cancel()
     metrics.flush()  # what ended during the stop; calls still open are settled by the hub
@@ -107,6 +100,30 @@ async def serve(config: Config, spec: proc.ChildSpec) -> int:
     return 0
 
 
+async def drain(server: Server, config: Config, hub: HubClient, leases: LeaseServicer) -> None:
+    """Graceful stop: GOAWAY everyone (keep accepting for the drain delay), close the listener, let unary calls
+    finish within the graceful timeout, end the long streams with UNAVAILABLE (clients reconnect elsewhere)."""
+    loop = asyncio.get_running_loop()
+    server.start_drain()
+    delay = float(getattr(config, "drain_delay_s", 0.0))
+    deadline = loop.time() + delay
+    # the full delay even with no connection left: a load balancer's health check must see the 503 first
+    while loop.time() < deadline:  # noqa: ASYNC110 - a deadline, not a condition to wait for
+        await asyncio.sleep(min(0.1, max(0.0, deadline - loop.time())))
+    server.close_listeners()
+    hub.end_streams(errors.WORKER_STOPPING)
+    leases.stop(errors.WORKER_STOPPING)
+    deadline = loop.time() + config.graceful_timeout_s
+    while loop.time() < deadline and server.active_calls():  # noqa: ASYNC110 - calls end in many places
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # the last answers' writes
+    server.close_all()
+
+
 def main(config: Config, spec: proc.ChildSpec) -> int:
     proc.child_init(spec, config.debug)
-    return asyncio.run(serve(config, spec))
+    try:
+        import uvloop  # faster, above all with TLS (DESIGN.md section 6); optional
+    except ImportError:
+        return asyncio.run(serve(config, spec))
+    return uvloop.run(serve(config, spec))

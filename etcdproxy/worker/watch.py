@@ -23,8 +23,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
-
 from etcdproxy.core import errors, wire
 from etcdproxy.core.watch import (
     AUTO_WATCH_ID,
@@ -35,6 +33,7 @@ from etcdproxy.core.watch import (
     prepare,
 )
 from etcdproxy.etcdpb import rpc_pb2
+from etcdproxy.h2 import rpc
 from etcdproxy.ipc import schema as s
 from etcdproxy.worker.handlers import forwarded_metadata
 from etcdproxy.worker.hubclient import HubClient
@@ -116,13 +115,13 @@ class WatchService:
         hub.on_new_epoch.append(self.on_new_epoch)
         hub.on_gap.append(self.on_gap)
 
-    def handler(self) -> grpc.RpcMethodHandler:
-        return grpc.stream_stream_rpc_method_handler(self.watch)
+    def handler(self) -> rpc.MethodHandler:
+        return rpc.stream_stream(self.watch)
 
     # ---- the client stream ---------------------------------------------------------------
 
     async def watch(
-        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+        self, requests: AsyncIterator[bytes], context: rpc.Context
     ) -> AsyncIterator[bytes]:
         metadata = forwarded_metadata(context)
         stream = WatchStream(metadata, dict(metadata).get("hasleader") == "true")

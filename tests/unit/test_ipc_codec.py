@@ -28,6 +28,8 @@ INTERVALS = [(b"\x00", b"\xff"), (b"a", b""), (b"", b"\x00")]
 # samples for the fields that take alternative shapes (None vs float, bytes vs str, [] vs [...]).
 SAMPLES: list[s.Message] = [
     s.Hello(s.SCHEMA_VERSION, 7, 2**31 - 1),
+    s.HttpRequest(U64, 3, "GET", "/health"),
+    s.HttpAnswer(U64, 2, 3, 503, "text/plain; charset=utf-8", b"{}\n"),
     s.Hello(s.SCHEMA_VERSION + 1, -1, 0),  # the codec does not judge the version: Hello/Pong do
     s.Ping(U64),
     s.Ping(I64_MIN),

@@ -1,0 +1,324 @@
+"""The gRPC call API of our server: method handlers, the servicer context, status codes, and the dispatcher
+that runs handlers for a ``ServerConnection``.
+
+Handlers keep grpc.aio's shapes, so servicers read like grpc servicers: a unary behaviour is
+``async def f(request: bytes, context) -> bytes``, a server-streaming one an async generator of bytes, a
+client-streaming/bidi one takes an async iterator of request bytes. ``context.abort(code, message)`` ends the
+call with a status. A unary handler may also have an ``inline`` function, called synchronously when the request
+is complete, that answers without a Task when it can (a cache hit) or returns None to fall back to the
+behaviour.
+
+Costs are per call what the hot path needs and no more: no Task for inline answers, a Task per call otherwise,
+a timer only for calls with a deadline; streamed messages go straight into the connection's write buffer, which
+the driver writes once per loop turn, so a burst of watch events is one socket write per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from etcdproxy.h2 import grpcwire as gw
+from etcdproxy.h2.server import ServerConnection, Stream
+from etcdproxy.h2.status import StatusCode
+
+log = logging.getLogger(__name__)
+
+
+class Abort(Exception):
+    """Raised by ``Context.abort``: ends the call with this status."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+
+Metadata = tuple[tuple[str, str | bytes], ...]
+
+
+class Context:
+    """The servicer context of one call (the subset of grpc.aio.ServicerContext our servicers use)."""
+
+    __slots__ = ("_code", "deadline", "loop", "metadata")
+
+    def __init__(self, metadata: Metadata, deadline: float | None, loop: asyncio.AbstractEventLoop) -> None:
+        self.metadata = metadata
+        self.deadline = deadline
+        self.loop = loop
+        self._code: StatusCode | None = None
+
+    def invocation_metadata(self) -> Metadata:
+        return self.metadata
+
+    def time_remaining(self) -> float | None:
+        if self.deadline is None:
+            return None
+        remaining = self.deadline - self.loop.time()
+        return remaining if remaining > 0 else 0.0
+
+    async def abort(self, code: int, message: str) -> NoReturn:
+        self._code = StatusCode(code)
+        raise Abort(int(code), message)
+
+    def set_code(self, code: int) -> None:
+        self._code = StatusCode(code)
+
+    def code(self) -> StatusCode | None:
+        return self._code
+
+
+Behaviour = Callable[..., Any]
+Inline = Callable[[bytes, Context], bytes | None]
+
+
+@dataclass(frozen=True, slots=True)
+class MethodHandler:
+    request_streaming: bool
+    response_streaming: bool
+    behaviour: Behaviour
+    inline: Inline | None = None
+
+
+def unary_unary(behaviour: Callable[[bytes, Context], Awaitable[bytes]], inline: Inline | None = None) -> MethodHandler:
+    return MethodHandler(False, False, behaviour, inline)
+
+
+def unary_stream(behaviour: Callable[[bytes, Context], AsyncIterator[bytes]]) -> MethodHandler:
+    return MethodHandler(False, True, behaviour)
+
+
+def stream_unary(behaviour: Callable[[AsyncIterator[bytes], Context], Awaitable[bytes]]) -> MethodHandler:
+    return MethodHandler(True, False, behaviour)
+
+
+def stream_stream(behaviour: Callable[[AsyncIterator[bytes], Context], AsyncIterator[bytes]]) -> MethodHandler:
+    return MethodHandler(True, True, behaviour)
+
+
+DEADLINE_MESSAGE = "context deadline exceeded"  # what etcd (grpc-go) answers when a deadline passes
+
+
+class Requests:
+    """The request messages of a client-streaming call, as an async iterator. Ends at the client's half-close."""
+
+    __slots__ = ("call", "ended", "queue", "waiter")
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+        self.queue: deque[bytes] = deque()
+        self.ended = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    def __aiter__(self) -> Requests:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while not self.queue:
+            if self.ended:
+                raise StopAsyncIteration
+            self.waiter = self.call.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        message = self.queue.popleft()
+        self.call.conn.consumed(self.call.stream, len(message))
+        return message
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class Call:
+    """One call: the application object of a Stream."""
+
+    __slots__ = ("conn", "context", "handler", "loop", "request", "requests", "stream", "task", "timer", "writable")
+
+    def __init__(
+        self, conn: ServerConnection, stream: Stream, handler: MethodHandler, context: Context, loop: Any
+    ) -> None:
+        self.conn = conn
+        self.stream = stream
+        self.handler = handler
+        self.context = context
+        self.loop = loop
+        self.request: bytes | None = None
+        self.requests: Requests | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.writable: asyncio.Future[None] | None = None
+
+    # called by the connection when blocked DATA of this stream was sent
+    def unblocked(self) -> None:
+        waiter = self.writable
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait_writable(self) -> None:
+        conn, stream = self.conn, self.stream
+        while (not conn.writable(stream) or conn.write_paused) and not stream.finished:
+            self.writable = self.loop.create_future()
+            try:
+                await self.writable
+            finally:
+                self.writable = None
+
+    def start(self, coro: Any) -> None:
+        self.task = self.loop.create_task(coro)
+        deadline = self.context.deadline
+        if deadline is not None:
+            self.timer = self.loop.call_at(deadline, self.expire)
+
+    def expire(self) -> None:
+        """The deadline passed: answer DEADLINE_EXCEEDED like etcd and stop the handler."""
+        self.timer = None
+        self.conn.finish_call(self.stream, StatusCode.DEADLINE_EXCEEDED, DEADLINE_MESSAGE)
+        if self.task is not None:
+            self.task.cancel()
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        self.unblocked()
+        if self.requests is not None:
+            self.requests.wake()
+
+    def done(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+def _unknown(path: str) -> str:
+    service, _, _method = path.lstrip("/").rpartition("/")
+    if not service:
+        return f"malformed method name: {path!r}"
+    return f"unknown service {service}"
+
+
+class Dispatcher:
+    """Runs the method handlers for every connection of a server (the ``Application`` of server.py)."""
+
+    def __init__(self, handlers: dict[str, MethodHandler], loop: asyncio.AbstractEventLoop) -> None:
+        self.handlers = handlers
+        self.services = {path.lstrip("/").rpartition("/")[0] for path in handlers}
+        self.loop = loop
+
+    # ---- Application ---------------------------------------------------------------------------------
+
+    def request(self, conn: ServerConnection, stream: Stream, head: gw.RequestHead) -> None:
+        handler = self.handlers.get(head.path)
+        if handler is None:
+            service, _, method = head.path.lstrip("/").rpartition("/")
+            text = f"unknown method {method} for service {service}" if service in self.services else _unknown(head.path)
+            conn.finish_call(stream, StatusCode.UNIMPLEMENTED, text)
+            return
+        loop = self.loop
+        deadline = None if head.timeout_s is None else loop.time() + head.timeout_s
+        call = Call(conn, stream, handler, Context(head.metadata, deadline, loop), loop)
+        stream.app = call
+        if handler.request_streaming:
+            call.requests = Requests(call)
+            if handler.response_streaming:
+                call.start(self._stream(call, handler.behaviour(call.requests, call.context)))
+            else:
+                call.start(self._unary(call, handler.behaviour(call.requests, call.context)))
+
+    def message(self, conn: ServerConnection, stream: Stream, message: bytes) -> None:
+        call: Call = stream.app
+        requests = call.requests
+        if requests is not None:
+            requests.queue.append(message)
+            requests.wake()
+            return
+        conn.consumed(stream, len(message))
+        if call.request is not None:
+            conn.finish_call(stream, StatusCode.UNIMPLEMENTED, "grpc: received more than one request message")
+            return
+        call.request = message
+
+    def end(self, conn: ServerConnection, stream: Stream) -> None:
+        call: Call = stream.app
+        if call.requests is not None:
+            call.requests.ended = True
+            call.requests.wake()
+            return
+        request = call.request
+        if request is None:
+            # grpc-go's words for a unary call without its message
+            conn.finish_call(stream, StatusCode.INTERNAL, "grpc: error while receiving request: EOF")
+            return
+        handler = call.handler
+        if handler.inline is not None:
+            try:
+                answer = handler.inline(request, call.context)
+            except Abort as abort:
+                conn.finish_call(stream, abort.code, abort.message)
+                return
+            if answer is not None:
+                conn.send_unary(stream, answer)
+                return
+        if handler.response_streaming:
+            call.start(self._stream(call, handler.behaviour(request, call.context)))
+        else:
+            call.start(self._unary(call, handler.behaviour(request, call.context)))
+
+    def reset(self, conn: ServerConnection, stream: Stream) -> None:
+        call: Call | None = stream.app
+        if call is not None:
+            call.cancel()
+
+    # ---- running handlers -----------------------------------------------------------------------------
+
+    async def _unary(self, call: Call, pending: Awaitable[bytes]) -> None:
+        conn, stream = call.conn, call.stream
+        try:
+            answer = await pending
+        except Abort as abort:
+            conn.finish_call(stream, abort.code, abort.message)
+        except asyncio.CancelledError:
+            pass  # reset by the client, expired (already answered), or the worker is stopping
+        except Exception as exc:
+            log.exception("handler of %s failed", call.handler.behaviour)
+            conn.finish_call(stream, StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}")
+        else:
+            conn.send_unary(stream, answer)
+        finally:
+            call.done()
+
+    async def _stream(self, call: Call, messages: AsyncIterator[bytes]) -> None:
+        conn, stream = call.conn, call.stream
+        try:
+            async for message in messages:
+                conn.send_message(stream, message)
+                if stream.pending is not None or conn.write_paused:
+                    await call.wait_writable()
+                if stream.finished:
+                    break
+        except Abort as abort:
+            conn.finish_call(stream, abort.code, abort.message)
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:
+            log.exception("handler of %s failed", call.handler.behaviour)
+            conn.finish_call(stream, StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}")
+        else:
+            conn.finish_call(stream, StatusCode.OK, "")
+        finally:
+            call.done()
+            aclose = getattr(messages, "aclose", None)
+            if aclose is not None:
+                try:
+                    await aclose()
+                except BaseException:  # the handler's own cleanup failing must not leak into the loop
+                    log.debug("closing a response stream failed", exc_info=True)
