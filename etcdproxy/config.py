@@ -145,9 +145,6 @@ NOT_IMPLEMENTED: dict[str, str] = {
     "insecure_skip_tls_verify": (
         "grpcio's ssl_channel_credentials always verifies etcd's certificate; give etcd's CA with --cacert"
     ),
-    "client_crl_file": (
-        "grpcio's ssl_server_credentials cannot check a CRL; terminate TLS in front of the proxy to use one"
-    ),
     "experimental_serializable_ordering": "experimental flag, no issue yet",
     "experimental_leasing_prefix": "experimental flag, no issue yet",
     "experimental_enable_grpc_logging": "experimental flag, no issue yet",
@@ -168,6 +165,23 @@ _NON_NEGATIVE_DURATIONS = (
     "default_call_timeout_s",
     "lease_keepalive_window_s",
 )
+
+
+def self_address(listen_addr: str) -> str:
+    """Where a client on this host reaches the proxy listening on ``listen_addr``: the address itself,
+    or loopback when it listens on every address (``0.0.0.0:p``, ``[::]:p``, ``:p``).
+
+    The default ``--advertise-client-url`` (Go's is always 127.0.0.1:23790, whatever --listen-addr says)
+    and the target of /proxy/health's self probe.
+    """
+    host, sep, port = listen_addr.rpartition(":")
+    if not sep:
+        return listen_addr
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host in ("[::]", "[::0]", "[0:0:0:0:0:0:0:0]"):
+        host = "[::1]"
+    return f"{host}:{port}"
 
 
 def flag_name(field_name: str) -> str:

@@ -5,18 +5,15 @@
   would take the CN as the user of every proxied request); the check and its message are Go's.
   Unlike Go, ``--cacert`` alone works (SPEC 20.2 V).
 * Downstream (clients -> proxy, SPEC 13.2): ``--cert-file/--key-file[/--trusted-ca-file]`` or
-  ``--auto-tls`` give grpc.ssl_server_credentials; a trusted CA makes client certificates required.
+  ``--auto-tls`` give an ``ssl.SSLContext`` for our own transport (ALPN h2 and http/1.1); a trusted CA makes
+  client certificates required; ``--tls-min-version/--tls-max-version`` bound the versions and
+  ``--client-crl-file`` refuses revoked client certificates (checked on the leaf, like Go's tlsutil).
+* Cipher suites: Go names are mapped to OpenSSL names (TLS 1.2 suites; TLS 1.3 suites are fixed, as in
+  Go); unknown ones are refused with Go's message, and suites the grpcio-era list marked unavailable stay
+  refused.
 
-What grpcio cannot do, and how each flag is handled (docs/tls.md):
-
-* No skip-verify switch in grpc.ssl_channel_credentials: ``--insecure-skip-tls-verify`` is refused
-  (config.NOT_IMPLEMENTED).
-* No TLS version bounds on the server: grpc core always negotiates TLS 1.2..1.3, so only
-  ``--tls-min-version TLS1.2`` with ``--tls-max-version "" | TLS1.3`` are accepted with a TLS listener.
-* Cipher suites: grpc core reads the ``GRPC_SSL_CIPHER_SUITES`` environment variable (OpenSSL
-  names, TLS 1.2 suites; TLS 1.3 suites are fixed, as in Go). Workers set it before their first
-  gRPC object exists; Go names are mapped below and unknown ones refused with Go's message.
-* No CRL hook on the server: ``--client-crl-file`` is refused (config.NOT_IMPLEMENTED).
+What grpcio cannot do upstream (the hub still talks to etcd through grpcio, docs/tls.md): no skip-verify
+switch, so ``--insecure-skip-tls-verify`` is refused (config.NOT_IMPLEMENTED).
 
 Everything here that reads files runs in the supervisor before any fork, so a bad file is an exit 1
 at start-up, not a crash loop of children.
@@ -246,12 +243,13 @@ def _check_server(config: Config) -> None:
         _check_pair("--cert-file", files.cert_file, "--key-file", files.key_file)
         if files.trusted_ca_file:
             _check_ca("--trusted-ca-file", files.trusted_ca_file)
-    if config.tls_min_version == "TLS1.3" or config.tls_max_version == "TLS1.2":
-        raise TLSConfigError(
-            f"--tls-min-version {config.tls_min_version} --tls-max-version {config.tls_max_version or '(newest)'}: "
-            "grpcio's server always allows TLS 1.2 and TLS 1.3 and has no setting to narrow that; "
-            "only --tls-min-version TLS1.2 with --tls-max-version TLS1.3 or empty is supported"
-        )
+    if config.client_crl_file:
+        if files.trusted_ca_file == "" and not files.auto:
+            raise TLSConfigError("--client-crl-file needs --trusted-ca-file (client certificates are checked with it)")
+        try:
+            ssl.create_default_context().load_verify_locations(config.client_crl_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise TLSConfigError(f"cannot load --client-crl-file {config.client_crl_file}: {exc}") from None
     openssl_cipher_list(config.listen_cipher_suites)
 
 

@@ -463,9 +463,7 @@ def test_cipher_suites_and_versions(pki: PKI, fresh_etcd: EtcdServer, proxy: Pro
     for args, message in (
         (["--listen-cipher-suites=BOGUS"], 'unexpected TLS cipher suite "BOGUS"'),
         (["--listen-cipher-suites=TLS_RSA_WITH_RC4_128_SHA"], "not available in grpcio"),
-        (["--tls-min-version=TLS1.3"], "grpcio's server always allows TLS 1.2 and TLS 1.3"),
-        (["--tls-max-version=TLS1.2"], "grpcio's server always allows TLS 1.2 and TLS 1.3"),
-        (["--client-crl-file=/nonexistent.crl"], "--client-crl-file"),
+        (["--client-crl-file=/nonexistent.crl"], "cannot load --client-crl-file"),
     ):
         result = run_proxy_expecting_exit([f"--endpoints={fresh_etcd.endpoint}", *server_args(pki), *args])
         assert result.returncode == 1, result.stderr
@@ -512,3 +510,80 @@ def test_https_metrics_addr(pki: PKI, fresh_etcd: EtcdServer, proxy: ProxyLaunch
     no_cert = ssl.create_default_context(cafile=str(pki.ca.path))
     with pytest.raises((ssl.SSLError, ConnectionError, urllib.error.URLError)):
         urllib.request.urlopen(f"https://{LOCALHOST}:{metrics_port}/health", timeout=10, context=no_cert).read()
+
+
+# --------------------------------------------------------------------------- our transport: versions and CRL
+
+
+def _handshake(port: int, pki: PKI, client: Pair, version: ssl.TLSVersion | None = None) -> str:
+    """A TLS handshake with a client certificate; returns the negotiated version (raises on refusal)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(pki.ca.path)
+    ctx.load_cert_chain(client.cert, client.key)
+    if version is not None:
+        ctx.minimum_version = ctx.maximum_version = version
+    ctx.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection((LOCALHOST, port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname=LOCALHOST) as conn,
+    ):
+        conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        # the server's SETTINGS: a TLS 1.3 refusal of the client certificate shows up here (alert or EOF)
+        if len(conn.recv(9)) != 9:
+            raise ConnectionError("closed by the server after the handshake")
+        assert conn.selected_alpn_protocol() == "h2"
+        return str(conn.version())
+
+
+def test_tls_version_bounds_on_the_listener(pki: PKI, fresh_etcd: EtcdServer, proxy: ProxyLauncher) -> None:
+    only13 = start_tls_proxy(
+        proxy, [fresh_etcd.endpoint], (*server_args(pki), "--tls-min-version=TLS1.3"), credentials(pki, pki.client)
+    )
+    assert _handshake(only13.port, pki, pki.client) == "TLSv1.3"
+    with pytest.raises(ssl.SSLError):
+        _handshake(only13.port, pki, pki.client, ssl.TLSVersion.TLSv1_2)
+    only12 = start_tls_proxy(
+        proxy, [fresh_etcd.endpoint], (*server_args(pki), "--tls-max-version=TLS1.2"), credentials(pki, pki.client)
+    )
+    assert _handshake(only12.port, pki, pki.client) == "TLSv1.2"
+    stubs = secure_stubs(only12.endpoint, credentials(pki, pki.client))
+    try:
+        stubs.kv.Put(rpc_pb2.PutRequest(key=b"tls12", value=b"ok"), timeout=10)
+        assert stubs.kv.Range(rpc_pb2.RangeRequest(key=b"tls12"), timeout=10).kvs[0].value == b"ok"
+    finally:
+        stubs.close()
+
+
+def test_client_crl_file_refuses_revoked_certificates(
+    pki: PKI, fresh_etcd: EtcdServer, proxy: ProxyLauncher, tmp_path: Path
+) -> None:
+    revoked = x509.load_pem_x509_certificate(pki.client.cert.read_bytes())
+    now = datetime.datetime.now(datetime.UTC)
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(pki.ca.cert.subject)
+        .last_update(now - datetime.timedelta(minutes=5))
+        .next_update(now + datetime.timedelta(days=1))
+        .add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(revoked.serial_number).revocation_date(now).build()
+        )
+        .sign(pki.ca.key, hashes.SHA256())
+    )
+    crl_path = tmp_path / "revoked.crl"
+    crl_path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    p = start_tls_proxy(
+        proxy,
+        [fresh_etcd.endpoint],
+        (*server_args(pki), f"--client-crl-file={crl_path}"),
+        credentials(pki, pki.proxy_client),
+    )
+    assert _handshake(p.port, pki, pki.proxy_client) == "TLSv1.3"  # not revoked
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        _handshake(p.port, pki, pki.client)
+    revoked_stubs = secure_stubs(p.endpoint, credentials(pki, pki.client))
+    try:
+        with pytest.raises(grpc.RpcError) as exc:
+            revoked_stubs.kv.Range(rpc_pb2.RangeRequest(key=b"x"), timeout=5)
+        assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        revoked_stubs.close()

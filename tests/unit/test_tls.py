@@ -130,8 +130,8 @@ def test_startup_errors(tmp_path: Path) -> None:
         "cannot load --cacert": dataclasses.replace(ok, cacert=str(key)),
         "mixes http:// and https://": dataclasses.replace(ok, endpoints=("http://a:1", "https://b:2")),
         "needs both --cert-file and --key-file": Config(trusted_ca_file=str(cert)),
-        "grpcio's server always allows TLS 1.2 and TLS 1.3": Config(
-            cert_file=str(cert), key_file=str(key), tls_max_version="TLS1.2"
+        "cannot load --client-crl-file": Config(
+            cert_file=str(cert), key_file=str(key), trusted_ca_file=str(cert), client_crl_file="/nonexistent.crl"
         ),
         "unexpected TLS cipher suite": Config(auto_tls=True, listen_cipher_suites=("X",)),
     }
@@ -150,8 +150,9 @@ def test_startup_errors(tmp_path: Path) -> None:
     )
     (error,) = tls.startup_errors(dataclasses.replace(ok, key=str(encrypted)))
     assert error.startswith("cannot load --cert")
-    # version bounds only matter to a TLS listener (Go ignores them without one too)
+    # version bounds only matter to a TLS listener (Go ignores them without one too); with one they are applied
     assert tls.startup_errors(Config(tls_min_version="TLS1.3")) == []
+    assert tls.startup_errors(Config(cert_file=str(cert), key_file=str(key), tls_max_version="TLS1.2")) == []
 
 
 def test_check_runs_the_tls_checks_last(tmp_path: Path) -> None:
