@@ -23,7 +23,9 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import click
+from click.core import ParameterSource
 
+from etcdproxy import ETCD_API_VERSION, __version__
 from etcdproxy.config import (
     GO_MAX_SEND_BYTES,
     Config,
@@ -34,6 +36,7 @@ from etcdproxy.config import (
     format_go_duration,
     go_quote,
     parse_go_duration,
+    self_address,
 )
 
 PROG_NAME = "etcdproxy-supervisor"
@@ -308,7 +311,7 @@ class ProxyCommand(click.Command):
         return super().parse_args(ctx, normalize_args(args))
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        own = {f.field.removesuffix("_s") for f in FLAGS if f.own}
+        own = {f.field.removesuffix("_s") for f in FLAGS if f.own} | {"version"}
         sections: dict[str, list[tuple[str, str]]] = {"Flags of etcd grpc-proxy start": [], "etcdproxy options": []}
         for param in self.get_params(ctx):
             record = param.get_help_record(ctx)
@@ -329,13 +332,35 @@ def _to_config(**values: Any) -> Config:
         if flag.kind == "strings":
             value = tuple(item for occurrence in value for item in occurrence)
         kwargs[flag.field] = value
+    ctx = click.get_current_context()
+    if ctx.get_parameter_source("advertise_client_url") is ParameterSource.DEFAULT:
+        # A departure from Go (whose default is always 127.0.0.1:23790): two proxies on one host must
+        # not advertise (and health-check) each other.
+        kwargs["advertise_client_url"] = self_address(kwargs["listen_addr"])
     return Config(**kwargs)
+
+
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    click.echo(f"etcdproxy {__version__}\netcd API version: {ETCD_API_VERSION}")
+    ctx.exit(0)
+
+
+VERSION_OPTION = click.Option(
+    ["--version"],
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="print the version of etcdproxy and of the etcd API it serves, then exit",
+)
 
 
 command = ProxyCommand(
     name=PROG_NAME,
     callback=_to_config,
-    params=[_option(flag) for flag in FLAGS],
+    params=[_option(flag) for flag in FLAGS] + [VERSION_OPTION],
     help=(
         "Multi-process etcd v3 gRPC proxy; a drop-in for `etcd grpc-proxy start` "
         "(the words `grpc-proxy start` may precede the flags)."

@@ -15,6 +15,7 @@ import errno
 import faulthandler
 import fcntl
 import glob
+import json
 import logging
 import os
 import shutil
@@ -75,6 +76,46 @@ class ChildSpec:
         return self.role if self.role == HUB else f"{self.role} {self.index}"
 
 
+# --- the control file: state the supervisor changes while children run (SIGUSR1 = re-read it) ---
+# JSON in the run dir: {"log_level": "warn", "draining": true}. A child reads it at start
+# (child_init) and on SIGUSR1; the supervisor rewrites it atomically, then signals.
+CONTROL_FILE = "control.json"
+_control: dict[str, object] = {"draining": False}
+
+
+def write_control(run_dir: str, **state: object) -> None:
+    """Replace the control file atomically (children may read it at any moment)."""
+    path = os.path.join(run_dir, CONTROL_FILE)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w", encoding="utf-8") as out:
+        json.dump(state, out)
+    os.replace(temporary, path)
+
+
+def read_control(run_dir: str) -> dict[str, object]:
+    try:
+        with open(os.path.join(run_dir, CONTROL_FILE), encoding="utf-8") as source:
+            state = json.load(source)
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def apply_control(run_dir: str) -> None:
+    """Apply the control file to this process: log level, draining flag."""
+    state = read_control(run_dir)
+    level = state.get("log_level")
+    if isinstance(level, str) and level in logs.LEVELS and level != logs.current_level():
+        logs.set_level(level)
+        log.info("log level is now %s", level)
+    _control["draining"] = bool(state.get("draining", False))
+
+
+def draining() -> bool:
+    """True once the supervisor has started a graceful stop: health endpoints answer 503."""
+    return bool(_control["draining"])
+
+
 def hub_endpoint(run_dir: str) -> str:
     return f"ipc://{run_dir}/hub.sock"
 
@@ -123,10 +164,14 @@ def child_init(spec: ChildSpec, debug: bool = False) -> None:
     signal.set_wakeup_fd(-1)
     for sig in SUPERVISOR_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
+    # USR1: re-read the control file (reload of the log level, drain). A plain handler (not the
+    # event loop's): it runs in the main thread at once, and only sets a level and a flag.
+    signal.signal(signal.SIGUSR1, lambda signum, frame: apply_control(spec.run_dir))
     # SIGABRT from the supervisor's heartbeat check then dumps every thread's stack to stderr.
     faulthandler.enable(all_threads=True)
     set_title(spec, spec.name)
     logs.setup(log_role(spec), debug)
+    apply_control(spec.run_dir)  # a child started after a reload or during a drain
 
 
 async def heartbeat_loop(spec: ChildSpec, interval_s: float = 1.0) -> None:
@@ -241,6 +286,7 @@ class Guard:
 
     def __init__(self) -> None:
         self.fds: list[int] = []
+        self.paths: list[str] = []
 
     def take_listen_addr(self, addr: str) -> None:
         """Refuse a second instance on ``addr``: a flock, then a bind probe.
@@ -268,28 +314,49 @@ class Guard:
 
     def _flock(self, path: str) -> str | None:
         """Lock ``path``; return None on success, or the holder's pid (as written in the file)."""
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:  # e.g. someone else's file in sticky /tmp: the bind probe still guards
-            log.warning("cannot open lock file %s: %s", path, exc)
+        for _ in range(5):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:  # e.g. someone else's file in sticky /tmp: the bind probe still guards
+                log.warning("cannot open lock file %s: %s", path, exc)
+                return None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                return holder
+            # release() unlinks the file before unlocking it: a lock on an inode that is no longer
+            # at ``path`` guards nothing, so open the path again.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except OSError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self.fds.append(fd)
+            self.paths.append(path)
             return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            return holder
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fds.append(fd)
+        log.warning("lock file %s keeps changing, continuing without it", path)
         return None
 
     def release(self) -> None:
-        # Lock files are left in place: unlinking one races with a process that opened it already.
+        """Unlink the lock files (no files left behind after a stop), then unlock by closing.
+
+        Unlinking while still locked is what makes this safe: a process that opened the old file
+        meanwhile finds, once it gets the lock, that the path now names another inode, and retries.
+        """
+        for path in self.paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         for fd in self.fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.fds.clear()
+        self.paths.clear()
 
 
 def probe_bind(addr: str, host: str, port: int) -> None:
@@ -374,14 +441,17 @@ def sweep_stale_run_dirs(parent: str, min_age_s: float = 10.0) -> list[str]:
 
 
 def clean_run_dir(path: str, created: bool) -> None:
-    """Remove the run dir we created; in a run dir we were given, only what the process tree left."""
+    """Remove the run dir we created; in a run dir we were given, what the process tree put there
+    (sockets, heartbeats, the control file, the default metrics dir; the lock is Guard.release's)."""
     if created:
         shutil.rmtree(path, ignore_errors=True)
         return
     for name in os.listdir(path):
-        if name.startswith("heartbeat-") or name.endswith(".sock") or name == "supervisor.lock":
+        if name.startswith("heartbeat-") or name.endswith(".sock") or name == CONTROL_FILE:
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(path, name))
+    if metrics_dir() == os.path.join(path, "metrics"):
+        shutil.rmtree(metrics_dir(), ignore_errors=True)
 
 
 def sd_notify(state: str) -> bool:

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import grpc
 
 from etcdproxy import health, metrics, tls, upstream
+from etcdproxy.config import self_address
 from etcdproxy.ipc import schema as s
 
 if TYPE_CHECKING:
@@ -210,19 +211,19 @@ class MetricsServer:
             return Response(200, body, metrics.CONTENT_TYPE)
         return http_error(404, "404 page not found")
 
-    def _proxy_channel(self) -> grpc.aio.Channel | None:
-        """The self client of /proxy/health: to --advertise-client-url, like Go (none if empty)."""
-        url = self.config.advertise_client_url
-        if not url:
-            return None
+    def _proxy_channel(self) -> grpc.aio.Channel:
+        """The self client of /proxy/health: to this instance's own --listen-addr (loopback for a
+        wildcard address). Go dials --advertise-client-url, whose default names another instance
+        whenever --listen-addr differs, and which behind a load balancer is not this instance."""
         if self.self_channel is None:
-            target = upstream.host_port(url)
+            target = self_address(self.config.listen_addr)
             if self.server_files is not None:
                 # the proxy's listener is TLS: dial it like Go's self client does (SPEC 13.2)
+                # the certificate names the advertised host; check it against that name, not loopback
+                advertised = urlsplit("//" + upstream.host_port(self.config.advertise_client_url)).hostname
+                options = [("grpc.ssl_target_name_override", advertised)] if advertised else []
                 creds = tls.self_client_credentials(self.server_files)
-                self.self_channel = grpc.aio.secure_channel(target, creds)
-            elif url.startswith("https://"):
-                self.self_channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials())
+                self.self_channel = grpc.aio.secure_channel(target, creds, options=options)
             else:
                 self.self_channel = grpc.aio.insecure_channel(target)
         return self.self_channel

@@ -15,14 +15,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+import etcdproxy
+from etcdproxy.etcdpb import rpc_pb2
+from etcdproxy.proc import lock_file_name
 from tests.helpers import (
     LOCALHOST,
     ROOT,
     EtcdServer,
     child_pid,
     find_binary,
+    free_port,
+    http_get,
     start_etcd,
     start_proxy,
     wait_until,
@@ -122,3 +128,72 @@ def test_malformed_endpoint_is_refused_at_start(endpoint: str, fragment: str) ->
     assert result.returncode == 1
     assert f"invalid --endpoints {fragment}" in result.stderr or fragment in result.stderr, result.stderr
     assert "spawned" not in result.stderr  # refused before anything started
+
+
+# --- item 6: --version, advertise URL and self probe, nothing left behind ---
+
+
+@pytest.mark.timeout(60)
+def test_version() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "etcdproxy", "--version"], capture_output=True, text=True, timeout=30, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"etcdproxy {etcdproxy.__version__}\netcd API version: {etcdproxy.ETCD_API_VERSION}\n"
+
+
+@pytest.mark.timeout(120)
+def test_two_instances_on_one_host_each_probe_themselves(tmp_path: Path, etcd_server: EtcdServer) -> None:
+    """The issue's report: the second instance's /proxy/health probed the first. Here instance A has a dead
+    upstream; B advertises A's address explicitly (so Go's self client would probe A); each probes itself."""
+    dead = free_port()
+    metrics_a, metrics_b = free_port(), free_port()
+    a = start_proxy(
+        [f"{LOCALHOST}:{dead}"],
+        tmp_path,
+        workers=1,
+        advertise_client_url=None,  # follows --listen-addr
+        extra_args=[f"--metrics-addr=http://{LOCALHOST}:{metrics_a}"],
+    )
+    b = None
+    try:
+        b = start_proxy(
+            [etcd_server.endpoint],
+            tmp_path,
+            workers=1,
+            advertise_client_url=a.endpoint,
+            extra_args=[f"--metrics-addr=http://{LOCALHOST}:{metrics_b}"],
+        )
+        wait_until(lambda: http_get(f"http://{LOCALHOST}:{metrics_b}/proxy/health")[0] == 200, 15, "B healthy")
+        status, body = http_get(f"http://{LOCALHOST}:{metrics_a}/proxy/health", timeout=10)
+        assert status == 503 and '"health":"false"' in body
+        with grpc.insecure_channel(a.endpoint) as channel:  # A's MemberList names A's own address
+            reply = channel.unary_unary(
+                "/etcdserverpb.Cluster/MemberList",
+                request_serializer=rpc_pb2.MemberListRequest.SerializeToString,
+                response_deserializer=rpc_pb2.MemberListResponse.FromString,
+            )(rpc_pb2.MemberListRequest(), timeout=10)
+        assert [list(m.clientURLs) for m in reply.members] == [[a.endpoint]]
+    finally:
+        if b is not None:
+            b.stop()
+        a.stop()
+
+
+@pytest.mark.timeout(120)
+def test_nothing_left_in_the_run_dir_after_a_stop(tmp_path: Path, etcd_server: EtcdServer) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)  # an operator's dir (e.g. systemd's RuntimeDirectory=): kept, emptied
+    proxy = start_proxy([etcd_server.endpoint], tmp_path, workers=2, extra_args=[f"--run-dir={run_dir}"])
+    lock_dir = "/run" if os.access("/run", os.W_OK) else "/tmp"
+    lock = Path(lock_dir) / lock_file_name(proxy.endpoint)
+    try:
+        assert lock.exists()
+        present = set(os.listdir(run_dir))
+        assert {"hub.sock", "supervisor.lock", "metrics"} <= present, present
+        assert any(name.startswith("heartbeat-") for name in present), present
+    finally:
+        code = proxy.stop()
+    assert code == 0
+    assert os.listdir(run_dir) == []
+    assert not lock.exists()

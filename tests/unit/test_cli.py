@@ -780,3 +780,35 @@ def test_flag_name() -> None:
     assert flag_name("resolver_ttl_s") == "--resolver-ttl"
     assert flag_name("listen_cipher_suites") == "--listen-cipher-suites"
     assert flag_name("endpoints") == "--endpoints"
+
+
+# --- issue 14 item 6: --version, --advertise-client-url follows --listen-addr ----------------------
+
+
+def test_version_flag(main_exit: Any) -> None:
+    code, out, _, runs = main_exit(["grpc-proxy", "start", "--version"])
+    assert code == 0
+    assert out == f"etcdproxy {etcdproxy.__version__}\netcd API version: {etcdproxy.ETCD_API_VERSION}\n"
+    assert runs == []
+
+
+@pytest.mark.parametrize(
+    ("args", "advertised"),
+    [
+        ([], "127.0.0.1:23790"),  # Go's default, when --listen-addr is Go's default too
+        (["--listen-addr=127.0.0.1:24000"], "127.0.0.1:24000"),  # Go would still say 127.0.0.1:23790
+        (["--listen-addr=0.0.0.0:24000"], "127.0.0.1:24000"),
+        (["--listen-addr=:24000"], "127.0.0.1:24000"),
+        (["--listen-addr=[::]:24000"], "[::1]:24000"),
+        (["--listen-addr=10.0.0.5:24000"], "10.0.0.5:24000"),
+        (["--listen-addr=10.0.0.5:24000", "--advertise-client-url=lb.example:2379"], "lb.example:2379"),
+        (["--listen-addr=10.0.0.5:24000", "--advertise-client-url="], ""),  # explicit "": MemberList from etcd
+    ],
+)
+def test_advertise_client_url_follows_listen_addr(args: list[str], advertised: str) -> None:
+    assert cli.build_config(args).advertise_client_url == advertised
+
+
+def test_advertise_client_url_from_environment_counts_as_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ETCDPROXY_ADVERTISE_CLIENT_URL", "lb:1")
+    assert cli.build_config(["--listen-addr=127.0.0.1:5"]).advertise_client_url == "lb:1"

@@ -286,3 +286,52 @@ def test_child_spec_listen_fd_defaults_to_none() -> None:
     assert spec().listen_fd is None  # workers bind --listen-addr themselves unless given a socket
     given = ChildSpec(WORKER, 0, "/run/x", "/run/x/hb", -1, os.getpid(), 0, listen_fd=7)
     assert given.listen_fd == 7
+
+
+def test_guard_release_removes_its_lock_files(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "x.lock")
+    guard = proc.Guard()
+    assert guard._flock(path) is None
+    assert os.path.exists(path)
+    guard.release()
+    assert not os.path.exists(path)
+    again = proc.Guard()  # and the path can be locked again at once
+    assert again._flock(path) is None
+    again.release()
+
+
+def test_guard_retries_when_the_locked_file_was_replaced(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "x.lock")
+    first = proc.Guard()
+    assert first._flock(path) is None
+    stale = os.open(path, os.O_RDWR)  # a second instance opened the file, then the first stopped
+    first.release()
+    try:
+        second = proc.Guard()
+        assert second._flock(path) is None  # locks the file now at the path, not the unlinked one
+        assert os.path.samestat(os.fstat(second.fds[0]), os.stat(path))
+        assert not os.path.samestat(os.fstat(stale), os.stat(path))
+        second.release()
+    finally:
+        os.close(stale)
+
+
+def test_clean_given_run_dir_leaves_nothing_of_ours(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = str(tmp_path)
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    metrics = proc.prepare_metrics_dir(run_dir)
+    open(os.path.join(metrics, "counter_1.db"), "w").close()
+    for name in ("hub.sock", "heartbeat-worker-0-0", proc.CONTROL_FILE, "operator-file"):
+        open(os.path.join(run_dir, name), "w").close()
+    proc.clean_run_dir(run_dir, created=False)
+    assert os.listdir(run_dir) == ["operator-file"]
+
+
+def test_control_file_round_trip(tmp_path: os.PathLike[str]) -> None:
+    run_dir = str(tmp_path)
+    assert proc.read_control(run_dir) == {}
+    proc.write_control(run_dir, log_level="warn", draining=True)
+    assert proc.read_control(run_dir) == {"log_level": "warn", "draining": True}
+    assert sorted(os.listdir(run_dir)) == [proc.CONTROL_FILE]  # no temporary file left
