@@ -122,6 +122,12 @@ FLAGS: tuple[Flag, ...] = (
         own=True,
     ),
     Flag("graceful_timeout_s", "duration", "how long a stop waits for calls and streams to finish", own=True),
+    Flag(
+        "drain_delay_s",
+        "duration",
+        "on a graceful stop, health turns 503 and the port keeps accepting this long before it closes",
+        own=True,
+    ),
     Flag("heartbeat_timeout_s", "duration", "restart a child process silent for this long", own=True),
     Flag("default_call_timeout_s", "duration", "deadline for upstream calls without one (0 = none)", own=True),
     Flag(

@@ -84,6 +84,11 @@ class Config:
     # server_max_receive_bytes (etcd's own limit then applies, whatever etcd was started with).
     max_request_bytes: int = 0
     graceful_timeout_s: float = 10.0
+    # On a graceful stop (TERM, and the old generation of an upgrade), health endpoints answer 503 at
+    # once while the workers keep accepting for this long (telling existing connections to go with a
+    # GOAWAY), so a load balancer's health check notices before the port closes. 5 s: HAProxy's
+    # default check (inter 2 s, fall 2) needs up to 4 s to mark a server down, plus a margin.
+    drain_delay_s: float = 5.0
     # A child whose heartbeat file is older than this is aborted and respawned.
     heartbeat_timeout_s: float = 30.0
     # Time the hub waits for an upstream unary call when the client gave no deadline.
@@ -162,6 +167,7 @@ _NON_NEGATIVE_DURATIONS = (
     "grpc_keepalive_interval_s",
     "grpc_keepalive_timeout_s",
     "graceful_timeout_s",
+    "drain_delay_s",
     "default_call_timeout_s",
     "lease_keepalive_window_s",
 )

@@ -43,6 +43,8 @@ ETCD_ANSWERED = frozenset(
 )
 NO_PROXY_CONNECTION = "no connection to proxy"
 WATCH_TIMEOUT = "WATCH TIMEOUT"
+# Reason while the instance stops gracefully (--drain-delay): not etcd's problem, this proxy's.
+DRAINING = "proxy draining: stopping"
 
 
 @dataclass(frozen=True, slots=True)

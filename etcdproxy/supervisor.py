@@ -151,6 +151,7 @@ class Supervisor:
         except proc.GuardError as exc:
             raise BootError(str(exc)) from exc
         log.debug("metrics dir %s", proc.prepare_metrics_dir(self.run_dir))
+        self.write_control()
         from etcdproxy import tls  # late: pulls in cryptography
 
         for warning in tls.unused_flag_warnings(self.config):
@@ -178,6 +179,19 @@ class Supervisor:
             ",".join(self.config.endpoints),
             self.run_dir,
         )
+
+    def write_control(self, draining: bool = False) -> None:
+        """What running children re-read on SIGUSR1 (proc.apply_control): log level, draining."""
+        level = "debug" if self.config.debug else self.config.log_level
+        try:
+            proc.write_control(self.run_dir, log_level=level, draining=draining)
+        except OSError as exc:
+            log.warning("cannot write the control file in %s: %s", self.run_dir, exc)
+
+    def tell_children(self) -> None:
+        """SIGUSR1 to every child: re-read the control file."""
+        for slot in self.slots:
+            self.kill(slot, signal.SIGUSR1)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.signals.append(signum)  # nothing else: logging or forking here could deadlock
@@ -465,8 +479,17 @@ class Supervisor:
         if self.stop_mode is None:
             self.stop_mode = "fast"
         if any(s.pid for s in self.slots):
+            if self.stop_mode == "graceful":
+                # Health answers 503 now (hub: /health, /proxy/health; workers: the same paths on the
+                # client port), while the workers keep accepting for drain_delay_s after their TERM.
+                self.write_control(draining=True)
+                self.tell_children()
+                log.info(
+                    "draining: health endpoints answer 503; workers keep accepting for %.1f s",
+                    self.config.drain_delay_s,
+                )
             proc.sd_notify("STOPPING=1")
-            self.stop_group([s for s in self.slots if s.role == WORKER])
+            self.stop_group([s for s in self.slots if s.role == WORKER], self.config.drain_delay_s)
             self.stop_group([s for s in self.slots if s.role == HUB])
         if self.etcd is not None:
             self.etcd.stop()
@@ -483,8 +506,12 @@ class Supervisor:
         self.wake_r = self.wake_w = -1
         log.info("supervisor exiting with code %d", self.exit_code)
 
-    def stop_group(self, slots: list[Slot]) -> None:
-        """Signal ``slots``' children, wait for them (graceful or fast), SIGKILL what is left."""
+    def stop_group(self, slots: list[Slot], drain_s: float = 0.0) -> None:
+        """Signal ``slots``' children, wait for them (graceful or fast), SIGKILL what is left.
+
+        A graceful child gets ``drain_s`` (workers: --drain-delay, still accepting) plus
+        graceful_timeout_s (in-flight calls) plus a margin before SIGKILL.
+        """
         running = [s for s in slots if s.pid]
         if not running:
             return
@@ -494,7 +521,7 @@ class Supervisor:
             log.info("sending %s to %s pid %d", sig.name, slot.name, slot.pid)
             self.kill(slot, sig)
         # A child spends up to graceful_timeout_s draining, then exits: give it a moment more.
-        limit_s = self.config.graceful_timeout_s + STOP_MARGIN_S if graceful else FAST_STOP_S
+        limit_s = drain_s + self.config.graceful_timeout_s + STOP_MARGIN_S if graceful else FAST_STOP_S
         deadline = time.monotonic() + limit_s
         while any(s.pid for s in running) and time.monotonic() < deadline:
             self.wait(min(0.2, max(0.0, deadline - time.monotonic())))

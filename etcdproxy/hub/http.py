@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import grpc
 
-from etcdproxy import health, metrics, tls, upstream
+from etcdproxy import health, metrics, proc, tls, upstream
 from etcdproxy.config import self_address
 from etcdproxy.ipc import schema as s
 
@@ -195,6 +195,8 @@ class MetricsServer:
         if path in ("/health", "/proxy/health"):
             if method != "GET":
                 return http_error(405, "Method Not Allowed", ("Allow", "GET"))
+            if proc.draining():  # a graceful stop began: load balancers must stop sending clients now
+                return http_error(503, health.Health(False, health.DRAINING).body().decode())
             if path == "/health":
                 result = await health.check_etcd(self.hub.channel)
             else:

@@ -9,8 +9,10 @@ import datetime
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,8 +31,10 @@ from tests.helpers import (
     find_binary,
     free_port,
     http_get,
+    proxy_command,
     start_etcd,
     start_proxy,
+    stop_process,
     wait_until,
 )
 
@@ -197,3 +201,116 @@ def test_nothing_left_in_the_run_dir_after_a_stop(tmp_path: Path, etcd_server: E
     assert code == 0
     assert os.listdir(run_dir) == []
     assert not lock.exists()
+
+
+# --- item 1, supervisor side: drain on SIGTERM ---
+
+
+def launch(args: list[str], log_path: Path, **env_extra: str) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "PROMETHEUS_MULTIPROC_DIR")}
+    env.update(PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), **env_extra)
+    with log_path.open("ab") as log:
+        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=ROOT)
+
+
+def health_or_refused(url: str) -> int:
+    """HTTP status of GET ``url``, 0 if the connection is refused (the listener is gone)."""
+    try:
+        return http_get(url, timeout=2)[0]
+    except OSError:
+        return 0
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_turns_health_503_at_once_and_tells_systemd(tmp_path: Path, etcd_server: EtcdServer) -> None:
+    port, metrics_port = free_port(), free_port()
+    url = f"http://{LOCALHOST}:{metrics_port}"
+    notify = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        systemd.bind(str(notify))
+        systemd.settimeout(30)
+        args = [
+            *proxy_command(
+                "etcdproxy", [etcd_server.endpoint], port, workers=1, advertise_client_url=None, extra_args=()
+            ),
+            f"--metrics-addr={url}",
+            "--drain-delay=2s",
+            "--graceful-timeout=2s",
+        ]
+        proxy = launch(args, tmp_path / "proxy.log", NOTIFY_SOCKET=str(notify))
+        try:
+            assert "READY=1" in systemd.recv(4096).decode().splitlines()
+            wait_until(lambda: health_or_refused(url + "/health") == 200, 15, "/health 200")
+            statuses: list[tuple[float, int]] = []
+            done = threading.Event()
+
+            def poll() -> None:
+                while not done.is_set():
+                    status = health_or_refused(url + "/health")
+                    statuses.append((time.monotonic(), status))
+                    if status == 0:
+                        return
+                    time.sleep(0.01)
+
+            poller = threading.Thread(target=poll, daemon=True)
+            poller.start()
+            time.sleep(0.1)
+            sent = time.monotonic()
+            proxy.send_signal(signal.SIGTERM)
+            assert systemd.recv(4096) == b"STOPPING=1"
+            assert proxy.wait(30) == 0
+            done.set()
+            poller.join(5)
+        finally:
+            stop_process(proxy)
+    after = [(t - sent, status) for t, status in statuses if t > sent]
+    first_503 = next(t for t, status in after if status == 503)
+    assert first_503 < 1.0, after  # at once, not after the graceful timeout
+    # from then on: 503 until the listener closes, never 200 again
+    assert all(status in (503, 0) for t, status in after if t >= first_503), after
+    log = (tmp_path / "proxy.log").read_text()
+    assert "draining: health endpoints answer 503" in log
+
+
+DUMMY = """
+import asyncio, signal
+from etcdproxy import proc, supervisor
+from etcdproxy.cli import main
+
+async def child(config, spec):
+    proc.child_init(spec, config.debug)
+    if spec.role == "worker":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # never drains: the supervisor must KILL it
+    else:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    heartbeat = asyncio.create_task(proc.heartbeat_loop(spec, 0.2))
+    proc.notify_ready(spec)
+    if spec.role == "worker":
+        await asyncio.sleep(1000)
+    await stop.wait()
+    heartbeat.cancel()
+    return 0
+
+supervisor.run_child = lambda config, spec: asyncio.run(child(config, spec))
+main()
+"""
+
+
+@pytest.mark.timeout(60)
+def test_stubborn_worker_is_killed_after_drain_delay_plus_graceful_timeout(tmp_path: Path) -> None:
+    script = tmp_path / "dummy.py"
+    script.write_text(DUMMY)
+    args = [sys.executable, str(script), f"--listen-addr={LOCALHOST}:{free_port()}", "--workers=1"]
+    proxy = launch([*args, "--drain-delay=1.5s", "--graceful-timeout=1s"], tmp_path / "dummy.log")
+    try:
+        wait_until(lambda: "started gRPC proxy" in (tmp_path / "dummy.log").read_text(), 30, "dummy start")
+        started = time.monotonic()
+        proxy.send_signal(signal.SIGTERM)
+        assert proxy.wait(30) == 0
+        took = time.monotonic() - started
+    finally:
+        stop_process(proxy)
+    log = (tmp_path / "dummy.log").read_text()
+    assert "worker 0 pid" in log and "did not stop in time, sending SIGKILL" in log
+    assert 2.5 <= took < 10, took  # drain 1.5 s + graceful 1 s (+ 1 s margin), not graceful alone

@@ -335,3 +335,21 @@ def test_control_file_round_trip(tmp_path: os.PathLike[str]) -> None:
     proc.write_control(run_dir, log_level="warn", draining=True)
     assert proc.read_control(run_dir) == {"log_level": "warn", "draining": True}
     assert sorted(os.listdir(run_dir)) == [proc.CONTROL_FILE]  # no temporary file left
+
+
+def test_apply_control_sets_draining_and_level(tmp_path: os.PathLike[str]) -> None:
+    run_dir = str(tmp_path)
+    root = logging.getLogger()
+    level = root.level
+    try:
+        proc.apply_control(run_dir)  # no file yet: not draining
+        assert proc.draining() is False
+        proc.write_control(run_dir, log_level="error", draining=True)
+        proc.apply_control(run_dir)
+        assert proc.draining() is True
+        assert root.level == logging.ERROR
+    finally:
+        proc.write_control(run_dir, log_level="info", draining=False)
+        proc.apply_control(run_dir)
+        root.setLevel(level)
+    assert proc.draining() is False
