@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from etcdproxy import cli
-from etcdproxy.config import Config
 from tests.helpers import ROOT
 
 CONTRIB = ROOT / "contrib" / "systemd"
@@ -120,11 +119,9 @@ def test_env_file_sets_real_flags_and_fits_the_stop_timeout(monkeypatch: pytest.
     assert config.metrics_addr == values["ETCDPROXY_METRICS_ADDR"]
     assert config.endpoints == tuple(values["ETCDPROXY_ENDPOINTS"].split(","))
     assert config.workers == int(values["ETCDPROXY_WORKERS"])
-    # A graceful stop: the drain delay (once the flag exists), then workers and hub each get graceful + 1 s.
-    drain = float(getattr(config, "drain_delay_s", 0.0))
-    commented = re.search(r"^#ETCDPROXY_DRAIN_DELAY=(\d+)s$", ENV_FILE.read_text(), re.M)
-    if not hasattr(Config, "drain_delay_s") and commented:
-        drain = float(commented.group(1))
+    # A graceful stop: the drain delay, then workers and hub each get graceful + 1 s.
+    drain = config.drain_delay_s
+    assert drain == 5.0
     worst_stop = drain + 2 * (config.graceful_timeout_s + 1)
     stop_timeout = float(directives(UNIT.read_text())["TimeoutStopSec"][0])
     assert stop_timeout > worst_stop + 5, (stop_timeout, worst_stop)
