@@ -11,7 +11,8 @@ Record kinds (field ``kind``):
 * ``wresp``: a Watch response (client, stream, t, resp);
 * ``wend``: a Watch stream ended (stream, t, by: "client" or "server", error {code, message} or None);
 * ``truth``: a response of the direct whole-keyspace ground-truth watch (t, events, rev);
-* ``ka``: a LeaseKeepAlive exchange (client, lease, sent, recv, ttl);
+* ``ka``: a LeaseKeepAlive request sent (client, lease, sent; recv and ttl None), and one per
+  answer (the same with recv and ttl);
 * ``fault``: a fault window (name, start, end, type: "conn" breaks client connections, "member" an etcd member);
 * ``sample``: RSS and open fds of a proxy process (t, pid, title, rss_kb, fds);
 * ``end``: end of the run (final revision, drained watch streams).

@@ -523,8 +523,12 @@ class LeaseClient(Client):
                             )
                     elif t >= h["next"]:
                         h["next"] = t + h["ttl"] / 3
+                        sent = now()
                         with self.stream_lock:
-                            self.sent.setdefault(lid, deque()).append(now())
+                            self.sent.setdefault(lid, deque()).append(sent)
+                        self.rec.write(
+                            {"kind": "ka", "client": self.name, "lease": lid, "sent": sent, "recv": None, "ttl": None}
+                        )
                         self.requests.put(rpc_pb2.LeaseKeepAliveRequest(ID=lid))
                 self.shared.stop.wait(0.1)
         finally:

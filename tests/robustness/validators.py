@@ -316,21 +316,27 @@ def watch_reliable(s: Streams, replay: Replay, h: History, c: Config) -> list[Vi
 
 def watch_resumable(s: Streams, replay: Replay, h: History, c: Config) -> list[Violation]:
     """A watch from start revision R starts exactly at R (first event >= R, none skipped: see
-    reliable) or is canceled as compacted with a compact_revision > R that was really compacted."""
+    reliable) or is canceled as compacted with a compact_revision c that was really compacted
+    and that it still needed: etcd cancels a watcher only if its next revision is below c, so
+    one known to be at or past c (start - 1, its last event, a progress) is never canceled."""
     out = []
     compacted = [int(op["req"]["revision"]) for op in h.ops if op["op"] == "compact" and op["ok"]]
     top = max(compacted, default=0)
     for w in s.watchers:
         if w.events and w.events[0][1]["kv"]["mod_revision"] < w.start:
-            out.append(
-                Violation("watch_resumable", f"{w.name()}: first event before the start revision", w.events[0][1])
-            )
+            first = w.events[0][1]
+            out.append(Violation("watch_resumable", f"{w.name()}: first event before the start revision", first))
         cr = int(w.canceled.get("compact_revision", 0)) if w.canceled else 0
-        early = bool(w.events) and w.events[0][1]["kv"]["mod_revision"] < cr
-        if cr and (cr <= w.start or cr > top or early):
+        if not cr:
+            continue
+        at = max(w.start - 1, w.reached())
+        if at >= cr or cr > top:
             out.append(
                 Violation(
-                    "watch_resumable", f"{w.name()}: canceled as compacted at {cr} (compacted to {top})", w.canceled
+                    "watch_resumable",
+                    f"{w.name()}: canceled as compacted at {cr} though it was at revision {at} "
+                    f"(compactions up to {top})",
+                    {"cancel": w.canceled, "progress": w.progress[-3:], "events": len(w.events)},
                 )
             )
     return out
@@ -596,8 +602,9 @@ class LeaseLife:
     id: int
     ttl: int
     granted: float  # return time of the grant
+    grant_invoked: float
     key: str = ""
-    kept: list[Record] = field(default_factory=list)  # ka records, in order
+    kept: list[Record] = field(default_factory=list)  # ka records (a send: recv None; an answer), in order
     revoked_at: float | None = None  # first revoke invoke time
     expired_at: float | None = None  # ground-truth time of its key's DELETE (not revoked)
     deleted_at: float | None = None  # ground-truth time of its key's DELETE, whatever the cause
@@ -607,7 +614,8 @@ def leases(h: History) -> dict[int, LeaseLife]:
     out: dict[int, LeaseLife] = {}
     for op in h.ops:
         if op["op"] == "lease_grant" and op["ok"]:
-            out[int(op["resp"]["id"])] = LeaseLife(int(op["resp"]["id"]), int(op["resp"]["ttl"]), op["ret"])
+            lid = int(op["resp"]["id"])
+            out[lid] = LeaseLife(lid, int(op["resp"]["ttl"]), op["ret"], op["invoke"])
     for op in h.ops:
         if op["op"] == "put" and op["ok"] and op["req"].get("lease") in out:
             out[op["req"]["lease"]].key = op["req"]["key"]
@@ -636,8 +644,11 @@ def leases_kept_alive(s: Streams, replay: Replay, h: History, c: Config) -> list
     for life in leases(h).values():
         if life.expired_at is None:
             continue
+        if life.expired_at < life.grant_invoked + life.ttl - 0.5:
+            out.append(Violation("leases_kept_alive", f"lease {life.id:x}: expired before its TTL {life.ttl}", life.id))
+            continue
         for ka in life.kept:
-            if ka["ttl"] > 0 and life.expired_at < ka["sent"] + ka["ttl"] - 0.5:
+            if ka.get("ttl") and life.expired_at < ka["sent"] + ka["ttl"] - 0.5:
                 out.append(
                     Violation(
                         "leases_kept_alive",
@@ -759,7 +770,7 @@ def check(h: History, only: tuple[str, ...] = ()) -> Report:
             found.extend(fn(streams, replay, h, config))
     return Report(
         violations=found,
-        operations=len(h.ops) + len(h.keepalives),
+        operations=len(h.ops) + sum(1 for ka in h.keepalives if ka.get("recv") is None),
         watch_events=sum(len(w.events) for w in streams.watchers),
         watchers=len(streams.watchers),
         leases=len(leases(h)),

@@ -249,6 +249,18 @@ def test_reliable_requires_the_tail_on_drained_streams_only() -> None:
     assert found and "never arrived" in found[0].message
 
 
+def test_compacted_cancel_of_a_watcher_already_past_the_compaction() -> None:
+    """A hub restart that resumes a quiet watcher from its last event, not from the progress it
+    had reported, gets it canceled as compacted though it needed nothing compacted."""
+    compact = op("compact", {"revision": 5}, {}, 1, 1.1, 6)
+    cancel = resp(wid=0, rev=0, canceled=True, compact_revision=5, t=3)
+    found = run(
+        "watch_resumable", history(compact, create(start=2), created(), resp(events=[A2]), resp(wid=-1, rev=6), cancel)
+    )
+    assert found and "though it was at revision 6" in found[0].message
+    assert run("watch_resumable", history(compact, create(start=7), created(), cancel))  # start above it
+
+
 def test_unanswered_create_is_reported() -> None:
     found = run("watch_ids", history(create(start=1)))
     assert found and "never answered" in found[0].message
@@ -311,15 +323,19 @@ LEASE = 0x10
 
 
 def lease_history(
-    expire_t: float | None, keepalives: list[tuple[float, int]], revoke_t: float | None = None, end_t: float = 30.0
+    expire_t: float | None,
+    keepalives: list[tuple[float, int | None]],
+    revoke_t: float | None = None,
+    end_t: float = 30.0,
 ) -> History:
     recs: list[Rec] = [
         op("lease_grant", {"ttl": 2}, {"id": LEASE, "ttl": 2}, 0.9, 1.0, 1),
         op("put", {"key": "l", "value": "v", "lease": LEASE}, {}, 1.0, 1.1, 2),
     ]
-    recs += [
-        {"kind": "ka", "client": "k", "lease": LEASE, "sent": t, "recv": t + 0.01, "ttl": ttl} for t, ttl in keepalives
-    ]
+    for t, ttl in keepalives:
+        recs.append({"kind": "ka", "client": "k", "lease": LEASE, "sent": t, "recv": None, "ttl": None})
+        if ttl is not None:
+            recs.append({"kind": "ka", "client": "k", "lease": LEASE, "sent": t, "recv": t + 0.01, "ttl": ttl})
     if revoke_t is not None:
         recs.append(op("lease_revoke", {"id": LEASE}, {}, revoke_t, revoke_t + 0.01, 3))
     truth = [put("l", 2, lease=LEASE)]
@@ -333,6 +349,7 @@ def lease_history(
 
 
 def test_leases_kept_alive() -> None:
+    assert run("leases_kept_alive", lease_history(2.0, []))  # expired 1.1 s after a grant of TTL 2
     assert run("leases_kept_alive", lease_history(6.5, [(2.0, 2), (3.0, 2), (4.0, 2)])) == []
     # expired 1 s after a keepalive answered with TTL 2
     assert run("leases_kept_alive", lease_history(5.0, [(2.0, 2), (3.0, 2), (4.0, 2)]))
@@ -341,6 +358,7 @@ def test_leases_kept_alive() -> None:
 def test_leases_expire() -> None:
     assert run("leases_expire", lease_history(6.5, [(2.0, 2), (4.0, 2)])) == []  # 2.5 s after the last: TTL + 0.5
     assert run("leases_expire", lease_history(8.5, [(2.0, 2), (4.0, 2)]))  # 4.5 s: about 2 x TTL (the Go proxy)
+    assert run("leases_expire", lease_history(8.5, [(2.0, 2), (4.0, 2), (6.0, None)])) == []  # sent, unanswered
     assert run("leases_expire", lease_history(None, [(2.0, 2)]))  # never expired
     assert run("leases_expire", lease_history(None, [(2.0, 2)], revoke_t=3.0)) == []  # revoked instead
     h = lease_history(9.0, [(2.0, 2), (4.0, 2)])
