@@ -262,13 +262,6 @@ def split_host_port(addr: str) -> tuple[str, int]:
     return host, port
 
 
-def lock_file_name(addr: str) -> str:
-    """File name of the per-listen-address lock: ``etcdproxy-<host>-<port>.lock``, host sanitised."""
-    host, port = split_host_port(addr)
-    safe = "".join(c if c.isalnum() or c in ".-" else "_" for c in host) or "_"
-    return f"etcdproxy-{safe}-{port}.lock"
-
-
 # --- supervisor side: one instance per listen address and run dir, run dir, sd_notify, metrics ---
 # (Here rather than in supervisor.py to keep that module about the process tree only.)
 
@@ -282,30 +275,14 @@ class GuardError(Exception):
 
 
 class Guard:
-    """Exclusive flocks held for the supervisor's life, released by closing (or by its death)."""
+    """Exclusive flocks held for the supervisor's life, released by closing (or by its death).
+
+    Only the run dir is locked this way; the listen address is guarded by binding it (bind_listener).
+    """
 
     def __init__(self) -> None:
         self.fds: list[int] = []
         self.paths: list[str] = []
-
-    def take_listen_addr(self, addr: str) -> None:
-        """Refuse a second instance on ``addr``: a flock, then a bind probe.
-
-        gRPC sets SO_REUSEPORT, so a second proxy would bind silently and steal connections. The
-        lock catches another etcdproxy even between its probe and its workers' binds; the probe,
-        a plain socket without SO_REUSEPORT, catches any other listener. The probe is closed again
-        at once so the workers can bind.
-        """
-        try:
-            host, port = split_host_port(addr)
-        except ValueError as exc:
-            raise GuardError(f"etcdproxy: {exc}") from exc
-        lock_dir = "/run" if os.access("/run", os.W_OK) else "/tmp"
-        path = os.path.join(lock_dir, lock_file_name(addr))
-        holder = self._flock(path)
-        if holder is not None:
-            raise GuardError(f"etcdproxy: listen-addr {addr} is already in use (etcdproxy pid {holder}, lock {path})")
-        probe_bind(addr, host, port)
 
     def take_run_dir(self, run_dir: str) -> None:
         holder = self._flock(os.path.join(run_dir, "supervisor.lock"))
@@ -359,24 +336,43 @@ class Guard:
         self.paths.clear()
 
 
-def probe_bind(addr: str, host: str, port: int) -> None:
-    """Bind (without SO_REUSEPORT) every address ``host`` resolves to; GuardError if one is taken."""
+LISTEN_BACKLOG = 4096
+
+
+def bind_listener(addr: str) -> socket.socket:
+    """Bind and listen on --listen-addr, once, for every worker (they serve on its fd, ChildSpec.listen_fd).
+
+    No SO_REUSEPORT: a second instance (or any other program) on the address fails here with
+    EADDRINUSE, which replaces a lock file as the one-instance-per-address guard; and a reload or an
+    upgrade hands the same socket to the new workers, so no connection is refused meanwhile.
+    SO_REUSEADDR only forgives TIME_WAIT leftovers of a previous run. A host name is resolved and the
+    first address is used, like Go's net.Listen; an empty host means every address (dual-stack).
+    """
+    try:
+        host, port = split_host_port(addr)
+    except ValueError as exc:
+        raise GuardError(f"etcdproxy: {exc}") from exc
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise GuardError(f"etcdproxy: listen-addr {addr}: {exc}") from exc
-    for family, kind, proto, _, sockaddr in infos:
-        with socket.socket(family, kind, proto) as sock:
-            # SO_REUSEADDR only forgives TIME_WAIT leftovers of a previous run; a listener still wins.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(sockaddr)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise GuardError(f"etcdproxy: listen-addr {addr} is already in use") from exc
-                if exc.errno == errno.EADDRNOTAVAIL and len(infos) > 1:
-                    continue  # e.g. ::1 on a host without IPv6, while 127.0.0.1 works
-                raise GuardError(f"etcdproxy: cannot bind listen-addr {addr}: {exc.strerror}") from exc
+    if not host:  # ":port": IPv6 wildcard accepting IPv4 too, where the host has IPv6
+        infos.sort(key=lambda info: info[0] != socket.AF_INET6)
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and not host:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(sockaddr)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise GuardError(f"etcdproxy: listen-addr {addr} is already in use") from exc
+        raise GuardError(f"etcdproxy: cannot bind listen-addr {addr}: {exc.strerror}") from exc
+    sock.set_inheritable(True)  # kept across the exec of an upgrade (SIGUSR2)
+    return sock
 
 
 def make_run_dir(configured: str) -> tuple[str, bool]:

@@ -15,6 +15,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import time
 from dataclasses import dataclass
 
@@ -108,6 +109,7 @@ class Supervisor:
         self.run_dir = ""
         self.own_run_dir = False
         self.guard = proc.Guard()
+        self.listener: socket.socket | None = None  # --listen-addr, bound here, served by the workers
         self.etcd: EmbeddedEtcd | None = None
         self.stop_mode: str | None = None  # None while running, then "graceful" or "fast"
         self.exit_code = 0
@@ -145,7 +147,7 @@ class Supervisor:
         for sig in proc.SUPERVISOR_SIGNALS:
             self.saved_handlers[sig] = signal.signal(sig, self._on_signal)
         try:
-            self.guard.take_listen_addr(self.config.listen_addr)
+            self.listener = proc.bind_listener(self.config.listen_addr)
             self.run_dir, self.own_run_dir = proc.make_run_dir(self.config.run_dir)
             self.guard.take_run_dir(self.run_dir)
         except proc.GuardError as exc:
@@ -187,6 +189,11 @@ class Supervisor:
             proc.write_control(self.run_dir, log_level=level, draining=draining)
         except OSError as exc:
             log.warning("cannot write the control file in %s: %s", self.run_dir, exc)
+
+    def close_listener(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
 
     def tell_children(self) -> None:
         """SIGUSR1 to every child: re-read the control file."""
@@ -265,7 +272,10 @@ class Supervisor:
         proc.touch(slot.heartbeat_path)
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
-        spec = ChildSpec(slot.role, slot.index, self.run_dir, slot.heartbeat_path, write_fd, self.pid, slot.generation)
+        listen_fd = self.listener.fileno() if self.listener is not None and slot.role == WORKER else None
+        spec = ChildSpec(
+            slot.role, slot.index, self.run_dir, slot.heartbeat_path, write_fd, self.pid, slot.generation, listen_fd
+        )
         try:
             pid = os.fork()
         except OSError as exc:
@@ -293,6 +303,8 @@ class Supervisor:
             os.environ.pop("NOTIFY_SOCKET", None)  # only the supervisor speaks to systemd
             private = [read_fd, self.wake_r, self.wake_w, *self.guard.fds, *(self.etcd.fds if self.etcd else [])]
             private += [s.ready_fd for s in self.slots if s.ready_fd >= 0]
+            if spec.listen_fd is None and self.listener is not None:  # the hub: the port is the workers'
+                private.append(self.listener.fileno())
             for fd in private:
                 with contextlib.suppress(OSError):
                     os.close(fd)
@@ -489,8 +501,12 @@ class Supervisor:
                     self.config.drain_delay_s,
                 )
             proc.sd_notify("STOPPING=1")
+            # The workers hold their own copies of the listening socket for their drain; the port
+            # closes when the last of them lets go.
+            self.close_listener()
             self.stop_group([s for s in self.slots if s.role == WORKER], self.config.drain_delay_s)
             self.stop_group([s for s in self.slots if s.role == HUB])
+        self.close_listener()
         if self.etcd is not None:
             self.etcd.stop()
         if self.run_dir:

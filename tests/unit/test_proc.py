@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 
 import pytest
 
@@ -63,21 +64,6 @@ def test_split_host_port(addr: str, expected: tuple[str, int]) -> None:
 def test_split_host_port_rejects(addr: str) -> None:
     with pytest.raises(ValueError):
         proc.split_host_port(addr)
-
-
-@pytest.mark.parametrize(
-    ("addr", "name"),
-    [
-        ("127.0.0.1:23790", "etcdproxy-127.0.0.1-23790.lock"),
-        ("[::1]:23790", "etcdproxy-__1-23790.lock"),
-        (":23790", "etcdproxy-_-23790.lock"),
-        ("my-host.example:1", "etcdproxy-my-host.example-1.lock"),
-        ("../../etc:1", "etcdproxy-.._.._etc-1.lock"),  # never a path separator
-    ],
-)
-def test_lock_file_name(addr: str, name: str) -> None:
-    assert proc.lock_file_name(addr) == name
-    assert "/" not in proc.lock_file_name(addr)
 
 
 @pytest.mark.parametrize(
@@ -353,3 +339,22 @@ def test_apply_control_sets_draining_and_level(tmp_path: os.PathLike[str]) -> No
         proc.apply_control(run_dir)
         root.setLevel(level)
     assert proc.draining() is False
+
+
+def test_bind_listener_guards_the_address() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    listener = proc.bind_listener(f"127.0.0.1:{port}")
+    try:
+        assert listener.get_inheritable()  # survives the exec of an upgrade
+        assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0
+        assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+        with pytest.raises(proc.GuardError, match=f"listen-addr 127.0.0.1:{port} is already in use"):
+            proc.bind_listener(f"127.0.0.1:{port}")
+        with socket.create_connection(("127.0.0.1", port), timeout=2):  # queued in the backlog, no worker needed
+            pass
+    finally:
+        listener.close()
+    with pytest.raises(proc.GuardError, match="invalid port"):
+        proc.bind_listener("127.0.0.1:0")
