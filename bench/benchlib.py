@@ -371,7 +371,41 @@ def range_kv_values(resp: bytes) -> list[bytes]:
     return out
 
 
+# --tls: the PEM certificate every TLS listener of the run uses (self-signed for 127.0.0.1), None for plaintext
+TLS_CERT: bytes | None = None
+
+
 def grpc_channel(port: int) -> Any:
     import grpc
 
+    if TLS_CERT is not None:
+        return grpc.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(root_certificates=TLS_CERT))
     return grpc.insecure_channel(f"127.0.0.1:{port}")
+
+
+def make_self_signed(directory: Path) -> tuple[Path, Path]:
+    """A throwaway certificate and key for 127.0.0.1 (openssl from Debian's openssl package)."""
+    cert, key = directory / "tls-cert.pem", directory / "tls-key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key

@@ -146,6 +146,7 @@ class Bench:
         self.seq = 0
         self.reserve = max(12.0, 0.12 * p.time_limit)  # seconds kept for shutdown, table, JSON and chart
         self.gauge_base: dict[str, float] = {}
+        self.tls_files: tuple[Path, Path] = (Path(), Path())
 
     # ------------------------------------------------------------ time
     def remaining(self) -> float:
@@ -166,16 +167,26 @@ class Bench:
                 f"building {src} failed (needs gcc and libnghttp2-dev: apt-get install -y libnghttp2-dev):\n{r.stderr}"
             )
 
+    def tls_args(self) -> list[str]:
+        """--tls: the client-facing listeners of every target serve TLS with one self-signed certificate."""
+        if not self.args.tls:
+            return []
+        return [f"--cert-file={self.tls_files[0]}", f"--key-file={self.tls_files[1]}"]
+
     def start_etcd(self) -> None:
         cport, pport = bl.free_port(), bl.free_port()
         self.etcd_port = cport
+        # --tls: etcd also listens on https for direct clients; the proxies keep its plaintext URL upstream
+        tport = bl.free_port() if self.args.tls else 0
+        listen = f"http://127.0.0.1:{cport}" + (f",https://127.0.0.1:{tport}" if tport else "")
         out = open(self.tmp / "etcd.log", "wb")  # noqa: SIM115
         self.etcd = self.procs.start(
             [
                 "etcd",
                 "--name=bench",
                 f"--data-dir={self.tmp / 'etcd-data'}",
-                f"--listen-client-urls=http://127.0.0.1:{cport}",
+                f"--listen-client-urls={listen}",
+                *self.tls_args(),
                 f"--advertise-client-urls=http://127.0.0.1:{cport}",
                 f"--listen-peer-urls=http://127.0.0.1:{pport}",
                 f"--initial-advertise-peer-urls=http://127.0.0.1:{pport}",
@@ -200,8 +211,8 @@ class Bench:
         else:
             sys.exit("etcd did not become healthy in 30s")
         t = self.targets["etcd"]
-        t.port, t.proc, t.available = cport, self.etcd, True
-        self.unary_check(cport, put=True)
+        t.port, t.proc, t.available = tport or cport, self.etcd, True
+        self.unary_check(t.port, put=True)
 
     def start_go_proxy(self) -> None:
         t = self.targets["go-proxy"]
@@ -215,6 +226,7 @@ class Bench:
                 f"--endpoints=127.0.0.1:{self.etcd_port}",
                 f"--listen-addr=127.0.0.1:{t.port}",
                 "--advertise-client-url=",
+                *self.tls_args(),
             ],
             stdout=out,
             stderr=out,
@@ -235,6 +247,7 @@ class Bench:
                 f"--listen-addr=127.0.0.1:{t.port}",
                 "--workers",
                 str(self.args.workers),
+                *self.tls_args(),
             ],
             stdout=out,
             stderr=out,
@@ -427,7 +440,7 @@ class Bench:
                 "--header=content-type: application/grpc",
                 "--header=te: trailers",
                 f"--log-file={logf}",
-                f"http://127.0.0.1:{t.port}/etcdserverpb.KV/Range",
+                f"{'https' if self.args.tls else 'http'}://127.0.0.1:{t.port}/etcdserverpb.KV/Range",
             ]
             stop = threading.Event()
             sample: dict[str, Any] = {"ok": 0, "bad": 0, "first_error": "", "min_len": None}
@@ -626,6 +639,9 @@ class Bench:
     def main(self) -> int:
         self.log(f"temp dir {self.tmp}; time limit {self.p.time_limit:.0f}s")
         self.build()
+        if self.args.tls:
+            self.tls_files = bl.make_self_signed(self.tmp)
+            bl.TLS_CERT = self.tls_files[0].read_bytes()
         self.start_etcd()
         self.start_go_proxy()
         if self.args.no_etcdproxy:
@@ -646,6 +662,8 @@ class Bench:
         for name, t in self.targets.items():
             self.log(f"{LABELS[name]}: {'port ' + str(t.port) if t.available else t.note}")
         only = set(self.args.only.split(",")) if self.args.only else None
+        if self.args.tls:  # h2bench.c speaks plaintext only: the h2load scenarios
+            only = (only or {"range-hot", "range-linear"}) & {"range-hot", "range-linear"}
         scens = [(s, fn) for s, fn in self.scenarios() if not only or s in only]
         live = sum(t.available for t in self.targets.values())
         runs_left = self.p.repeat * len(scens) * live
@@ -940,6 +958,11 @@ def parse_args() -> tuple[argparse.Namespace, Params]:
     ap.add_argument("--proxy-start-timeout", type=float, default=20.0, help="seconds to wait for etcdproxy")
     ap.add_argument("--out", help="JSON path (default bench/results/<UTC timestamp>.json; the PNG goes beside it)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, etcd data)")
+    ap.add_argument(
+        "--tls",
+        action="store_true",
+        help="every target serves its clients over TLS (one self-signed certificate); range scenarios only",
+    )
     args = ap.parse_args()
     p = QUICK if args.quick else Params()
     if args.repeat:

@@ -176,8 +176,10 @@ class ServerConnection:
         self.write_paused = False  # set by the driver while the socket's buffer is full
         self.streams: dict[int, Stream] = {}
         self.last_stream_id = 0
-        self._reset_ids: OrderedDict[int, None] = OrderedDict()
-        self._closed_ids: OrderedDict[int, None] = OrderedDict()
+        # recently ended stream ids, bounded by clearing (cheaper per call than an LRU; forgetting an id only turns
+        # a late frame's STREAM_CLOSED / silent drop into the error for an id below the last one)
+        self._reset_ids: set[int] = set()
+        self._closed_ids: set[int] = set()
         self._block: bytearray | None = None  # a header block being continued
         self._block_stream = 0
         self._block_flags = 0
@@ -662,9 +664,7 @@ class ServerConnection:
         else:
             self._cheap(now)
         self._drop(stream, remember=False)
-        self._closed_ids[stream_id] = None
-        if len(self._closed_ids) > RECENTLY_RESET:
-            self._closed_ids.popitem(last=False)
+        self._closed(stream_id)
 
     def _priority(self, stream_id: int, payload: bytes, now: float) -> None:
         if stream_id == 0:
@@ -687,9 +687,16 @@ class ServerConnection:
             self._remember_reset(stream_id)
 
     def _remember_reset(self, stream_id: int) -> None:
-        self._reset_ids[stream_id] = None
-        if len(self._reset_ids) > RECENTLY_RESET:
-            self._reset_ids.popitem(last=False)
+        ids = self._reset_ids
+        if len(ids) >= RECENTLY_RESET:
+            ids.clear()
+        ids.add(stream_id)
+
+    def _closed(self, stream_id: int) -> None:
+        ids = self._closed_ids
+        if len(ids) >= RECENTLY_RESET:
+            ids.clear()
+        ids.add(stream_id)
 
     def _drop(self, stream: Stream, remember: bool) -> None:
         """Forget a stream that did not end normally; the application hears of it unless it ended it."""
@@ -705,10 +712,9 @@ class ServerConnection:
 
     def _maybe_close(self, stream: Stream) -> None:
         if stream.remote_closed and stream.local_closed and self.streams.pop(stream.id, None) is not None:
-            self._closed_ids[stream.id] = None
-            if len(self._closed_ids) > RECENTLY_RESET:
-                self._closed_ids.popitem(last=False)
-            self._after_stream_closed()
+            self._closed(stream.id)
+            if self.goaway_received or self.draining:
+                self._after_stream_closed()
 
     def _after_stream_closed(self) -> None:
         # while draining, only after the final GOAWAY: before it, a client may still open a stream
@@ -728,7 +734,7 @@ class ServerConnection:
             self._queue(f.rst_stream(stream_id, f.NO_ERROR))
             self._remember_reset(stream_id)
         else:
-            self._closed_ids[stream_id] = None
+            self._closed(stream_id)
 
     def send_unary(self, stream: Stream, message: bytes) -> None:
         """Headers, one message and OK trailers: the whole answer of a unary call, in one piece if it fits."""

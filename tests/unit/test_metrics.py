@@ -16,6 +16,8 @@ from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
 from etcdproxy import metrics
 from etcdproxy.config import Config, ConfigError, check
+from etcdproxy.h2 import rpc
+from etcdproxy.h2.status import StatusCode
 from etcdproxy.health import Health, decide, go_error_text
 from etcdproxy.worker.instrument import instrument
 
@@ -133,18 +135,18 @@ def test_metrics_addr_refused(addr: str, message: str) -> None:
 
 class FakeContext:
     def __init__(self, remaining: float | None = None) -> None:
-        self._code: grpc.StatusCode | None = None
+        self._code: StatusCode | None = None
         self.remaining = remaining
 
-    def code(self) -> grpc.StatusCode | None:
+    def code(self) -> StatusCode | None:
         return self._code
 
     def time_remaining(self) -> float | None:
         return self.remaining
 
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+    async def abort(self, code: StatusCode, details: str) -> None:
         self._code = code
-        raise RuntimeError("aborted")  # grpc raises its AbortError; the type does not matter
+        raise RuntimeError("aborted")  # the dispatcher raises rpc.Abort; the type does not matter
 
 
 def counts(stats: metrics.RpcStats) -> tuple[int, int, int, int, dict[str, int]]:
@@ -166,7 +168,7 @@ async def ok_unary(request: bytes, context: Any) -> bytes:
 
 
 async def abort_unary(request: bytes, context: Any) -> bytes:
-    await context.abort(grpc.StatusCode.NOT_FOUND, "nf")
+    await context.abort(StatusCode.NOT_FOUND, "nf")
     return b""
 
 
@@ -191,11 +193,11 @@ async def slow_unary(request: bytes, context: Any) -> bytes:
 )
 def test_unary_counts_once(behaviour: Any, remaining: float | None, code: str, sent: int) -> None:
     name = f"U{behaviour.__name__}{remaining}"
-    handler = instrument("test.Service", name, grpc.unary_unary_rpc_method_handler(behaviour))
+    handler = instrument("test.Service", name, rpc.unary_unary(behaviour))
     stats = fresh_stats("unary", name)
 
     async def call() -> None:
-        task = asyncio.ensure_future(handler.unary_unary(b"q", FakeContext(remaining)))
+        task = asyncio.ensure_future(handler.behaviour(b"q", FakeContext(remaining)))
         await asyncio.sleep(0.01)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -215,11 +217,11 @@ async def requests_of(*items: bytes) -> AsyncIterator[bytes]:
 
 
 def test_bidi_counts_messages_and_ends_once() -> None:
-    handler = instrument("test.Service", "B1", grpc.stream_stream_rpc_method_handler(echo_stream))
+    handler = instrument("test.Service", "B1", rpc.stream_stream(echo_stream))
     stats = fresh_stats("bidi_stream", "B1")
 
     async def call() -> list[bytes]:
-        return [m async for m in handler.stream_stream(requests_of(b"a", b"b", b"c"), FakeContext())]
+        return [m async for m in handler.behaviour(requests_of(b"a", b"b", b"c"), FakeContext())]
 
     assert run(call()) == [b"a", b"b", b"c"]
     assert counts(stats) == (1, 3, 3, 0, {"OK": 1})
@@ -235,11 +237,11 @@ def test_stream_closed_at_a_yield_is_canceled_and_closes_the_servicer() -> None:
         finally:
             closed.append(True)
 
-    handler = instrument("test.Service", "S1", grpc.unary_stream_rpc_method_handler(forever))
+    handler = instrument("test.Service", "S1", rpc.unary_stream(forever))
     stats = fresh_stats("server_stream", "S1")
 
     async def call() -> None:
-        responses = handler.unary_stream(b"q", FakeContext())
+        responses = handler.behaviour(b"q", FakeContext())
         await responses.__anext__()
         await responses.__anext__()
         await responses.aclose()  # grpc gave up on the client
@@ -252,14 +254,14 @@ def test_stream_closed_at_a_yield_is_canceled_and_closes_the_servicer() -> None:
 def test_stream_abort_and_cancel() -> None:
     async def abort_after_one(request: bytes, context: Any) -> AsyncIterator[bytes]:
         yield b"x"
-        await context.abort(grpc.StatusCode.OUT_OF_RANGE, "compacted")
+        await context.abort(StatusCode.OUT_OF_RANGE, "compacted")
 
     async def hang(request: bytes, context: Any) -> AsyncIterator[bytes]:
         await asyncio.sleep(10)
         yield b""
 
-    aborting = instrument("test.Service", "S2", grpc.unary_stream_rpc_method_handler(abort_after_one))
-    hanging = instrument("test.Service", "S3", grpc.unary_stream_rpc_method_handler(hang))
+    aborting = instrument("test.Service", "S2", rpc.unary_stream(abort_after_one))
+    hanging = instrument("test.Service", "S3", rpc.unary_stream(hang))
     s2, s3 = fresh_stats("server_stream", "S2"), fresh_stats("server_stream", "S3")
 
     async def drain(gen: AsyncIterator[bytes]) -> None:
@@ -268,8 +270,8 @@ def test_stream_abort_and_cancel() -> None:
 
     async def call() -> None:
         with pytest.raises(RuntimeError):
-            await drain(aborting.unary_stream(b"q", FakeContext()))
-        task = asyncio.ensure_future(drain(hanging.unary_stream(b"q", FakeContext())))
+            await drain(aborting.behaviour(b"q", FakeContext()))
+        task = asyncio.ensure_future(drain(hanging.behaviour(b"q", FakeContext())))
         await asyncio.sleep(0.01)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import grpc
 import pytest
 
 from etcdproxy.core import errors
 from etcdproxy.core.methods import METHODS
 from etcdproxy.core.namespace import RULES, Action, Namespace, Refused, rule
 from etcdproxy.etcdpb import kv_pb2, rpc_pb2, v3election_pb2, v3lock_pb2
+from etcdproxy.h2.status import StatusCode
 
 NS = Namespace(b"/a/")
 
@@ -53,7 +53,7 @@ def test_empty_key_is_refused_like_etcd(range_end: bytes) -> None:
     with pytest.raises(Refused) as info:
         NS.interval(b"", range_end)
     assert info.value.error == errors.EMPTY_KEY
-    assert info.value.error.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.error.code is StatusCode.INVALID_ARGUMENT
 
 
 # Adversarial rows: siblings of the prefix that a client might try to reach.
@@ -381,6 +381,6 @@ def test_refused(path: str, request_: object) -> None:
     with pytest.raises(Refused) as info:
         translate(path, request_)
     error = info.value.error
-    assert error.code is grpc.StatusCode.PERMISSION_DENIED
+    assert error.code is StatusCode.PERMISSION_DENIED
     assert "namespace policy" in error.message and "docs/namespace.md" in error.message
     assert path.rsplit("/", 1)[1] in error.message
