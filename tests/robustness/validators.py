@@ -329,7 +329,15 @@ def watch_resumable(s: Streams, replay: Replay, h: History, c: Config) -> list[V
         cr = int(w.canceled.get("compact_revision", 0)) if w.canceled else 0
         if not cr:
             continue
-        at = max(w.start - 1, w.reached())
+        # a progress counts only once the watcher was in sync (past the revision it was created
+        # at) and if it was a true bookmark: etcd < 3.5.8 sends progress to catching-up watchers
+        revs = [e["kv"]["mod_revision"] for _, e in w.events]
+        valid = [
+            rev
+            for n, rev, _, missing in _bookmarks(w, replay)
+            if missing is None and (w.start > w.created_rev or (n and revs[n - 1] > w.created_rev))
+        ]
+        at = max(w.start - 1, revs[-1] if revs else 0, *valid)
         if at >= cr or cr > top:
             out.append(
                 Violation(
@@ -342,24 +350,38 @@ def watch_resumable(s: Streams, replay: Replay, h: History, c: Config) -> list[V
     return out
 
 
+def _bookmarks(w: Watcher, replay: Replay) -> list[tuple[int, int, int, int | None]]:
+    """(delivered, progress revision, due, first missing revision or None) per progress."""
+    revs = [e["kv"]["mod_revision"] for e in expected_events(w, replay)]
+    out = []
+    for delivered, rev in w.progress:
+        due = bisect.bisect_right(revs, rev)
+        out.append((delivered, rev, due, revs[delivered] if delivered < due else None))
+    return out
+
+
 def watch_bookmarkable(s: Streams, replay: Replay, h: History, c: Config) -> list[Violation]:
-    """A progress at R reaches a watcher only after every event <= R it should get."""
+    """A progress at R reaches a watcher only after every event <= R it should get.
+
+    A watcher still catching up from a past start revision (the missing event is at or below
+    the revision it was created at) is reported as ``watch_bookmarkable_unsynced``: etcd before
+    3.5.8 answers RequestProgress that way itself (etcd issue 15220, found by etcd's own
+    robustness tests); a watcher that was in sync is ``watch_bookmarkable``."""
     out = []
     for w in s.watchers:
-        want = expected_events(w, replay)
-        revs = [e["kv"]["mod_revision"] for e in want]
-        for delivered, rev in w.progress:
-            due = bisect.bisect_right(revs, rev)
-            if delivered < due:
-                out.append(
-                    Violation(
-                        "watch_bookmarkable",
-                        f"{w.name()}: progress at {rev} after {delivered} events, but {due} are at or below it "
-                        f"(next missing revision {revs[delivered]})",
-                        {"progress": rev, "delivered": delivered, "due": due},
-                    )
+        for delivered, rev, due, missing in _bookmarks(w, replay):
+            if missing is None:
+                continue
+            name = "watch_bookmarkable_unsynced" if missing <= w.created_rev else "watch_bookmarkable"
+            out.append(
+                Violation(
+                    name,
+                    f"{w.name()}: progress at {rev} after {delivered} events, but {due} are at or below it "
+                    f"(next missing revision {missing}; created at {w.created_rev})",
+                    {"progress": rev, "delivered": delivered, "due": due},
                 )
-                break
+            )
+            break
     return out
 
 
@@ -727,7 +749,7 @@ VALIDATORS: dict[str, Validator] = {
     "watch_prev_kv": watch_prev_kv,
     "watch_reliable": watch_reliable,
     "watch_resumable": watch_resumable,
-    "watch_bookmarkable": watch_bookmarkable,
+    "watch_bookmarkable": watch_bookmarkable,  # also reports watch_bookmarkable_unsynced
     "watch_canceled": watch_canceled,
     "watch_streams": watch_streams,
     "reads_linearizable": reads_linearizable,

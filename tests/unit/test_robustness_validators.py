@@ -254,11 +254,16 @@ def test_compacted_cancel_of_a_watcher_already_past_the_compaction() -> None:
     had reported, gets it canceled as compacted though it needed nothing compacted."""
     compact = op("compact", {"revision": 5}, {}, 1, 1.1, 6)
     cancel = resp(wid=0, rev=0, canceled=True, compact_revision=5, t=3)
-    found = run(
-        "watch_resumable", history(compact, create(start=2), created(), resp(events=[A2]), resp(wid=-1, rev=6), cancel)
-    )
+    quiet = create("z", "", start=2)  # nothing ever happens on z
+    found = run("watch_resumable", history(compact, quiet, created(), resp(wid=-1, rev=6), cancel))
     assert found and "though it was at revision 6" in found[0].message
     assert run("watch_resumable", history(compact, create(start=7), created(), cancel))  # start above it
+
+
+def test_bookmark_before_an_unsynced_watcher_caught_up_is_told_apart() -> None:
+    """etcd < 3.5.8 answers RequestProgress before a watcher from a past revision caught up."""
+    found = run("watch_bookmarkable", history(create(start=2), created(rev=6), resp(wid=-1, rev=6), resp(events=[A2])))
+    assert [x.validator for x in found] == ["watch_bookmarkable_unsynced"]
 
 
 def test_unanswered_create_is_reported() -> None:
