@@ -258,3 +258,32 @@ def request_head(headers: list[tuple[bytes, bytes]], max_list_size: int) -> Requ
             message = f"transport: malformed grpc-timeout: {exc}"
             return RequestHead(text_path, None, encoding, content_length, (), (200, INTERNAL, message))
     return RequestHead(text_path, timeout_s, encoding, content_length, tuple(metadata), None)
+
+
+# ---- client side (requests we send) ------------------------------------------------------------------
+
+_MAX_TIMEOUT_VALUE = 99_999_999  # grpc-timeout allows at most 8 digits
+_TIMEOUT_UNITS = ((1, b"n"), (1_000, b"u"), (1_000_000, b"m"), (1_000_000_000, b"S"), (60_000_000_000, b"M"))
+
+
+def encode_timeout(seconds: float) -> bytes:
+    """A timeout as grpc-go's encodeTimeout writes it: the finest unit whose value (rounded up) fits 8 digits."""
+    ns = round(seconds * 1e9)
+    if ns <= 0:
+        return b"0n"
+    for size, unit in _TIMEOUT_UNITS:
+        value = -(-ns // size)
+        if value <= _MAX_TIMEOUT_VALUE:
+            return b"%d%s" % (value, unit)
+    return b"%dH" % -(-ns // 3_600_000_000_000)
+
+
+def metadata_field(name: str, value: str | bytes) -> bytes:
+    """One custom metadata entry as a literal field: ``-bin`` values base64 without padding (as grpc-go sends)."""
+    key = name.encode("latin-1")
+    if key.endswith(b"-bin"):
+        raw = value if isinstance(value, bytes) else value.encode("utf-8")
+        data = base64.b64encode(raw).rstrip(b"=")
+    else:
+        data = value if isinstance(value, bytes) else value.encode("latin-1")
+    return literal(key, data)
