@@ -170,7 +170,7 @@ def test_connection_errors_send_goaway(data: bytes, code: int) -> None:
 def test_unary_request_bytes_ids_and_answer() -> None:
     s = Server([(f.MAX_CONCURRENT_STREAMS, 100)])
     metadata = (("token", "abc"), ("trace-bin", b"\x00\x01\x02\x03"), ("te", "x"), (":path", "/evil"))
-    app, stream = s.unary(b"hello", metadata=metadata, deadline=s.now + 5)
+    app, _stream = s.unary(b"hello", metadata=metadata, deadline=s.now + 5)
     frames = s.take()
     assert [(k, fl, sid) for k, fl, sid, _ in frames] == [(f.HEADERS, f.END_HEADERS, 1), (f.DATA, f.END_STREAM, 1)]
     assert s.decoder.decode(frames[0][3]) == [
@@ -294,7 +294,7 @@ def test_large_request_headers_use_continuation() -> None:
 
 def test_send_flow_control_splits_to_max_frame_and_waits_for_window() -> None:
     s = Server([(f.INITIAL_WINDOW_SIZE, 30000)])
-    app, stream = s.unary(b"m" * 40000)
+    _app, stream = s.unary(b"m" * 40000)
     frames = s.take()
     data = [(fl, len(p)) for k, fl, _, p in frames if k == f.DATA]
     assert data == [(0, 16384), (0, 30000 - 16384)]  # split to MAX_FRAME_SIZE, stopped by the stream window
@@ -507,8 +507,8 @@ def test_cancel_sends_rst_and_ignores_late_frames() -> None:
 
 def test_deadlines_expire_sent_and_waiting_calls() -> None:
     s = Server([(f.MAX_CONCURRENT_STREAMS, 1)])
-    a, first = s.unary(deadline=s.now + 1)
-    b, second = s.unary(deadline=s.now + 2)
+    a, _first = s.unary(deadline=s.now + 1)
+    b, _second = s.unary(deadline=s.now + 2)
     c, _ = s.unary(deadline=s.now + 30)
     s.take()
     assert s.conn.next_deadline == s.now + 1
