@@ -139,6 +139,13 @@ FLAGS: tuple[Flag, ...] = (
     Flag("cache", "bool", "answer serializable Ranges from a cache kept fresh by an upstream watch", own=True),
     Flag("cache_max_entries", "int", "range cache entries per worker process", own=True),
     Flag("cache_max_bytes", "int", "range cache bytes per worker process", own=True),
+    Flag(
+        "config_file",
+        "string",
+        "YAML file with flag names as keys, like etcd's --config-file; flags on the command line win over it, "
+        "it wins over ETCDPROXY_* variables; SIGHUP re-reads it",
+        own=True,
+    ),
     Flag("log_level", "string", "debug, info, warn or error, like etcd's --log-level (--debug: debug)", own=True),
     Flag("log_format", "string", "console (one line of text) or json (etcd's field names), like etcd's", own=True),
 )
@@ -331,19 +338,67 @@ class ProxyCommand(click.Command):
 
 
 def _to_config(**values: Any) -> Config:
-    """click callback: option values (keyed by click's name for each flag) -> Config."""
+    """click callback: option values (keyed by click's name for each flag), then --config-file -> Config."""
+    ctx = click.get_current_context()
+    from_file = read_config_file(values["config_file"], ctx) if values["config_file"] else {}
     kwargs: dict[str, Any] = {}
     for flag in FLAGS:
-        value = values[flag.name.removeprefix("--").replace("-", "_")]
+        key = flag.name.removeprefix("--").replace("-", "_")
+        value = values[key]
         if flag.kind == "strings":
             value = tuple(item for occurrence in value for item in occurrence)
+        if flag.name in from_file and ctx.get_parameter_source(key) is not ParameterSource.COMMANDLINE:
+            value = from_file[flag.name]
         kwargs[flag.field] = value
-    ctx = click.get_current_context()
-    if ctx.get_parameter_source("advertise_client_url") is ParameterSource.DEFAULT:
+    advertise_given = ctx.get_parameter_source("advertise_client_url") is not ParameterSource.DEFAULT
+    if not advertise_given and "--advertise-client-url" not in from_file:
         # A departure from Go (whose default is always 127.0.0.1:23790): two proxies on one host must
         # not advertise (and health-check) each other.
         kwargs["advertise_client_url"] = self_address(kwargs["listen_addr"])
     return Config(**kwargs)
+
+
+def read_config_file(path: str, ctx: click.Context) -> dict[str, Any]:
+    """``--config-file``: a YAML mapping of flag names (``listen-addr: 0.0.0.0:23790``) to values, each
+    converted by its flag's type: Go durations as text ("5s"; a plain number is seconds), lists as YAML
+    sequences or comma-separated text, booleans as YAML booleans. Returns flag (``--listen-addr``) -> value.
+
+    Raises click.UsageError for an unreadable file, an unknown key or a bad value (exit 1 at start-up,
+    an ERROR line and no change on SIGHUP).
+    """
+    import yaml  # only when a config file is used
+
+    try:
+        with open(path, encoding="utf-8") as source:
+            data = yaml.safe_load(source)
+    except OSError as exc:
+        raise click.UsageError(f"--config-file {path}: {exc.strerror}", ctx) from exc
+    except yaml.YAMLError as exc:
+        raise click.UsageError(f"--config-file {path}: not valid YAML: {exc}", ctx) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise click.UsageError(f"--config-file {path}: want a mapping of flag names to values", ctx)
+    params = {param.name: param for param in ctx.command.params if isinstance(param, click.Option)}
+    out: dict[str, Any] = {}
+    for raw_key, raw in data.items():
+        key = str(raw_key).removeprefix("--")
+        param = params.get(key.replace("-", "_"))
+        if param is None or key in ("config-file", "version") or "_" in key:
+            raise click.UsageError(f"--config-file {path}: unknown key {key!r} (keys are flag names)", ctx)
+        try:
+            if isinstance(raw, list | tuple):
+                value = tuple(str(item) for item in raw)
+                if not param.multiple:
+                    raise click.BadParameter("a list is only allowed for a list flag")
+            elif raw is None:
+                value = param.type.convert("", param, ctx)
+            else:
+                value = param.type.convert(raw, param, ctx)
+        except click.BadParameter as exc:
+            raise click.UsageError(f"--config-file {path}: {key}: {exc.format_message()}", ctx) from exc
+        out["--" + key] = value
+    return out
 
 
 def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
@@ -401,9 +456,14 @@ def load(args: Sequence[str]) -> Config:
     return config
 
 
+# The command line main() started with: a reload (SIGHUP) parses it again, re-reading --config-file.
+LAST_ARGS: list[str] = []
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of ``etcdproxy-supervisor`` and ``python -m etcdproxy``; always exits."""
     argv = sys.argv[1:] if args is None else list(args)
+    LAST_ARGS[:] = argv
     try:
         config = build_config(argv)
     except click.exceptions.Exit as exc:  # --help

@@ -101,6 +101,8 @@ class Config:
     cache: bool = True
     cache_max_entries: int = 2048
     cache_max_bytes: int = 64 << 20
+    # YAML file whose keys are the flag names (cli.py); SIGHUP re-reads it (supervisor.py).
+    config_file: str = ""
     # etcd's logging flags (logs.py); --debug still means --log-level=debug, as in the Go proxy.
     log_level: str = "info"
     log_format: str = "console"
@@ -188,6 +190,28 @@ def self_address(listen_addr: str) -> str:
     elif host in ("[::]", "[::0]", "[0:0:0:0:0:0:0:0]"):
         host = "[::1]"
     return f"{host}:{port}"
+
+
+# What a SIGHUP reload applies to a running proxy: the supervisor's own settings, the log level (sent to
+# every child), and what only workers read (they are rolled: new ones start before the old ones drain).
+# Any other change is named in a WARN line and waits for a restart or an upgrade (SIGUSR2).
+LIVE_FIELDS: frozenset[str] = frozenset(
+    {
+        "log_level",
+        "debug",
+        "workers",
+        "cache_max_entries",
+        "cache_max_bytes",
+        "max_request_bytes",
+        "max_concurrent_streams",
+        "grpc_keepalive_min_time_s",
+        "grpc_keepalive_interval_s",
+        "grpc_keepalive_timeout_s",
+        "heartbeat_timeout_s",
+        "graceful_timeout_s",
+        "drain_delay_s",
+    }
+)
 
 
 def flag_name(field_name: str) -> str:

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 
 from etcdproxy import logs, proc
-from etcdproxy.config import Config
+from etcdproxy.config import LIVE_FIELDS, Config, ConfigError, flag_name
 from etcdproxy.embedded import EmbeddedEtcd, EmbeddedEtcdError
 from etcdproxy.proc import EXIT_BOOT_ERROR, HUB, WORKER, ChildSpec
 
@@ -436,22 +436,90 @@ class Supervisor:
     handle_sigquit = handle_sigint
 
     def handle_sighup(self) -> None:
-        """Roll the workers: start a new one per index, stop the old one once the new one serves.
-
-        The config stays the same, but hub and worker modules are imported after fork, so new
-        workers run the code on disk now.
+        """Reload: parse the command line again (re-reading --config-file), apply what can change live,
+        name the rest in a WARN line, and roll the workers: a new one per index first, the old one
+        TERMed (it drains) once the new one serves, on the same listening socket, so no connection is
+        refused. Hub and worker modules are imported after fork, so new workers also run the code on disk.
         """
         if self.stop_mode is not None:
             return
-        old = [s for s in self.slots if s.role == WORKER and not s.retiring]
-        log.info("SIGHUP: config reload not supported yet; rolling %d workers", len(old))
-        for slot in old:
+        if self.config.config_file:
+            new = self.reload_config()
+            if new is None:
+                return
+        else:
+            new = self.config
+            log.info(
+                "SIGHUP: no --config-file given, so there is nothing to reload (reload not supported yet without one)"
+            )
+        self.config = new
+        workers = [s for s in self.slots if s.role == WORKER and not s.retiring]
+        workers.sort(key=lambda s: s.index)
+        keep, extra = workers[: new.workers], workers[new.workers :]
+        log.info("SIGHUP: rolling %d workers", len(keep))
+        for slot in keep:
+            self.replace(slot)
+        for slot in extra:
+            log.info("SIGHUP: removing worker %d (--workers %d)", slot.index, new.workers)
+            self.retire(slot)
+        used = {s.index for s in self.slots if s.role == WORKER and not s.retiring}
+        for index in [i for i in range(new.workers + len(used)) if i not in used][: new.workers - len(keep)]:
+            log.info("SIGHUP: adding worker %d (--workers %d)", index, new.workers)
+            slot = Slot(WORKER, index)
+            self.slots.append(slot)
+            self.spawn(slot)
+
+    def reload_config(self) -> Config | None:
+        """The new Config with only LIVE_FIELDS changed, or None (ERROR logged) if the file is bad."""
+        from etcdproxy import cli
+
+        try:
+            loaded = cli.load(cli.LAST_ARGS)
+        except ConfigError as exc:
+            log.error("SIGHUP: config not reloaded, keeping the running one: %s", "; ".join(exc.messages))
+            return None
+        if self.etcd is not None:  # --embedded-etcd: the endpoint is the one we started
+            loaded = dataclasses.replace(loaded, endpoints=self.config.endpoints)
+        old = self.config
+        changed = [f.name for f in dataclasses.fields(Config) if getattr(old, f.name) != getattr(loaded, f.name)]
+        live = [name for name in changed if name in LIVE_FIELDS]
+        fixed = [name for name in changed if name not in LIVE_FIELDS]
+        if fixed:
+            log.warning(
+                "SIGHUP: %s changed in %s but need a restart (or an upgrade: SIGUSR2); still running with the old "
+                "value%s",
+                ", ".join(flag_name(name) for name in fixed),
+                old.config_file,
+                "s" if len(fixed) > 1 else "",
+            )
+        new = dataclasses.replace(old, **{name: getattr(loaded, name) for name in live})
+        if live:
+            log.info("SIGHUP: applying %s", ", ".join(f"{flag_name(n)}={getattr(loaded, n)!r}" for n in live))
+        else:
+            log.info("SIGHUP: nothing that applies live changed in %s", old.config_file)
+        level = "debug" if new.debug else new.log_level
+        if level != logs.current_level():
+            logs.set_level(level)
+        self.config = new
+        self.write_control()
+        self.tell_children()  # the hub takes the new log level now; workers are rolled anyway
+        return new
+
+    def replace(self, slot: Slot) -> None:
+        """Start a new worker at ``slot``'s index; the old one is TERMed once the new one is ready."""
+        slot.retiring = True
+        if not slot.pid:  # waiting for a respawn: nothing to stop
+            self.slots.remove(slot)
+        fresh = Slot(WORKER, slot.index, generation=slot.generation, replaces=slot if slot.pid else None)
+        self.slots.append(fresh)
+        self.spawn(fresh)
+
+    def retire(self, slot: Slot) -> None:
+        if slot.pid:
             slot.retiring = True
-            if not slot.pid:  # waiting for a respawn: nothing to stop
-                self.slots.remove(slot)
-            fresh = Slot(WORKER, slot.index, generation=slot.generation, replaces=slot if slot.pid else None)
-            self.slots.append(fresh)
-            self.spawn(fresh)
+            self.kill(slot, signal.SIGTERM)
+        else:
+            self.slots.remove(slot)
 
     def handle_sigusr1(self) -> None:
         log.info("SIGUSR1: logs go to stderr, nothing to reopen")

@@ -17,6 +17,7 @@ import pytest
 import etcdproxy
 from etcdproxy import cli, upstream
 from etcdproxy.config import (
+    LIVE_FIELDS,
     NOT_IMPLEMENTED,
     SERVER_RECEIVE_GUARD_BYTES,
     Config,
@@ -384,6 +385,7 @@ OWN_DEFAULTS: dict[str, Any] = {
     "--cache": True,
     "--cache-max-entries": 2048,
     "--cache-max-bytes": 64 << 20,
+    "--config-file": "",
     "--log-level": "info",
     "--log-format": "console",
 }
@@ -816,3 +818,84 @@ def test_advertise_client_url_follows_listen_addr(args: list[str], advertised: s
 def test_advertise_client_url_from_environment_counts_as_given(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ETCDPROXY_ADVERTISE_CLIENT_URL", "lb:1")
     assert cli.build_config(["--listen-addr=127.0.0.1:5"]).advertise_client_url == "lb:1"
+
+
+# --- issue 14 item 2: --config-file ---------------------------------------------------------------
+
+
+@pytest.fixture
+def config_file(tmp_path: Any) -> Any:
+    def write(text: str) -> str:
+        path = tmp_path / "etcdproxy.yaml"
+        path.write_text(text)
+        return str(path)
+
+    return write
+
+
+def test_config_file_values(config_file: Any) -> None:
+    path = config_file(
+        "listen-addr: 0.0.0.0:24001\n"
+        "endpoints: [a:1, 'http://b:2']\n"
+        "graceful-timeout: 3s\n"
+        "drain-delay: 1.5\n"  # a plain number is seconds
+        "cache: false\n"
+        "workers: 3\n"
+        "log-format: json\n"
+        "listen-cipher-suites: TLS_A,TLS_B\n"
+    )
+    config = cli.build_config([f"--config-file={path}"])
+    assert config.listen_addr == "0.0.0.0:24001"
+    assert config.endpoints == ("a:1", "http://b:2")
+    assert (config.graceful_timeout_s, config.drain_delay_s) == (3.0, 1.5)
+    assert (config.cache, config.workers, config.log_format) == (False, 3, "json")
+    assert config.listen_cipher_suites == ("TLS_A", "TLS_B")
+    assert config.advertise_client_url == "127.0.0.1:24001"  # follows the file's --listen-addr
+    assert config.config_file == path
+
+
+def test_command_line_wins_over_the_file_which_wins_over_the_environment(
+    config_file: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = config_file("workers: 3\nnamespace: /file/\nadvertise-client-url: lb:1\n")
+    monkeypatch.setenv("ETCDPROXY_NAMESPACE", "/env/")
+    monkeypatch.setenv("ETCDPROXY_CACHE_MAX_ENTRIES", "7")
+    config = cli.build_config(["--workers=5", f"--config-file={path}"])
+    assert config.workers == 5
+    assert config.namespace == "/file/"
+    assert config.cache_max_entries == 7  # not in the file: the environment still counts
+    assert config.advertise_client_url == "lb:1"
+    monkeypatch.setenv("ETCDPROXY_CONFIG_FILE", path)
+    assert cli.build_config([]).workers == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("bogus: 1\n", "unknown key 'bogus'"),
+        ("listen_addr: x:1\n", "unknown key 'listen_addr'"),
+        ("config-file: other.yaml\n", "unknown key 'config-file'"),
+        ("workers: [1, 2]\n", "workers: Invalid value: a list is only allowed for a list flag"),
+        ("graceful-timeout: 5\n--: x\n", "unknown key"),
+        ("drain-delay: 5 s\n", "drain-delay"),
+        ("- a\n- b\n", "want a mapping of flag names to values"),
+        ("a: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_file_exits_1(main_exit: Any, config_file: Any, text: str, fragment: str) -> None:
+    code, _, err, runs = main_exit([f"--config-file={config_file(text)}"])
+    assert code == 1
+    assert fragment in err
+    assert runs == []
+
+
+def test_missing_config_file_exits_1(main_exit: Any, tmp_path: Any) -> None:
+    code, _, err, _ = main_exit([f"--config-file={tmp_path}/nope.yaml"])
+    assert code == 1
+    assert "No such file or directory" in err
+
+
+def test_live_fields_are_config_fields() -> None:
+    names = {f.name for f in dataclasses.fields(Config)}
+    assert names >= LIVE_FIELDS
+    assert not {"listen_addr", "endpoints", "namespace", "cert_file", "metrics_addr", "run_dir"} & LIVE_FIELDS
