@@ -171,6 +171,75 @@ class Interest(Generic[W]):
         return late
 
 
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    sent_at: float
+    ttl: int
+    payload: bytes
+
+
+def answer_from(renewal: Renewal, now: float, window_s: float) -> bytes | None:
+    """The answer a recent renewal gives a keepalive arriving at ``now``, or None (too old, < 1 s left)."""
+    if now - renewal.sent_at > window_s:
+        return None
+    ttl = remaining_ttl(renewal.ttl, renewal.sent_at, now)
+    if ttl < 1:
+        return None
+    return renewal.payload if ttl == renewal.ttl else with_ttl(renewal.payload, ttl)
+
+
+class Window:
+    """A worker's copy of the hub's recent renewals, so a keepalive within the window is answered in the worker
+    (no IPC, no hub, no etcd), by the same rule as the hub's: ``TTL = floor(granted - time since the renewal was
+    sent)``, reused only while >= 1 s is left. ``sent_at`` is the hub's CLOCK_MONOTONIC (time.monotonic(), one
+    clock for every process of the machine), so the TTL is never longer than what etcd left.
+
+    A LeaseRevoke through the proxy makes the hub tell every worker to forget the lease, and waits for their
+    acknowledgements before and after forwarding it (hub/lease.py), as the hub's own book does.
+    """
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self.recent: dict[int, Renewal] = {}
+        self._made: dict[int, tuple[int, bytes]] = {}  # lease -> (TTL, answer with it): one encode per second
+
+    def record(self, lease_id: int, sent_at: float, ttl: int, payload: bytes) -> None:
+        if self.window_s > 0 and sent_at > 0 and ttl > 0:
+            self.recent[lease_id] = Renewal(sent_at, ttl, payload)
+            self._made.pop(lease_id, None)
+
+    def answer(self, lease_id: int, now: float) -> bytes | None:
+        renewal = self.recent.get(lease_id)
+        if renewal is None:
+            return None
+        if now - renewal.sent_at > self.window_s:
+            self.forget(lease_id)
+            return None
+        ttl = remaining_ttl(renewal.ttl, renewal.sent_at, now)
+        if ttl < 1:
+            self.forget(lease_id)
+            return None
+        if ttl == renewal.ttl:
+            return renewal.payload
+        made = self._made.get(lease_id)
+        if made is None or made[0] != ttl:
+            made = (ttl, with_ttl(renewal.payload, ttl))
+            self._made[lease_id] = made
+        return made[1]
+
+    def forget(self, lease_id: int) -> None:
+        self.recent.pop(lease_id, None)
+        self._made.pop(lease_id, None)
+
+    def clear(self) -> None:
+        self.recent.clear()
+        self._made.clear()
+
+    def prune(self, now: float) -> None:
+        for lease_id in [i for i, r in self.recent.items() if now - r.sent_at > self.window_s]:
+            self.forget(lease_id)
+
+
 # ---- hub side --------------------------------------------------------------------------------
 
 
@@ -178,13 +247,6 @@ class Verdict(enum.Enum):
     ANSWER = "answer"  # answer now from a recent renewal (payload given)
     SEND = "send"  # no renewal in flight: send one upstream
     JOIN = "join"  # a renewal is in flight (or waits for the stream): its answer will do
-
-
-@dataclass(frozen=True, slots=True)
-class Renewal:
-    sent_at: float
-    ttl: int
-    payload: bytes
 
 
 class RenewalBook(Generic[W]):
@@ -207,11 +269,9 @@ class RenewalBook(Generic[W]):
     def request(self, lease_id: int, worker: W, now: float) -> tuple[Verdict, bytes]:
         renewal = self.recent.get(lease_id)
         if renewal is not None:
-            if now - renewal.sent_at <= self.window_s:
-                ttl = remaining_ttl(renewal.ttl, renewal.sent_at, now)
-                if ttl >= 1:
-                    payload = renewal.payload if ttl == renewal.ttl else with_ttl(renewal.payload, ttl)
-                    return Verdict.ANSWER, payload
+            payload = answer_from(renewal, now, self.window_s)
+            if payload is not None:
+                return Verdict.ANSWER, payload
             del self.recent[lease_id]
         self.waiting.add(lease_id, worker)
         if lease_id in self.in_flight:

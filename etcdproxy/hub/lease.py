@@ -19,7 +19,9 @@ Shared state (``book``, ``_outbox``, ``_call``) is mutated only from the hub's e
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -43,6 +45,7 @@ METADATA = (("hasleader", "true"),)
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 1.0
 PRUNE_EVERY_S = 1.0
+FORGET_TIMEOUT_S = 1.0
 
 
 class RevokeAwareForwarder:
@@ -52,9 +55,10 @@ class RevokeAwareForwarder:
     hub's own; anything but ``unary`` is delegated untouched.
     """
 
-    def __init__(self, inner: Any, book: RenewalBook[bytes]) -> None:
+    def __init__(self, inner: Any, book: RenewalBook[bytes], forget: Callable[[int], Awaitable[None]]) -> None:
         self._inner = inner
         self._book = book
+        self._forget = forget  # every worker drops its copy of the lease's renewal (acknowledged)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -64,10 +68,13 @@ class RevokeAwareForwarder:
             return await self._inner.unary(method, payload, metadata, timeout_s)
         lease_id = int(pb.LeaseRevokeRequest.FromString(payload).ID)  # the worker checked the bytes
         self._book.revoking(lease_id)
+        await self._forget(lease_id)
         try:
             return await self._inner.unary(method, payload, metadata, timeout_s)
         finally:
             self._book.revoking(lease_id)
+            # before the reply leaves: no worker may answer a later keepalive from a pre-revoke renewal
+            await self._forget(lease_id)
 
 
 class LeaseHub:
@@ -80,10 +87,13 @@ class LeaseHub:
         self._task: asyncio.Task[None] | None = None
         self._pruner: asyncio.Task[None] | None = None
         self.renewals_sent = 0  # upstream keepalive requests written (tests and logs)
+        self._forget_ids = itertools.count(1)
+        self._forgetting: dict[int, tuple[set[bytes], asyncio.Future[None]]] = {}  # ack id -> (workers, done)
         hub.register(s.Kind.LEASE_KEEPALIVE, self._on_keepalive)
+        hub.register(s.Kind.LEASE_FORGOTTEN, self._on_forgotten)
         hub.worker_gone.append(self._on_worker_gone)
         hub.closers.append(self.close)
-        hub.forwarder = RevokeAwareForwarder(hub.forwarder, self.book)  # type: ignore[assignment]
+        hub.forwarder = RevokeAwareForwarder(hub.forwarder, self.book, self.forget)  # type: ignore[assignment]
 
     # ---- worker side ---------------------------------------------------------------------
 
@@ -97,10 +107,44 @@ class LeaseHub:
 
     def _on_worker_gone(self, worker: WorkerState) -> None:
         self.book.worker_gone(worker.identity)
+        for ack_id in list(self._forgetting):
+            self._forgotten(ack_id, worker.identity)
 
     def _answer(self, worker: WorkerState, lease_id: int, payload: bytes) -> None:
         hub = self.hub
-        hub.send(worker, s.LeaseAnswer(hub.epoch, hub.next_seq(worker), lease_id, payload))
+        renewal = self.book.recent.get(lease_id)  # set iff this answer may be reused within the window
+        sent_at, ttl = (renewal.sent_at, renewal.ttl) if renewal is not None else (0.0, 0)
+        hub.send(worker, s.LeaseAnswer(hub.epoch, hub.next_seq(worker), lease_id, payload, sent_at, ttl))
+
+    async def forget(self, lease_id: int) -> None:
+        """Every worker drops its copy of ``lease_id``'s renewal; returns once all acknowledged (or 1 s)."""
+        hub = self.hub
+        workers = set(hub.workers)
+        if not workers:
+            return
+        ack_id = next(self._forget_ids)
+        done: asyncio.Future[None] = hub.loop.create_future()
+        self._forgetting[ack_id] = (workers, done)
+        for worker in list(hub.workers.values()):
+            hub.send(worker, s.LeaseForget(hub.epoch, hub.next_seq(worker), ack_id, lease_id))
+        try:
+            await asyncio.wait_for(asyncio.shield(done), FORGET_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("a worker did not acknowledge forgetting lease %x within %.0f s", lease_id, FORGET_TIMEOUT_S)
+        finally:
+            self._forgetting.pop(ack_id, None)
+
+    def _on_forgotten(self, worker: WorkerState, message: s.LeaseForgotten) -> None:
+        self._forgotten(message.ack_id, worker.identity)
+
+    def _forgotten(self, ack_id: int, identity: bytes) -> None:
+        entry = self._forgetting.get(ack_id)
+        if entry is None:
+            return
+        workers, done = entry
+        workers.discard(identity)
+        if not workers and not done.done():
+            done.set_result(None)
 
     def _broadcast_no_leader(self) -> None:
         hub = self.hub

@@ -18,7 +18,7 @@ import enum
 from dataclasses import dataclass
 
 # Bumped whenever a message below changes shape; checked in the Hello/Pong exchange.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # metadata forwarded from a client call to etcd: (key, value) pairs such as ("token", "...")
 Metadata = list[tuple[str, str]]
@@ -41,6 +41,7 @@ class Kind(enum.IntEnum):
     CACHE_SYNC = 16
     CACHE_ACK = 17
     HTTP_REQUEST = 18
+    LEASE_FORGOTTEN = 19
     # hub -> worker
     PONG = 20
     REPLY = 21
@@ -57,6 +58,7 @@ class Kind(enum.IntEnum):
     CACHE_STATE = 36
     CACHE_INVALIDATE = 37
     HTTP_ANSWER = 38
+    LEASE_FORGET = 39
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,13 +324,37 @@ class LeaseKeepAlive:
 
 @dataclass(frozen=True, slots=True)
 class LeaseAnswer:
-    """The serialized LeaseKeepAliveResponse for every client waiting on ``lease_id``."""
+    """The serialized LeaseKeepAliveResponse for every client waiting on ``lease_id``; ``sent_at`` (the hub's
+    time.monotonic() when the renewal left) and ``granted_ttl`` let the worker answer later keepalives within the
+    window itself (core.lease.Window); sent_at 0: not reusable."""
 
     epoch: int
     seq: int
     lease_id: int
     payload: bytes
+    sent_at: float
+    granted_ttl: int
     kind: Kind = Kind.LEASE_ANSWER
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseForget:
+    """A LeaseRevoke of ``lease_id`` is being forwarded (or just was): drop its recent renewal, then ack."""
+
+    epoch: int
+    seq: int
+    ack_id: int
+    lease_id: int
+    kind: Kind = Kind.LEASE_FORGET
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseForgotten:
+    """A worker dropped the lease of LeaseForget ``ack_id``."""
+
+    epoch: int
+    ack_id: int
+    kind: Kind = Kind.LEASE_FORGOTTEN
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,6 +456,7 @@ WorkerMessage = (
     | CacheSync
     | CacheAck
     | HttpRequest
+    | LeaseForgotten
 )
 HubMessage = (
     Pong
@@ -447,6 +474,7 @@ HubMessage = (
     | CacheState
     | CacheInvalidate
     | HttpAnswer
+    | LeaseForget
 )
 Message = WorkerMessage | HubMessage
 
@@ -481,4 +509,6 @@ CLASSES: dict[Kind, type[Message]] = {
     Kind.CACHE_INVALIDATE: CacheInvalidate,
     Kind.HTTP_REQUEST: HttpRequest,
     Kind.HTTP_ANSWER: HttpAnswer,
+    Kind.LEASE_FORGET: LeaseForget,
+    Kind.LEASE_FORGOTTEN: LeaseForgotten,
 }

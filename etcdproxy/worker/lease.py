@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from etcdproxy.core import errors, wire
-from etcdproxy.core.lease import Interest
+from etcdproxy.core.lease import Interest, Window
 from etcdproxy.etcdpb import rpc_pb2
 from etcdproxy.h2 import rpc
 from etcdproxy.ipc import schema as s
@@ -70,16 +71,19 @@ def requires_leader(context: rpc.Context) -> bool:
 
 
 class LeaseServicer:
-    def __init__(self, hub: HubClient) -> None:
+    def __init__(self, hub: HubClient, window_s: float = 0.0) -> None:
         self.hub = hub
+        # recent renewals the hub told us about: keepalives within --lease-keepalive-window are answered here
+        self.window = Window(window_s)
         self.interest: Interest[ClientStream] = Interest()
         self.streams: set[ClientStream] = set()
         self._epoch = 0  # the last hub epoch seen; asks go there while the hub is silent
         self._sweeper: asyncio.Task[None] | None = None
         hub.handlers[s.Kind.LEASE_ANSWER] = self._on_answer
         hub.handlers[s.Kind.LEASE_NO_LEADER] = self._on_no_leader
+        hub.handlers[s.Kind.LEASE_FORGET] = self._on_forget
         hub.on_new_epoch.append(self._on_new_epoch)
-        hub.on_gap.append(self._ask_all)
+        hub.on_gap.append(self._on_gap)
 
     def handler(self) -> rpc.MethodHandler:
         return rpc.stream_stream(self.keep_alive)
@@ -114,6 +118,11 @@ class LeaseServicer:
             if problem is not None:
                 stream.end(errors.unmarshal_error(problem))
                 return
+            # time.monotonic(), not the loop's clock: the window's sent_at is the hub's monotonic time
+            local = self.window.answer(message.ID, time.monotonic()) if self.window.recent else None
+            if local is not None:
+                stream.queue.put_nowait(local)
+                continue
             stream.pending += 1
             if self.interest.request(message.ID, stream, self.hub.loop.time()):
                 self._ask(message.ID)
@@ -130,6 +139,7 @@ class LeaseServicer:
             self.hub.send(s.LeaseKeepAlive(epoch, lease_id))
 
     def _on_answer(self, message: s.LeaseAnswer) -> None:
+        self.window.record(message.lease_id, message.sent_at, message.granted_ttl, message.payload)
         for stream, count in self.interest.answer(message.lease_id).items():
             stream.deliver(message.payload, count)
 
@@ -138,8 +148,17 @@ class LeaseServicer:
             if stream.require_leader:
                 stream.end(errors.NO_LEADER)
 
+    def _on_forget(self, message: s.LeaseForget) -> None:
+        self.window.forget(message.lease_id)
+        self.hub.send(s.LeaseForgotten(message.epoch, message.ack_id))
+
     def _on_new_epoch(self) -> None:
         self._epoch = self.hub.epoch
+        self.window.clear()  # a revoke the old hub forwarded may not have been announced
+        self._ask_all()
+
+    def _on_gap(self) -> None:
+        self.window.clear()  # the lost frame may have been a LeaseForget
         self._ask_all()
 
     def _ask_all(self) -> None:
@@ -153,6 +172,7 @@ class LeaseServicer:
                 self._epoch = self.hub.epoch
             for lease_id in self.interest.overdue(self.hub.loop.time(), ASK_AGAIN_S):
                 self._ask(lease_id)
+            self.window.prune(time.monotonic())
 
     def stop(self, error: errors.EtcdError) -> None:
         """End every client stream (worker shutdown: clients reconnect to another worker)."""

@@ -61,7 +61,7 @@ async def serve(config: Config, spec: proc.ChildSpec) -> int:
     handlers.overrides["/etcdserverpb.Watch/Watch"] = WatchService(hub, namespace).handler()
     if namespace is not None:
         handlers.overrides["/etcdserverpb.Lease/LeaseRevoke"] = LeaseRevokeGuard(hub, namespace).handler()
-    leases = LeaseServicer(hub)
+    leases = LeaseServicer(hub, config.lease_keepalive_window_s)
     handlers.overrides["/etcdserverpb.Lease/LeaseKeepAlive"] = leases.handler()
     if config.cache:
         handlers.overrides["/etcdserverpb.KV/Range"] = RangeService(hub, config, namespace).handler()

@@ -692,3 +692,25 @@ def test_coalescing_and_window_flag(fresh_etcd: EtcdServer, proxy: Any, window: 
 def one_shot_ttl(stub: rpc_pb2_grpc.LeaseStub, lease_id: int) -> int:
     (answer,) = list(stub.LeaseKeepAlive(iter([pb.LeaseKeepAliveRequest(ID=lease_id)]), timeout=10))
     return int(answer.TTL)
+
+
+def test_revoke_through_one_worker_is_seen_by_every_worker_at_once(shared_proxy: ProxyProcess) -> None:
+    """Workers answer keepalives within the window themselves (core.lease.Window); a revoke through any of
+    them must stop every worker from answering from a renewal made before it (TTL 0 right after)."""
+    channels = [
+        grpc.insecure_channel(shared_proxy.endpoint, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(8)
+    ]  # separate connections: spread over the workers
+    try:
+        stubs = [rpc_pb2_grpc.LeaseStub(ch) for ch in channels]
+        lease_id = stubs[0].LeaseGrant(pb.LeaseGrantRequest(TTL=30), timeout=10).ID
+        for _ in range(3):  # every connection's worker now holds a fresh renewal of the lease
+            for stub in stubs:
+                (answer,) = stub.LeaseKeepAlive(iter([pb.LeaseKeepAliveRequest(ID=lease_id)]), timeout=10)
+                assert answer.TTL > 25
+        stubs[3].LeaseRevoke(pb.LeaseRevokeRequest(ID=lease_id), timeout=10)
+        for stub in stubs:
+            (answer,) = stub.LeaseKeepAlive(iter([pb.LeaseKeepAliveRequest(ID=lease_id)]), timeout=10)
+            assert answer.TTL <= 0, "a worker answered from a renewal made before the revoke"
+    finally:
+        for ch in channels:
+            ch.close()

@@ -29,6 +29,8 @@ INTERVALS = [(b"\x00", b"\xff"), (b"a", b""), (b"", b"\x00")]
 SAMPLES: list[s.Message] = [
     s.Hello(s.SCHEMA_VERSION, 7, 2**31 - 1),
     s.HttpRequest(U64, 3, "GET", "/health"),
+    s.LeaseForget(U64, 4, 9, -1),
+    s.LeaseForgotten(U64, 9),
     s.HttpAnswer(U64, 2, 3, 503, "text/plain; charset=utf-8", b"{}\n"),
     s.Hello(s.SCHEMA_VERSION + 1, -1, 0),  # the codec does not judge the version: Hello/Pong do
     s.Ping(U64),
@@ -63,7 +65,8 @@ SAMPLES: list[s.Message] = [
     s.WatchReplay(25, 26, 27, BIN, EVENTS),
     s.WatchReplay(25, 26, 27, b"", []),
     s.WatchProgress(28, 29, -30, BIN),
-    s.LeaseAnswer(31, 32, 2**62, BIN),
+    s.LeaseAnswer(31, 32, 2**62, BIN, 12345.678, 60),
+    s.LeaseAnswer(31, 33, -1, b"", 0.0, 0),
     s.LeaseNoLeader(33, U64),
     s.CacheState(34, 35, True, 2**60),
     s.CacheState(34, 35, False, -1),

@@ -11,6 +11,7 @@ from etcdproxy.core.lease import (
     Outstanding,
     RenewalBook,
     Verdict,
+    Window,
     keepalive_request,
     parse_response,
     remaining_ttl,
@@ -304,3 +305,51 @@ def test_interest_stream_gone_forgets_its_leases() -> None:
     assert interest.answer(2) == {}
     assert interest.asked_at == {}
     assert interest.request(2, "s2", 1.0) is True
+
+
+# ---- the worker's window (core.lease.Window) ---------------------------------------------------------
+
+
+def _response(lease_id: int, ttl: int) -> bytes:
+    return rpc_pb2.LeaseKeepAliveResponse(
+        header=rpc_pb2.ResponseHeader(revision=7), ID=lease_id, TTL=ttl
+    ).SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("sent_at", "ttl", "now", "expected_ttl"),
+    [
+        (100.0, 10, 100.0, 10),  # the renewal's own answer
+        (100.0, 10, 100.4, 9),  # floor(10 - 0.4): never longer than etcd left
+        (100.0, 10, 100.5, 9),  # the window's edge
+        (100.0, 10, 100.51, None),  # past the window: ask the hub
+        (100.0, 1, 100.2, None),  # under 1 s left: ask
+        (0.0, 10, 0.1, None),  # sent_at 0: the hub said not reusable
+        (100.0, 0, 100.0, None),  # TTL 0 (revoked, expired, unknown) is never reused
+    ],
+)
+def test_window_answers_like_the_hub(sent_at: float, ttl: int, now: float, expected_ttl: int | None) -> None:
+    window = Window(0.5)
+    window.record(5, sent_at, ttl, _response(5, ttl))
+    answer = window.answer(5, now)
+    if expected_ttl is None:
+        assert answer is None
+    else:
+        assert answer is not None and parse_response(answer) == (5, expected_ttl)
+        assert rpc_pb2.LeaseKeepAliveResponse.FromString(answer).header.revision == 7
+
+
+def test_window_forget_clear_prune_and_off() -> None:
+    window = Window(0.5)
+    for lease_id in (1, 2, 3):
+        window.record(lease_id, 100.0, 10, _response(lease_id, 10))
+    window.forget(1)
+    assert window.answer(1, 100.1) is None and window.answer(2, 100.1) is not None
+    window.prune(101.0)
+    assert not window.recent
+    window.record(3, 200.0, 10, _response(3, 10))
+    window.clear()
+    assert window.answer(3, 200.0) is None
+    off = Window(0.0)
+    off.record(4, 100.0, 10, _response(4, 10))
+    assert off.answer(4, 100.0) is None
