@@ -935,7 +935,7 @@ class ClientConnection:
         grpc_code = RST_TO_GRPC.get(code, UNKNOWN)
         if code == f.REFUSED_STREAM:
             stream.unprocessed = True
-        if grpc_code == CANCELLED and stream.deadline is not None and stream.deadline <= self.last_activity:
+        if grpc_code == CANCELLED and self._past_deadline(stream):
             grpc_code = DEADLINE_EXCEEDED  # grpc-go: a CANCEL after our deadline is the deadline
         message = f"stream terminated by RST_STREAM with error code: {h2_error_name(code)}"
         self._end(stream, grpc_code, message, [])  # never answer RST_STREAM with RST_STREAM (RFC 9113 5.4.2)
@@ -961,7 +961,15 @@ class ClientConnection:
         grpc-go does: the status is known, the rest of the request is not wanted."""
         if not stream.local_closed and stream.id and not self.closed:
             self._queue(f.rst_stream(stream.id, f.NO_ERROR))
+        if code in (CANCELLED, UNKNOWN) and self._past_deadline(stream):
+            # etcd's grpc-go answers a handler's expired context as UNKNOWN "context deadline exceeded"; its
+            # timer and ours fire together, and a grpc client reports its own deadline: so do we
+            code, message = DEADLINE_EXCEEDED, DEADLINE_MESSAGE
         self._end(stream, code, message, trailers)
+
+    def _past_deadline(self, stream: ClientStream) -> bool:
+        # 5 ms: the server's timer may fire just before ours (event-loop timers are late by up to a tick)
+        return stream.deadline is not None and self.last_activity >= stream.deadline - 0.005
 
     def _reset(self, stream: ClientStream, h2_code: int, code: int, message: str) -> None:
         """We end a stream the server got wrong: RST_STREAM to the server, ``code`` to the application."""

@@ -1,0 +1,384 @@
+"""Our HTTP/2 gRPC client (etcdproxy.h2.channel) against a real etcd: unary calls, statuses as grpcio sees them,
+Watch and LeaseKeepAlive streams, 200 calls on one connection, a response larger than the flow-control windows,
+deadlines, cancellation seen by etcd, and TLS (client-certificate auth) to an https etcd.
+
+``python -m tests.integration.test_h2_channel`` measures client CPU per unary Range (64 in flight) against
+grpc.aio's on a private etcd (a measurement, not a test: it asserts nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+
+from etcdproxy.etcdpb import rpc_pb2, rpc_pb2_grpc, v3lock_pb2
+from etcdproxy.h2.channel import Channel
+from etcdproxy.h2.status import StatusCode
+from tests.e2e.test_tls import PKI, issue, make_ca, start_tls_etcd
+from tests.helpers import EtcdServer, http_get, sum_metric, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+T = TypeVar("T")
+PUT = "/etcdserverpb.KV/Put"
+RANGE = "/etcdserverpb.KV/Range"
+TXN = "/etcdserverpb.KV/Txn"
+WATCH = "/etcdserverpb.Watch/Watch"
+LEASE_GRANT = "/etcdserverpb.Lease/LeaseGrant"
+LEASE_KEEPALIVE = "/etcdserverpb.Lease/LeaseKeepAlive"
+LOCK = "/v3lockpb.Lock/Lock"
+
+
+def run(body: Callable[[Channel], Awaitable[T]], endpoint: str, **kwargs: Any) -> T:
+    """Connect a Channel to ``endpoint``, run ``body`` with it, close it."""
+
+    async def main() -> T:
+        host, port = endpoint.rsplit(":", 1)
+        channel = Channel(host, int(port), **kwargs)
+        await channel.connect(5)
+        try:
+            return await body(channel)
+        finally:
+            await channel.close()
+
+    return asyncio.run(main())
+
+
+def put_request(key: bytes, value: bytes, lease: int = 0) -> bytes:
+    return rpc_pb2.PutRequest(key=key, value=value, lease=lease).SerializeToString()
+
+
+async def ok(channel: Channel, path: str, request: bytes, **kwargs: Any) -> bytes:
+    code, message, payload = await channel.unary(path, request, **kwargs)
+    assert (code, message) == (0, "") and payload is not None
+    return payload
+
+
+def test_put_range_txn(etcd_server: EtcdServer) -> None:
+    async def body(ch: Channel) -> None:
+        put = rpc_pb2.PutResponse.FromString(await ok(ch, PUT, put_request(b"h2c/a", b"1"), timeout_s=5))
+        got = rpc_pb2.RangeResponse.FromString(
+            await ok(ch, RANGE, rpc_pb2.RangeRequest(key=b"h2c/a").SerializeToString(), metadata=(("x-y", "z"),))
+        )
+        assert got.count == 1 and got.kvs[0].value == b"1" and got.kvs[0].mod_revision == put.header.revision
+        txn = rpc_pb2.TxnRequest(
+            compare=[rpc_pb2.Compare(key=b"h2c/a", target=rpc_pb2.Compare.VALUE, value=b"1")],
+            success=[rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=b"h2c/a", value=b"2"))],
+        )
+        answer = rpc_pb2.TxnResponse.FromString(await ok(ch, TXN, txn.SerializeToString()))
+        assert answer.succeeded and answer.header.revision == put.header.revision + 1
+
+    run(body, etcd_server.endpoint)
+
+
+def test_error_status_is_what_grpcio_gets(etcd_server: EtcdServer) -> None:
+    request = rpc_pb2.RangeRequest(key=b"h2c/a", revision=10**9)
+
+    async def body(ch: Channel) -> tuple[int, str, bytes | None]:
+        return await ch.unary(RANGE, request.SerializeToString(), timeout_s=5)
+
+    code, message, payload = run(body, etcd_server.endpoint)
+    with grpc.insecure_channel(etcd_server.endpoint) as channel, pytest.raises(grpc.RpcError) as info:
+        rpc_pb2_grpc.KVStub(channel).Range(request, timeout=5)
+    error: Any = info.value
+    assert (code, message, payload) == (error.code().value[0], error.details(), None)
+    assert (code, message) == (StatusCode.OUT_OF_RANGE, "etcdserver: mvcc: required revision is a future revision")
+    # an unknown method: etcd's grpc-go answers UNIMPLEMENTED, trailers-only
+
+    async def unknown(ch: Channel) -> tuple[int, str, bytes | None]:
+        return await ch.unary("/etcdserverpb.KV/Nope", b"")
+
+    assert run(unknown, etcd_server.endpoint)[0] == StatusCode.UNIMPLEMENTED
+
+
+def watch_streams(etcd: EtcdServer) -> float:
+    _, text = http_get(etcd.metrics_url)
+    return sum_metric(text, "etcd_debugging_mvcc_watch_stream_total", {})
+
+
+def test_watch_stream_events_and_cancel_seen_by_etcd(etcd_server: EtcdServer) -> None:
+    async def body(ch: Channel) -> None:
+        before = watch_streams(etcd_server)
+        call = ch.stream(WATCH)
+        create = rpc_pb2.WatchCreateRequest(key=b"h2c/w/", range_end=b"h2c/w0")
+        call.send(rpc_pb2.WatchRequest(create_request=create).SerializeToString())
+        first = await call.recv()
+        assert first is not None and rpc_pb2.WatchResponse.FromString(first).created
+        await asyncio.to_thread(wait_until, lambda: watch_streams(etcd_server) == before + 1, 10, "watch stream")
+        for i in range(5):
+            await ok(ch, PUT, put_request(b"h2c/w/%d" % i, b"v"))
+        seen: list[bytes] = []
+        while len(seen) < 5:
+            message = await asyncio.wait_for(call.recv(), 5)
+            assert message is not None
+            seen += [e.kv.key for e in rpc_pb2.WatchResponse.FromString(message).events]
+        assert seen == [b"h2c/w/%d" % i for i in range(5)]
+        call.cancel()
+        assert await call.recv() is None and call.code == StatusCode.CANCELLED
+        # etcd saw the RST_STREAM: its watch stream is gone while our connection stays up
+        await asyncio.to_thread(wait_until, lambda: watch_streams(etcd_server) == before, 10, "watch stream end")
+        assert ch.usable
+        await ok(ch, RANGE, rpc_pb2.RangeRequest(key=b"h2c/w/0").SerializeToString())
+
+    run(body, etcd_server.endpoint)
+
+
+def test_lease_keepalive_stream(etcd_server: EtcdServer) -> None:
+    async def body(ch: Channel) -> None:
+        grant = rpc_pb2.LeaseGrantResponse.FromString(
+            await ok(ch, LEASE_GRANT, rpc_pb2.LeaseGrantRequest(TTL=30).SerializeToString())
+        )
+        call = ch.stream(LEASE_KEEPALIVE)
+        for _ in range(3):
+            call.send(rpc_pb2.LeaseKeepAliveRequest(ID=grant.ID).SerializeToString())
+            message = await asyncio.wait_for(call.recv(), 5)
+            assert message is not None
+            answer = rpc_pb2.LeaseKeepAliveResponse.FromString(message)
+            assert answer.ID == grant.ID and 28 <= answer.TTL <= 30
+        call.half_close()  # etcd ends the stream once our side is closed
+        assert await asyncio.wait_for(call.recv(), 5) is None
+        assert (call.code, call.details) == (0, "")
+
+    run(body, etcd_server.endpoint)
+
+
+def test_200_concurrent_calls_on_one_connection(etcd_server: EtcdServer) -> None:
+    async def body(ch: Channel) -> None:
+        await ok(ch, PUT, put_request(b"h2c/c", b"v" * 100))
+        request = rpc_pb2.RangeRequest(key=b"h2c/c", serializable=True).SerializeToString()
+        replies = await asyncio.gather(*(ch.unary(RANGE, request, timeout_s=10) for _ in range(200)))
+        assert {(code, message) for code, message, _ in replies} == {(0, "")}
+        assert {rpc_pb2.RangeResponse.FromString(p).kvs[0].value for _, _, p in replies if p} == {b"v" * 100}
+        puts = await asyncio.gather(*(ch.unary(PUT, put_request(b"h2c/c%d" % i, b"x")) for i in range(200)))
+        assert all(code == 0 for code, _, _ in puts)
+        assert ch.conn.next_stream_id == 803 and not ch.conn.streams  # 401 calls, one connection
+        assert ch.conn.decoder.hits > 700  # response and trailer blocks decoded once each
+
+    run(body, etcd_server.endpoint)
+
+
+def test_large_response_crosses_flow_control_windows(etcd_server: EtcdServer) -> None:
+    value = os.urandom(1 << 20)
+
+    async def body(ch: Channel) -> None:
+        for i in range(5):  # under etcd's default 1.5 MiB request limit each
+            await ok(ch, PUT, put_request(b"h2c/big/%d" % i, value))
+        request = rpc_pb2.RangeRequest(key=b"h2c/big/", range_end=b"h2c/big0").SerializeToString()
+        for _ in range(3):
+            got = rpc_pb2.RangeResponse.FromString(await ok(ch, RANGE, request, timeout_s=10))
+            assert got.count == 5 and all(kv.value == value for kv in got.kvs)
+        assert ch.conn.settings.stream_window < 5 << 20  # one message larger than a stream window
+
+    run(body, etcd_server.endpoint)
+
+
+def test_deadline_exceeded(etcd_server: EtcdServer) -> None:
+    async def body(ch: Channel) -> None:
+        leases = []
+        for _ in range(2):
+            grant = await ok(ch, LEASE_GRANT, rpc_pb2.LeaseGrantRequest(TTL=30).SerializeToString())
+            leases.append(rpc_pb2.LeaseGrantResponse.FromString(grant).ID)
+        held = v3lock_pb2.LockResponse.FromString(
+            await ok(ch, LOCK, v3lock_pb2.LockRequest(name=b"h2c-lock", lease=leases[0]).SerializeToString())
+        )
+        started = time.monotonic()
+        code, message, payload = await ch.unary(
+            LOCK, v3lock_pb2.LockRequest(name=b"h2c-lock", lease=leases[1]).SerializeToString(), timeout_s=0.5
+        )
+        took = time.monotonic() - started
+        assert (code, payload) == (StatusCode.DEADLINE_EXCEEDED, None) and 0.4 < took < 3, (message, took)
+        # a stream with a deadline ends the same way
+        call = ch.stream(WATCH, timeout_s=0.3)
+        create = rpc_pb2.WatchCreateRequest(key=b"h2c/none")
+        call.send(rpc_pb2.WatchRequest(create_request=create).SerializeToString())
+        while await asyncio.wait_for(call.recv(), 5) is not None:
+            pass
+        assert call.code == StatusCode.DEADLINE_EXCEEDED
+        unlock = v3lock_pb2.UnlockRequest(key=held.key).SerializeToString()
+        await ok(ch, "/v3lockpb.Lock/Unlock", unlock)
+        assert ch.usable
+
+    run(body, etcd_server.endpoint)
+
+
+def test_connection_to_nothing_fails_fast() -> None:
+    async def main() -> None:
+        channel = Channel("127.0.0.1", 1)
+        with pytest.raises(OSError):
+            await channel.connect(2)
+        assert channel.closed.done() and not channel.usable
+
+    asyncio.run(main())
+
+
+def test_server_gone_ends_calls_unavailable(tmp_path: Path, etcd_bin: str) -> None:
+    from tests.helpers import start_etcd
+
+    etcd = start_etcd(tmp_path, name="gone")
+    reasons: list[str] = []
+    try:
+
+        async def body(ch: Channel) -> None:
+            call = ch.stream(WATCH)
+            call.send(rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(key=b"k")).SerializeToString())
+            assert await call.recv() is not None
+            etcd.stop()
+            assert await asyncio.wait_for(call.recv(), 10) is None
+            assert call.code == StatusCode.UNAVAILABLE
+            assert await asyncio.wait_for(ch.closed, 5)
+            assert not ch.usable
+
+        run(body, etcd.endpoint, on_close=reasons.append)
+    finally:
+        etcd.stop()
+    assert len(reasons) == 1 and reasons[0]
+
+
+# ---- TLS -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    d = tmp_path_factory.mktemp("h2-pki")
+    ca, other = make_ca(d, "ca"), make_ca(d, "other-ca")
+    leaf = issue(ca, d, "leaf", cn="client")
+    return PKI(
+        ca=ca,
+        other_ca=other,
+        etcd_server=issue(ca, d, "etcd-server", cn="etcd"),
+        proxy_client=issue(ca, d, "proxy-client"),
+        named_client=leaf,
+        proxy_server=leaf,
+        client=leaf,
+        stranger=issue(other, d, "stranger", cn="client"),
+        expired=leaf,
+    )
+
+
+@pytest.fixture(scope="module")
+def tls_etcd(pki: PKI, tmp_path_factory: pytest.TempPathFactory, etcd_bin: str) -> Iterator[EtcdServer]:
+    server = start_tls_etcd(tmp_path_factory.mktemp("h2-tls-etcd"), pki, client_cert_auth=True, name="h2tls")
+    yield server
+    server.stop()
+
+
+def client_context(pki: PKI, cert: bool = True) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki.ca.path))
+    if cert:
+        context.load_cert_chain(str(pki.proxy_client.cert), str(pki.proxy_client.key))
+    return context
+
+
+def test_tls_with_client_certificate(tls_etcd: EtcdServer, pki: PKI) -> None:
+    async def body(ch: Channel) -> None:
+        await ok(ch, PUT, put_request(b"h2c/tls", b"secure"), timeout_s=5)
+        got = rpc_pb2.RangeResponse.FromString(
+            await ok(ch, RANGE, rpc_pb2.RangeRequest(key=b"h2c/tls").SerializeToString())
+        )
+        assert got.kvs[0].value == b"secure"
+        replies = await asyncio.gather(*(ch.unary(RANGE, b"\x0a\x01x") for _ in range(300)))  # above Go's 250
+        assert {code for code, _, _ in replies} == {0}
+        call = ch.stream(WATCH)
+        call.send(rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(key=b"h2c/tls")).SerializeToString())
+        assert await call.recv() is not None
+        call.cancel()
+        assert ch.conn._scheme_block == b"\x87"  # :scheme https
+
+    run(body, tls_etcd.endpoint, ssl_context=client_context(pki))
+
+
+def test_tls_refused_without_client_certificate_or_with_wrong_ca(tls_etcd: EtcdServer, pki: PKI) -> None:
+    async def attempt(context: ssl.SSLContext) -> tuple[int, str]:
+        host, port = tls_etcd.endpoint.rsplit(":", 1)
+        channel = Channel(host, int(port), context)
+        try:
+            await channel.connect(5)
+        except (OSError, ssl.SSLError) as exc:
+            return -1, str(exc)
+        try:
+            code, message, _ = await channel.unary(RANGE, b"\x0a\x01x", timeout_s=5)
+            return code, message
+        finally:
+            await channel.close()
+
+    code, _ = asyncio.run(attempt(client_context(pki, cert=False)))
+    assert code in (-1, StatusCode.UNAVAILABLE)  # TLS 1.3: the refusal may come after the handshake
+    wrong = ssl.create_default_context(cafile=str(pki.other_ca.path))
+    code, message = asyncio.run(attempt(wrong))
+    assert code == -1 and "certificate verify failed" in message
+
+
+# ---- measurement ---------------------------------------------------------------------------------------------
+
+
+async def _measure(impl: str, endpoint: str, calls: int, in_flight: int) -> dict[str, float]:
+    request = rpc_pb2.RangeRequest(key=b"bench", serializable=True).SerializeToString()
+    if impl == "grpc.aio":
+        aio = grpc.aio.insecure_channel(endpoint, options=[("grpc.use_local_subchannel_pool", 1)])
+        await aio.channel_ready()
+        stub = aio.unary_unary(RANGE)
+
+        async def call() -> bytes:
+            return await stub(request)  # type: ignore[no-any-return]
+    else:
+        host, port = endpoint.rsplit(":", 1)
+        channel = Channel(host, int(port))
+        await channel.connect(5)
+
+        async def call() -> bytes:
+            code, _, payload = await channel.unary(RANGE, request, timeout_s=10)
+            assert code == 0 and payload is not None
+            return payload
+
+    left = [0]
+
+    async def worker() -> None:
+        while left[0] > 0:
+            left[0] -= 1
+            await call()
+
+    left[0] = 2000  # warm-up
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    left[0] = calls
+    cpu, wall = time.process_time(), time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+    if impl == "grpc.aio":
+        await aio.close()
+    else:
+        await channel.close()
+    return {"cpu_us_per_call": cpu / calls * 1e6, "calls_per_s": calls / wall}
+
+
+def measure(calls: int = 20000, in_flight: int = 64, rounds: int = 3) -> None:
+    """Client CPU per unary Range, ours against grpc.aio, interleaved rounds on a private etcd."""
+    import tempfile
+
+    from tests.helpers import start_etcd
+
+    with tempfile.TemporaryDirectory() as tmp:
+        etcd = start_etcd(Path(tmp), name="measure")
+        try:
+            with grpc.insecure_channel(etcd.endpoint) as ch:
+                rpc_pb2_grpc.KVStub(ch).Put(rpc_pb2.PutRequest(key=b"bench", value=b"v" * 100))
+            for _ in range(rounds):
+                for impl in ("etcdproxy.h2", "grpc.aio"):
+                    result = asyncio.run(_measure(impl, etcd.endpoint, calls, in_flight))
+                    print(f"{impl:13s} {calls} Ranges, {in_flight} in flight: "
+                          f"{result['cpu_us_per_call']:.1f} us CPU/call, {result['calls_per_s']:.0f} calls/s",
+                          flush=True)  # fmt: skip
+        finally:
+            etcd.stop()
+
+
+if __name__ == "__main__":
+    measure(*(int(a) for a in sys.argv[1:]))
