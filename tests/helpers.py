@@ -438,6 +438,9 @@ def proxy_command(
             f"--listen-addr={LOCALHOST}:{port}",
             f"--workers={workers}",
         ]
+        if not any(arg.startswith("--drain-delay") for arg in extra_args):
+            # the load-balancer grace period is for production; tests that check draining pass their own
+            args.append("--drain-delay=0s")
     if advertise_client_url is not None:
         args.append(f"--advertise-client-url={advertise_client_url}")
     return [*args, *extra_args]
