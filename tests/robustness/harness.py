@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import statistics
 import threading
 import time
@@ -79,6 +80,7 @@ class Result:
     faults_applied: list[str]
     errors: list[str]
     growth: list[str]
+    kept: Path | None = None
 
     def ok(self) -> bool:
         return not self.report.violations and not self.errors and not self.growth
@@ -89,7 +91,7 @@ class Result:
             f"{c.name}: target={c.target} profile={c.profile} seed={c.seed} duration={c.duration}s "
             f"faults={self.faults_applied}",
             f"  {self.report.summary()}",
-            f"  history: {self.path}",
+            f"  history: {self.path}" + (f" (kept: {self.kept})" if self.kept else ""),
         ]
         lines += [f"  ERROR {e}" for e in self.errors] + [f"  GROWTH {g}" for g in self.growth]
         lines += [f"  {v}" for v in self.report.violations[:15]]
@@ -295,4 +297,11 @@ def run(cfg: RunConfig) -> Result:
         "growth": result.growth,
     }
     path.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1))
+    if not result.ok():
+        # pytest keeps only its last 3 tmp dirs: a failing history is also copied here
+        keep = Path(os.environ.get("ROBUSTNESS_KEEP_DIR", "/tmp/etcdproxy-robustness/kept"))
+        with contextlib.suppress(OSError):
+            keep.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, keep / path.name)
+            result.kept = keep / path.name
     return result

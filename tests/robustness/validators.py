@@ -683,16 +683,32 @@ def leases_kept_alive(s: Streams, replay: Replay, h: History, c: Config) -> list
     return out
 
 
+def _last_keepalive(life: LeaseLife, h: History) -> float:
+    """When the lease was last renewed as far as its client can tell: a keepalive counts from
+    its answer (one delayed on the way renews late, as with etcd on a slow network); one never
+    answered, from its sending, or from the end of a proxy or link fault it was sent in."""
+    answered = {ka["sent"] for ka in life.kept if ka.get("recv") is not None}
+    last = life.granted
+    for ka in life.kept:
+        t = ka["recv"] if ka.get("recv") is not None else ka["sent"]
+        if ka.get("recv") is None and ka["sent"] not in answered:
+            for f in h.faults:
+                if f.get("type") != "member" and f["start"] <= t <= f["end"]:
+                    t = f["end"]
+        last = max(last, t)
+    return last
+
+
 def leases_expire(s: Streams, replay: Replay, h: History, c: Config) -> list[Violation]:
     """A lease no longer kept alive expires within TTL + lease_slack_s of its last keepalive
-    (leases whose window overlaps an etcd member fault are skipped: etcd extends leases when a
+    (see _last_keepalive; leases whose window overlaps an etcd member fault are skipped: etcd extends leases when a
     leader is elected)."""
     out = []
     run_end = float(h.end.get("t", 0.0))
     for life in leases(h).values():
         if not life.key or (life.revoked_at is not None and (life.expired_at is None)):
             continue
-        last = max([life.granted] + [ka["sent"] for ka in life.kept])
+        last = _last_keepalive(life, h)
         deadline = last + life.ttl + c.lease_slack_s
         if _fault_near(h, last, life.ttl + c.lease_slack_s, ("member",)) or any(
             f["start"] <= deadline and f["end"] >= last for f in h.faults if f.get("type") == "member"

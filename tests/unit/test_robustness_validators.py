@@ -332,6 +332,7 @@ def lease_history(
     keepalives: list[tuple[float, int | None]],
     revoke_t: float | None = None,
     end_t: float = 30.0,
+    answer_delay: float = 0.01,
 ) -> History:
     recs: list[Rec] = [
         op("lease_grant", {"ttl": 2}, {"id": LEASE, "ttl": 2}, 0.9, 1.0, 1),
@@ -340,7 +341,7 @@ def lease_history(
     for t, ttl in keepalives:
         recs.append({"kind": "ka", "client": "k", "lease": LEASE, "sent": t, "recv": None, "ttl": None})
         if ttl is not None:
-            recs.append({"kind": "ka", "client": "k", "lease": LEASE, "sent": t, "recv": t + 0.01, "ttl": ttl})
+            recs.append({"kind": "ka", "client": "k", "lease": LEASE, "sent": t, "recv": t + answer_delay, "ttl": ttl})
     if revoke_t is not None:
         recs.append(op("lease_revoke", {"id": LEASE}, {}, revoke_t, revoke_t + 0.01, 3))
     truth = [put("l", 2, lease=LEASE)]
@@ -364,6 +365,8 @@ def test_leases_expire() -> None:
     assert run("leases_expire", lease_history(6.5, [(2.0, 2), (4.0, 2)])) == []  # 2.5 s after the last: TTL + 0.5
     assert run("leases_expire", lease_history(8.5, [(2.0, 2), (4.0, 2)]))  # 4.5 s: about 2 x TTL (the Go proxy)
     assert run("leases_expire", lease_history(8.5, [(2.0, 2), (4.0, 2), (6.0, None)])) == []  # sent, unanswered
+    late = lease_history(8.5, [(2.0, 2), (4.0, 2)], answer_delay=1.6)  # answered at 5.6: renewed late on the way
+    assert run("leases_expire", late) == []
     assert run("leases_expire", lease_history(None, [(2.0, 2)]))  # never expired
     assert run("leases_expire", lease_history(None, [(2.0, 2)], revoke_t=3.0)) == []  # revoked instead
     h = lease_history(9.0, [(2.0, 2), (4.0, 2)])
