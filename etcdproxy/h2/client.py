@@ -200,6 +200,18 @@ _DATA_END_STREAM = bytes((f.DATA, f.END_STREAM))
 _DATA_NO_FLAGS = bytes((f.DATA, 0))
 _TE_TRAILERS = gw.literal(b"te", b"trailers")
 MAX_BLOCKS = 1024  # memoized request header blocks (path x metadata)
+_TIMEOUT_NAME = b"\x00\x0cgrpc-timeout"  # literal without indexing, literal name
+
+
+def timeout_field(seconds: float) -> bytes:
+    """The grpc-timeout field; the common range (0.1 s to 100 s: microseconds in grpc-go's format) inline."""
+    if 0.1 <= seconds < 99.999999:
+        value = b"%du" % -(-round(seconds * 1e9) // 1000)
+    else:
+        value = gw.encode_timeout(seconds)
+    return _TIMEOUT_NAME + bytes((len(value),)) + value
+
+
 MAX_INFOS = 256
 
 
@@ -275,8 +287,10 @@ class ClientConnection:
         self.close_reason = ""
         self.goaway: tuple[int, int, str] | None = None  # (last stream id, code, debug) from the server
         self.ready = False  # the server's SETTINGS arrived
+        self.accepting = True  # new streams can be opened (no GOAWAY, not closed, stream ids left)
         self._scheme_block = b"\x87" if tls else b"\x86"  # static 7 / 6: :scheme https / http
         self._blocks: dict[tuple[str, tuple[tuple[str, str | bytes], ...]], bytes] = {}
+        self._path_blocks: dict[str, bytes] = {}
         self._buffer = b""
         self.decoder = MemoDecoder(s.max_header_list_size * 4)
         self._infos: dict[bytes, tuple[Headers, ResponseInfo]] = {}
@@ -331,36 +345,40 @@ class ClientConnection:
 
     # ---- opening calls -----------------------------------------------------------------------------------
 
-    @property
-    def accepting(self) -> bool:
-        """New streams can be opened (no GOAWAY, not closed, stream ids left)."""
-        return not self.closed and self.goaway is None and self.next_stream_id <= f.MAX_STREAM_ID
-
     def request_block(self, path: str, metadata: Metadata = ()) -> bytes:
         """The request header block for ``path`` and ``metadata`` (memoized: constant bytes, no encoder state).
         :method POST (static 3), :scheme, :path and :authority as literals with static names (4, 1),
         content-type (static name 31), te, then the metadata."""
+        if not metadata:
+            block = self._path_blocks.get(path)
+            if block is None:
+                if len(self._path_blocks) >= MAX_BLOCKS:
+                    self._path_blocks.clear()
+                block = self._path_blocks[path] = self._build_block(path, ())
+            return block
         key = (path, tuple(metadata))
         block = self._blocks.get(key)
         if block is None:
-            parts = [
-                b"\x83",
-                self._scheme_block,
-                gw.literal_indexed_name(4, path.encode("latin-1")),
-                gw.literal_indexed_name(1, self.authority),
-                gw.CONTENT_TYPE_GRPC,
-                _TE_TRAILERS,
-            ]
-            for name, value in metadata:
-                lname = name.lower()
-                if lname[:1] == ":" or lname in RESERVED:
-                    continue
-                parts.append(gw.metadata_field(lname, value))
-            block = b"".join(parts)
             if len(self._blocks) >= MAX_BLOCKS:
                 self._blocks.clear()
-            self._blocks[key] = block
+            block = self._blocks[key] = self._build_block(path, metadata)
         return block
+
+    def _build_block(self, path: str, metadata: Metadata) -> bytes:
+        parts = [
+            b"\x83",
+            self._scheme_block,
+            gw.literal_indexed_name(4, path.encode("latin-1")),
+            gw.literal_indexed_name(1, self.authority),
+            gw.CONTENT_TYPE_GRPC,
+            _TE_TRAILERS,
+        ]
+        for name, value in metadata:
+            lname = name.lower()
+            if lname[:1] == ":" or lname in RESERVED:
+                continue
+            parts.append(gw.metadata_field(lname, value))
+        return b"".join(parts)
 
     def open_unary(
         self, app: StreamApp, path: str, metadata: Metadata, message: bytes, now: float,
@@ -371,7 +389,7 @@ class ClientConnection:
         framed = b"\x00" + len(message).to_bytes(4, "big") + message
         if deadline is not None:
             self._add_deadline(stream)
-        if not self.accepting or self.waiting or len(self.streams) >= self.peer_max_streams:
+        if self.waiting or len(self.streams) >= self.peer_max_streams or not self.accepting:
             stream.pending = deque((framed,))
             stream.pending_end = True
             self._wait_or_refuse(stream)
@@ -380,7 +398,7 @@ class ClientConnection:
         if n <= self.send_window and n <= self.peer_initial_window and n <= self.peer_max_frame:
             block = stream.block
             if deadline is not None:
-                block += gw.literal(b"grpc-timeout", gw.encode_timeout(deadline - now))
+                block += timeout_field(deadline - now)
             if len(block) <= self.peer_max_frame:
                 sid = self._assign(stream)
                 self.send_window -= n
@@ -431,6 +449,9 @@ class ClientConnection:
     def _assign(self, stream: ClientStream) -> int:
         sid = self.next_stream_id
         self.next_stream_id += 2
+        if self.next_stream_id > f.MAX_STREAM_ID:
+            self.accepting = False  # ids exhausted: the owner needs a new connection
+            self.close_reason = self.close_reason or "stream ids exhausted"
         stream.id = sid
         stream.send_window = self.peer_initial_window
         stream.recv_window = self.settings.stream_window
@@ -446,7 +467,7 @@ class ClientConnection:
                 stream.unprocessed = True
                 self._end(stream, DEADLINE_EXCEEDED, DEADLINE_MESSAGE, [])
                 return
-            block += gw.literal(b"grpc-timeout", gw.encode_timeout(left))
+            block += timeout_field(left)
         sid = self._assign(stream)
         only_end = stream.pending_end and not stream.pending
         flags = f.END_STREAM if only_end else 0
@@ -919,6 +940,7 @@ class ClientConnection:
         if self.goaway is not None and last > self.goaway[0]:
             raise _ConnectionError(f.PROTOCOL_ERROR, "GOAWAY with a higher last stream id")
         self.goaway = (last, code, debug)
+        self.accepting = False
         reason = f"GOAWAY {h2_error_name(code)}" + (f": {debug}" if debug else "")
         self.close_reason = reason
         # the server will not process streams above ``last``: they fail as never processed (safe to retry)
@@ -1038,6 +1060,7 @@ class ClientConnection:
 
     def _finish(self, reason: str) -> None:
         self.closed = True
+        self.accepting = False
         if not self.close_reason:
             self.close_reason = reason
         self.wakeup()
@@ -1051,6 +1074,7 @@ class ClientConnection:
         if not self.close_reason:
             self.close_reason = reason
         self.closed = True
+        self.accepting = False
         message = f"connection lost: {reason}"
         for stream in list(self.streams.values()):
             self._end(stream, UNAVAILABLE, message, [])

@@ -12,7 +12,7 @@ from hpack import Decoder, Encoder
 
 from etcdproxy.h2 import frames as f
 from etcdproxy.h2 import grpcwire as gw
-from etcdproxy.h2.client import ClientConnection, ClientSettings, ClientStream
+from etcdproxy.h2.client import ClientConnection, ClientSettings, ClientStream, timeout_field
 
 Frame = tuple[int, int, int, bytes]  # type, flags, stream id, payload
 
@@ -535,3 +535,21 @@ def test_encode_timeout_like_grpc_go(seconds: float, text: bytes) -> None:
     assert gw.encode_timeout(seconds) == text
     if seconds > 0:
         assert gw.parse_timeout(text) >= seconds * 0.999999
+
+
+@pytest.mark.parametrize(
+    "seconds", [0.05, 0.1, 0.1000004, 0.3, 1, 4.9999999, 5, 10.123456789, 99.99, 99.9999995, 100, 3600]
+)
+def test_timeout_field_fast_path_equals_the_general_encoding(seconds: float) -> None:
+    assert timeout_field(seconds) == gw.literal(b"grpc-timeout", gw.encode_timeout(seconds))
+
+
+def test_server_status_at_the_deadline_is_deadline_exceeded() -> None:
+    s = Server()
+    app, _ = s.unary(deadline=s.now + 1)
+    early, _ = s.unary(deadline=s.now + 10)
+    s.now += 1
+    s.feed(s.headers(1) + s.trailers(1, 2, "context deadline exceeded"))
+    assert app.status == (4, "context deadline exceeded", False)
+    s.feed(s.headers(3) + s.trailers(3, 2, "boom"))
+    assert early.status == (2, "boom", False)  # before its deadline: the server's status as sent
