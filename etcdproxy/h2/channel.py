@@ -372,8 +372,9 @@ class Channel:
             conn.pump_waiting(self.loop.time())
         transport = self._transport
         if transport is None:
-            conn.out.clear()
-            return
+            if conn.closed:
+                conn.out.clear()
+            return  # not connected yet: the output (the preface first) waits for connection_made
         if conn.out:
             transport.write(conn.take_output())
         if not conn.accepting and not self.closed.done():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import ssl
 import sys
 import time
@@ -241,6 +242,75 @@ def test_server_gone_ends_calls_unavailable(tmp_path: Path, etcd_bin: str) -> No
     finally:
         etcd.stop()
     assert len(reasons) == 1 and reasons[0]
+
+
+def test_keepalive_pings_keep_a_quiet_connection_and_detect_a_frozen_server(tmp_path: Path, etcd_bin: str) -> None:
+    from tests.helpers import start_etcd
+
+    # etcd's default --grpc-keepalive-min-time (5 s) would answer our 0.2 s pings with GOAWAY too_many_pings
+    etcd = start_etcd(tmp_path, name="frozen", extra_args=("--grpc-keepalive-min-time=100ms",))
+    assert etcd.proc is not None
+    reasons: list[str] = []
+    try:
+
+        async def body(ch: Channel) -> None:
+            call = ch.stream(WATCH)
+            call.send(rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(key=b"k")).SerializeToString())
+            assert await call.recv() is not None
+            await asyncio.sleep(1.0)  # quiet: pings every 0.2 s, answered
+            assert ch.conn.pings_sent >= 2 and ch.usable and not ch.closed.done()
+            assert etcd.proc is not None
+            etcd.proc.send_signal(signal.SIGSTOP)  # a silent partition: the socket stays open, nothing answers
+            try:
+                started = time.monotonic()
+                assert await asyncio.wait_for(call.recv(), 5) is None
+                took = time.monotonic() - started
+            finally:
+                etcd.proc.send_signal(signal.SIGCONT)
+            assert call.code == StatusCode.UNAVAILABLE and "keepalive" in call.details
+            assert 0.3 < took < 2.5, took  # keepalive time + timeout (0.2 + 0.5) plus tick granularity
+            assert (await ch.closed).startswith("keepalive ping failed")
+
+        run(body, etcd.endpoint, keepalive_time_s=0.2, keepalive_timeout_s=0.5, on_close=reasons.append)
+    finally:
+        etcd.stop()
+    assert len(reasons) == 1 and reasons[0].startswith("keepalive ping failed")
+
+
+def test_too_frequent_pings_get_goaway_from_etcd(etcd_server: EtcdServer) -> None:
+    """etcd enforces --grpc-keepalive-min-time (5 s): an owner must not ping faster (grpc-go clients then double
+    their interval). The reason says so, and the calls end UNAVAILABLE."""
+
+    async def body(ch: Channel) -> None:
+        call = ch.stream(WATCH)
+        call.send(rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(key=b"k")).SerializeToString())
+        assert await call.recv() is not None
+        reason = await asyncio.wait_for(ch.closed, 10)
+        assert reason == "GOAWAY ENHANCE_YOUR_CALM: too_many_pings"
+        assert ch.conn.goaway is not None and ch.conn.goaway[1:] == (0xB, "too_many_pings")
+        assert await asyncio.wait_for(call.recv(), 5) is None and call.code == StatusCode.UNAVAILABLE
+
+    run(body, etcd_server.endpoint, keepalive_time_s=0.1, keepalive_timeout_s=1.0)
+
+
+def test_runs_on_uvloop(etcd_server: EtcdServer) -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> None:
+        host, port = etcd_server.endpoint.rsplit(":", 1)
+        channel = Channel(host, int(port))
+        await channel.connect(5)
+        await ok(channel, PUT, put_request(b"h2c/uv", b"1"))
+        replies = await asyncio.gather(*(channel.unary(RANGE, b"\x0a\x06h2c/uv") for _ in range(100)))
+        assert {code for code, _, _ in replies} == {0}
+        call = channel.stream(WATCH)
+        call.send(rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(key=b"h2c/uv")).SerializeToString())
+        assert await call.recv() is not None
+        call.cancel()
+        await channel.close()
+        assert channel.closed.done()
+
+    uvloop.run(main())
 
 
 # ---- TLS -----------------------------------------------------------------------------------------------------
