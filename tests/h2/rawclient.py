@@ -287,6 +287,7 @@ class H2Client:
         self.buf = bytearray()
         self.closed = False
         self.send_error: str | None = None
+        self.preface_sent = False  # nothing is sent on our own (ACKs) before the test sent a preface
         self.server_settings: dict[int, int] = {}
         self.settings_acked = False
         self.auto_ping_ack = True
@@ -332,6 +333,7 @@ class H2Client:
     def send(self, data: bytes) -> None:
         """Send, tolerating a peer that already closed: the next read reports the close (a peer may
         close while a malformed frame is still being written, which is a valid reaction to it)."""
+        self.preface_sent = self.preface_sent or data.startswith(PREFACE)
         try:
             self.sock.sendall(data)
         except (BrokenPipeError, ConnectionResetError, ssl.SSLError) as exc:
@@ -355,6 +357,20 @@ class H2Client:
         block = headers if isinstance(headers, bytes) else self.encode(headers)
         flags |= (END_STREAM if end_stream else 0) | (END_HEADERS if end_headers else 0)
         return frame_bytes(HEADERS, flags, stream_id, block)
+
+    def header_block_frames(
+        self, stream_id: int, block: bytes, *, end_stream: bool = False, max_frame: int = 16384
+    ) -> bytes:
+        """HEADERS + CONTINUATIONs carrying ``block`` in pieces of at most ``max_frame`` bytes."""
+        pieces = [block[i : i + max_frame] for i in range(0, len(block), max_frame)] or [b""]
+        out = b""
+        for i, piece in enumerate(pieces):
+            last = END_HEADERS if i == len(pieces) - 1 else 0
+            if i == 0:
+                out += frame_bytes(HEADERS, last | (END_STREAM if end_stream else 0), stream_id, piece)
+            else:
+                out += frame_bytes(CONTINUATION, last, stream_id, piece)
+        return out
 
     def send_headers(self, stream_id: int, headers: Sequence[tuple[str, str]] | bytes, **kw: bool | int) -> None:
         self.send(self.headers_frame(stream_id, headers, **kw))  # type: ignore[arg-type]
@@ -457,6 +473,8 @@ class H2Client:
                     r.goaway = f
 
     def _quiet_send(self, data: bytes) -> None:
+        if not self.preface_sent:
+            return
         with contextlib.suppress(OSError):
             self.sock.sendall(data)
 
@@ -488,6 +506,13 @@ class H2Client:
                 r.headers = fields
             else:
                 r.trailers = fields
+
+    def poll(self) -> list[Frame]:
+        """Frames already available, without waiting (raises ConnectionClosed)."""
+        seen: list[Frame] = []
+        while (f := self.read_frame(0.001)) is not None:
+            seen.append(f)
+        return seen
 
     def read_until(
         self, done: Callable[[Frame], bool], timeout: float | None = None, what: str = "a frame"
