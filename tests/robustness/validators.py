@@ -597,6 +597,47 @@ def writes_acknowledged(s: Streams, replay: Replay, h: History, c: Config) -> li
     return out
 
 
+def _compare(cmp: Record, kv: Record | None) -> bool:
+    """etcd's Compare on one key: a missing key fails a VALUE compare, else counts as zeros."""
+    target, result, operand = cmp["target"], cmp["result"], cmp["operand"]
+    if kv is None:
+        if target == "value":
+            return False
+        have: Any = 0
+    else:
+        have = {"version": kv["version"], "mod": kv["mod_revision"], "value": kv["value"]}[target]
+    return {
+        "EQUAL": have == operand,
+        "NOT_EQUAL": have != operand,
+        "GREATER": have > operand,
+        "LESS": have < operand,
+    }[result]
+
+
+def txn_compares(s: Streams, replay: Replay, h: History, c: Config) -> list[Violation]:
+    """An acknowledged Txn took the branch its compares give on the replay just before it (at
+    its revision when it changed nothing)."""
+    out = []
+    for op in h.ops:
+        if op["op"] != "txn" or not op["ok"] or int(op["rev"]) > replay.last_revision:
+            continue
+        rev = int(op["rev"])
+        branch = op["req"]["success" if op["resp"].get("succeeded") else "failure"]
+        changed = any("put" in x for x in branch) or int(op["resp"].get("deleted", 0)) > 0
+        base = rev - 1 if changed else rev
+        want = all(_compare(cmp, replay.get(cmp["key"], base)) for cmp in op["req"]["compare"])
+        if want != bool(op["resp"].get("succeeded")):
+            out.append(
+                Violation(
+                    "txn_compares",
+                    f"{op['client']}: txn at {rev} succeeded={op['resp'].get('succeeded')}, the replay at {base} "
+                    f"says {want}",
+                    op,
+                )
+            )
+    return out
+
+
 def errors_are_etcds(s: Streams, replay: Replay, h: History, c: Config) -> list[Violation]:
     """Every error a client saw is one etcd gives: its code, and its message for that code."""
     out = []
@@ -771,6 +812,7 @@ VALIDATORS: dict[str, Validator] = {
     "reads_linearizable": reads_linearizable,
     "reads_serializable": reads_serializable,
     "writes_acknowledged": writes_acknowledged,
+    "txn_compares": txn_compares,
     "errors_are_etcds": errors_are_etcds,
     "leases_kept_alive": leases_kept_alive,
     "leases_expire": leases_expire,

@@ -310,6 +310,18 @@ def test_writes_acknowledged() -> None:
     assert run("writes_acknowledged", history({**gone, "rev": 4}))
 
 
+def test_txn_compares() -> None:
+    def txn(result: str, succeeded: bool, rev: int, operand: object = 2) -> Rec:
+        cmp = [{"key": "a", "target": "version", "result": result, "operand": operand}]
+        req = {"compare": cmp, "success": [{"put": {"key": "c", "value": "v"}}], "failure": []}
+        return op("txn", req, {"succeeded": succeeded}, 1, 1.1, rev)
+
+    assert run("txn_compares", history(txn("EQUAL", True, 6))) == []  # a is at version 2 at 5
+    assert run("txn_compares", history(txn("EQUAL", False, 6)))
+    assert run("txn_compares", history(txn("LESS", False, 6, 1))) == []  # no put in failure: evaluated at 6
+    assert run("txn_compares", history(txn("GREATER", False, 6, 1)))
+
+
 def test_errors_are_etcds() -> None:
     compacted = {"code": "OUT_OF_RANGE", "message": "etcdserver: mvcc: required revision has been compacted"}
     ok = [
