@@ -400,13 +400,13 @@ class Channel:
         if not self.conn.closed:
             self._schedule_tick()
 
-    def _arm_deadline(self, deadline: float) -> None:
+    def _arm_deadline(self, due: float) -> None:
         if self._deadline_timer is not None:
-            if deadline >= self._deadline_at:
+            if due >= self._deadline_at:
                 return
             self._deadline_timer.cancel()
-        self._deadline_at = deadline
-        self._deadline_timer = self.loop.call_at(deadline, self._on_deadline)
+        self._deadline_at = due
+        self._deadline_timer = self.loop.call_at(due, self._on_deadline)
 
     def _on_deadline(self) -> None:
         self._deadline_timer = None
@@ -426,7 +426,7 @@ class Channel:
         deadline = None if timeout_s is None else now + timeout_s
         stream = self.conn.open_unary(app, path, metadata, payload, now, deadline)
         if deadline is not None and not stream.ended:
-            self._arm_deadline(deadline)
+            self._arm_deadline(self.conn.due_time(deadline))
         return app, stream
 
     async def unary(self, path: str, payload: bytes, metadata: Metadata = (), timeout_s: float | None = None) -> Reply:
@@ -457,7 +457,7 @@ class Channel:
         deadline = None if timeout_s is None else now + timeout_s
         call.stream = self.conn.open_stream(call, path, metadata, now, deadline)
         if deadline is not None and not call.stream.ended:
-            self._arm_deadline(deadline)
+            self._arm_deadline(self.conn.due_time(deadline))
         return call
 
 

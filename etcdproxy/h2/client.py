@@ -145,6 +145,7 @@ class ClientStream:
     __slots__ = (
         "app",
         "block",
+        "bucket",
         "data_have",
         "data_need",
         "data_parts",
@@ -169,6 +170,7 @@ class ClientStream:
         self.id = 0
         self.block = block  # the request header block, without grpc-timeout (added when the stream starts)
         self.deadline = deadline
+        self.bucket = 0  # the deadline bucket holding the stream (0: none)
         self.send_window = 0
         self.recv_window = 0  # what the server may still send us on this stream
         self.pending: deque[bytes] | None = None  # framed request messages waiting for window (or for a slot)
@@ -213,6 +215,7 @@ def timeout_field(seconds: float) -> bytes:
 
 
 MAX_INFOS = 256
+DEADLINE_HZ = 100  # deadlines are enforced at 10 ms granularity (never early)
 
 
 class ResponseInfo:
@@ -309,8 +312,10 @@ class ClientConnection:
         self.recv_window = s.connection_window
         self._conn_uncredited = 0
         self._blocked: OrderedDict[int, ClientStream] = OrderedDict()  # streams with DATA waiting for window
-        self._deadlines: list[tuple[float, int, ClientStream]] = []
-        self._deadline_seq = 0
+        # deadlines in buckets of DEADLINE_TICK: a stream leaves its bucket when it ends, so finished calls are
+        # not kept alive until their deadline (a heap of them cost +3 us per call, mostly in the GC)
+        self._buckets: dict[int, set[ClientStream]] = {}
+        self._bucket_keys: list[int] = []  # a heap
         self._settings_sent_at = now
         self._settings_acked = False
         self.last_activity = now  # last time a frame arrived
@@ -969,6 +974,10 @@ class ClientConnection:
         if stream.ended:
             return
         stream.ended = True
+        if stream.bucket:
+            bucket = self._buckets.get(stream.bucket)
+            if bucket is not None:
+                bucket.discard(stream)
         if stream.id:
             if self.streams.pop(stream.id, None) is not None and self.waiting:
                 self.wakeup()  # a slot freed: the driver's flush starts waiting streams
@@ -1008,24 +1017,35 @@ class ClientConnection:
 
     def _add_deadline(self, stream: ClientStream) -> None:
         assert stream.deadline is not None
-        self._deadline_seq += 1
-        heapq.heappush(self._deadlines, (stream.deadline, self._deadline_seq, stream))
+        key = int(stream.deadline * DEADLINE_HZ) + 1  # the bucket's time is at or after the deadline
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = set()
+            heapq.heappush(self._bucket_keys, key)
+        bucket.add(stream)
+        stream.bucket = key
+
+    @staticmethod
+    def due_time(deadline: float) -> float:
+        """When ``expire`` will end a call with this deadline (the driver arms its one timer for it)."""
+        return (int(deadline * DEADLINE_HZ) + 1) / DEADLINE_HZ
 
     @property
     def next_deadline(self) -> float | None:
-        heap = self._deadlines
-        while heap and heap[0][2].ended:
-            heapq.heappop(heap)
-        return heap[0][0] if heap else None
+        keys, buckets = self._bucket_keys, self._buckets
+        while keys and not buckets.get(keys[0]):
+            buckets.pop(heapq.heappop(keys), None)
+        return keys[0] / DEADLINE_HZ if keys else None
 
     def expire(self, now: float) -> float | None:
-        """End calls whose deadline passed (RST_STREAM CANCEL, DEADLINE_EXCEEDED); -> the next deadline."""
-        heap = self._deadlines
-        while heap and (heap[0][2].ended or heap[0][0] <= now):
-            _, _, stream = heapq.heappop(heap)
-            if not stream.ended:
-                self.cancel(stream, DEADLINE_EXCEEDED, DEADLINE_MESSAGE)
-        return heap[0][0] if heap else None
+        """End calls whose deadline passed (RST_STREAM CANCEL, DEADLINE_EXCEEDED); -> the next due time."""
+        keys, buckets = self._bucket_keys, self._buckets
+        while keys and keys[0] / DEADLINE_HZ <= now:
+            bucket = buckets.pop(heapq.heappop(keys), None)
+            for stream in list(bucket or ()):
+                if not stream.ended:
+                    self.cancel(stream, DEADLINE_EXCEEDED, DEADLINE_MESSAGE)
+        return self.next_deadline
 
     # ---- connection-level ----------------------------------------------------------------------------------
 

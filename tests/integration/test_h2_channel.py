@@ -441,9 +441,15 @@ def measure(calls: int = 20000, in_flight: int = 64, rounds: int = 3) -> None:
             with grpc.insecure_channel(etcd.endpoint) as ch:
                 rpc_pb2_grpc.KVStub(ch).Put(rpc_pb2.PutRequest(key=b"bench", value=b"v" * 100))
             for _ in range(rounds):
-                for impl in ("etcdproxy.h2", "grpc.aio"):
-                    result = asyncio.run(_measure(impl, etcd.endpoint, calls, in_flight))
-                    print(f"{impl:13s} {calls} Ranges, {in_flight} in flight: "
+                for impl, loop in (("etcdproxy.h2", "asyncio"), ("etcdproxy.h2", "uvloop"), ("grpc.aio", "asyncio")):
+                    coro = _measure(impl, etcd.endpoint, calls, in_flight)
+                    if loop == "uvloop":
+                        import uvloop
+
+                        result = uvloop.run(coro)
+                    else:
+                        result = asyncio.run(coro)
+                    print(f"{impl:13s} {loop:8s} {calls} Ranges, {in_flight} in flight: "
                           f"{result['cpu_us_per_call']:.1f} us CPU/call, {result['calls_per_s']:.0f} calls/s",
                           flush=True)  # fmt: skip
         finally:
