@@ -69,6 +69,8 @@ class ChildSpec:
     # The client listening socket the supervisor bound (inheritable; a worker serves on it with
     # socket.socket(fileno=...)); None: the worker binds --listen-addr itself (SO_REUSEPORT).
     listen_fd: int | None = None
+    # The --metrics-addr listening socket the supervisor bound, for the hub (None: the hub binds it).
+    metrics_fd: int | None = None
 
     @property
     def name(self) -> str:
@@ -339,7 +341,7 @@ class Guard:
 LISTEN_BACKLOG = 4096
 
 
-def bind_listener(addr: str) -> socket.socket:
+def bind_listener(addr: str, flag: str = "listen-addr") -> socket.socket:
     """Bind and listen on --listen-addr, once, for every worker (they serve on its fd, ChildSpec.listen_fd).
 
     No SO_REUSEPORT: a second instance (or any other program) on the address fails here with
@@ -355,7 +357,7 @@ def bind_listener(addr: str) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise GuardError(f"etcdproxy: listen-addr {addr}: {exc}") from exc
+        raise GuardError(f"etcdproxy: {flag} {addr}: {exc}") from exc
     if not host:  # ":port": IPv6 wildcard accepting IPv4 too, where the host has IPv6
         infos.sort(key=lambda info: info[0] != socket.AF_INET6)
     family, kind, proto, _, sockaddr = infos[0]
@@ -369,9 +371,22 @@ def bind_listener(addr: str) -> socket.socket:
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise GuardError(f"etcdproxy: listen-addr {addr} is already in use") from exc
-        raise GuardError(f"etcdproxy: cannot bind listen-addr {addr}: {exc.strerror}") from exc
+            raise GuardError(f"etcdproxy: {flag} {addr} is already in use") from exc
+        raise GuardError(f"etcdproxy: cannot bind {flag} {addr}: {exc.strerror}") from exc
     sock.set_inheritable(True)  # kept across the exec of an upgrade (SIGUSR2)
+    return sock
+
+
+def adopt_listener(fd: int, addr: str) -> socket.socket:
+    """The listening socket an upgrading supervisor passed down (its fd number in our environment)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise GuardError(f"etcdproxy: inherited socket fd {fd} for {addr}: {exc.strerror}") from exc
+    if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.detach()
+        raise GuardError(f"etcdproxy: inherited fd {fd} for {addr} is not a listening TCP socket")
+    sock.set_inheritable(True)
     return sock
 
 

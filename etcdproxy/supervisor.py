@@ -16,8 +16,11 @@ import os
 import select
 import signal
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from etcdproxy import logs, proc
 from etcdproxy.config import LIVE_FIELDS, Config, ConfigError, flag_name
@@ -32,6 +35,11 @@ FAST_STOP_S = 2.0  # per shutdown phase on INT/QUIT
 START_WARNING_S = 30.0  # log who is not ready yet this often until "started gRPC proxy"
 STOP_MARGIN_S = 1.0  # added to graceful_timeout_s per phase of a graceful stop
 KILL_WAIT_S = 5.0  # how long to wait for a SIGKILLed child before giving up on it
+# An upgrade (SIGUSR2) hands these to the new supervisor it execs: the listening sockets' fd numbers and
+# the write end of a pipe on which the new one says b"R" once it serves.
+ENV_LISTEN_FD = "ETCDPROXY_INHERITED_LISTEN_FD"
+ENV_METRICS_FD = "ETCDPROXY_INHERITED_METRICS_FD"
+ENV_UPGRADE_FD = "ETCDPROXY_UPGRADE_FD"
 
 
 @dataclass(slots=True)
@@ -110,8 +118,14 @@ class Supervisor:
         self.own_run_dir = False
         self.guard = proc.Guard()
         self.listener: socket.socket | None = None  # --listen-addr, bound here, served by the workers
+        self.metrics_listener: socket.socket | None = None  # --metrics-addr, bound here, served by the hub
+        self.upgrade: subprocess.Popen[bytes] | None = None  # SIGUSR2: the new supervisor, until it serves
+        self.upgrade_r = -1  # read end of its readiness pipe
+        self.upgrade_w = -1  # in the new supervisor: the write end, written once we serve
         self.etcd: EmbeddedEtcd | None = None
-        self.stop_mode: str | None = None  # None while running, then "graceful" or "fast"
+        # None while running, then "graceful" (TERM), "fast" (INT, QUIT, errors) or "upgraded" (the new
+        # supervisor of a SIGUSR2 serves: stop this generation quietly)
+        self.stop_mode: str | None = None
         self.exit_code = 0
         self.announced = False
         self.next_heartbeat_check = 0.0
@@ -146,9 +160,24 @@ class Supervisor:
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         for sig in proc.SUPERVISOR_SIGNALS:
             self.saved_handlers[sig] = signal.signal(sig, self._on_signal)
+        upgrading = ENV_UPGRADE_FD in os.environ
+        self.upgrade_w = int(os.environ.pop(ENV_UPGRADE_FD, "-1"))
+        inherited = os.environ.pop(ENV_LISTEN_FD, "")
+        inherited_metrics = os.environ.pop(ENV_METRICS_FD, "")
         try:
-            self.listener = proc.bind_listener(self.config.listen_addr)
-            self.run_dir, self.own_run_dir = proc.make_run_dir(self.config.run_dir)
+            if inherited:
+                self.listener = proc.adopt_listener(int(inherited), self.config.listen_addr)
+                log.info("upgrade: serving the inherited socket of --listen-addr %s", self.config.listen_addr)
+            else:
+                self.listener = proc.bind_listener(self.config.listen_addr)
+            if inherited_metrics:
+                self.metrics_listener = proc.adopt_listener(int(inherited_metrics), self.config.metrics_addr)
+            elif self.config.metrics_addr:
+                url = urlsplit(self.config.metrics_addr)
+                host = f"[{url.hostname}]" if url.hostname and ":" in url.hostname else url.hostname or ""
+                self.metrics_listener = proc.bind_listener(f"{host}:{url.port}", "metrics-addr")
+            # the old supervisor still holds a configured run dir: an upgrade runs in a temp one
+            self.run_dir, self.own_run_dir = proc.make_run_dir("" if upgrading else self.config.run_dir)
             self.guard.take_run_dir(self.run_dir)
         except proc.GuardError as exc:
             raise BootError(str(exc)) from exc
@@ -191,9 +220,11 @@ class Supervisor:
             log.warning("cannot write the control file in %s: %s", self.run_dir, exc)
 
     def close_listener(self) -> None:
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
+        """Let go of our copies of the listening sockets (workers and hub keep theirs while they drain)."""
+        for sock in (self.listener, self.metrics_listener):
+            if sock is not None:
+                sock.close()
+        self.listener = self.metrics_listener = None
 
     def tell_children(self) -> None:
         """SIGUSR1 to every child: re-read the control file."""
@@ -222,7 +253,8 @@ class Supervisor:
     def wait(self, timeout_s: float) -> None:
         """Sleep until a signal, a readiness byte or the timeout."""
         poller = select.poll()  # not select(): no FD_SETSIZE limit on descriptor numbers
-        for fd in [self.wake_r] + [s.ready_fd for s in self.slots if s.ready_fd >= 0]:
+        fds = [self.wake_r] + [s.ready_fd for s in self.slots if s.ready_fd >= 0]
+        for fd in fds + ([self.upgrade_r] if self.upgrade_r >= 0 else []):
             poller.register(fd, select.POLLIN)
         readable = {fd for fd, _ in poller.poll(timeout_s * 1000)}  # POLLHUP too: EOF is read below
         if self.wake_r in readable:
@@ -232,6 +264,8 @@ class Supervisor:
         for slot in self.slots:
             if slot.ready_fd in readable:
                 self.read_ready(slot)
+        if self.upgrade_r >= 0 and self.upgrade_r in readable:
+            self.read_upgrade()
 
     def read_ready(self, slot: Slot) -> None:
         try:
@@ -261,6 +295,12 @@ class Supervisor:
         self.announced = True
         log.info("started gRPC proxy")
         proc.sd_notify(f"READY=1\nSTATUS=serving on {self.config.listen_addr}\nMAINPID={self.pid}")
+        if self.upgrade_w >= 0:  # we are an upgrade: the old supervisor may leave now
+            with contextlib.suppress(OSError):
+                os.write(self.upgrade_w, b"R")
+            os.close(self.upgrade_w)
+            self.upgrade_w = -1
+            log.info("upgrade: serving; told the old supervisor pid %d to drain and exit", os.getppid())
 
     # --- children ---
 
@@ -273,8 +313,17 @@ class Supervisor:
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
         listen_fd = self.listener.fileno() if self.listener is not None and slot.role == WORKER else None
+        metrics_fd = self.metrics_listener.fileno() if self.metrics_listener is not None and slot.role == HUB else None
         spec = ChildSpec(
-            slot.role, slot.index, self.run_dir, slot.heartbeat_path, write_fd, self.pid, slot.generation, listen_fd
+            slot.role,
+            slot.index,
+            self.run_dir,
+            slot.heartbeat_path,
+            write_fd,
+            self.pid,
+            slot.generation,
+            listen_fd,
+            metrics_fd,
         )
         try:
             pid = os.fork()
@@ -305,6 +354,9 @@ class Supervisor:
             private += [s.ready_fd for s in self.slots if s.ready_fd >= 0]
             if spec.listen_fd is None and self.listener is not None:  # the hub: the port is the workers'
                 private.append(self.listener.fileno())
+            if spec.metrics_fd is None and self.metrics_listener is not None:  # a worker
+                private.append(self.metrics_listener.fileno())
+            private += [fd for fd in (self.upgrade_r, self.upgrade_w) if fd >= 0]
             for fd in private:
                 with contextlib.suppress(OSError):
                     os.close(fd)
@@ -332,6 +384,12 @@ class Supervisor:
             if self.stop_mode is None:
                 log.error("embedded etcd pid %d exited with code %s, stopping", pid, self.etcd.exit_code)
                 self.exit_code, self.stop_mode = 1, "fast"
+            return
+        if self.upgrade is not None and pid == self.upgrade.pid:
+            log.warning(
+                "upgrade: the new supervisor pid %d exited with code %d", pid, os.waitstatus_to_exitcode(status)
+            )
+            self.upgrade.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
             return
         slot = self.by_pid.pop(pid, None)
         if slot is None:
@@ -525,7 +583,57 @@ class Supervisor:
         log.info("SIGUSR1: logs go to stderr, nothing to reopen")
 
     def handle_sigusr2(self) -> None:
-        log.info("SIGUSR2: binary upgrade not supported, ignoring")
+        """Upgrade (gunicorn's model): exec the supervisor's command line again as a child, handing it the
+        listening sockets; it starts its own hub and workers on them and, once they serve, says so on a
+        pipe; then this supervisor stops its generation (workers drain: GOAWAY while the new workers keep
+        accepting on the same socket) without telling systemd it stops, and exits. If the new one fails
+        before serving, this one keeps serving.
+        """
+        if self.stop_mode is not None or self.upgrade is not None or not self.announced or self.upgrade_w >= 0:
+            log.warning("SIGUSR2: not now (starting, stopping or already upgrading), ignoring")
+            return
+        if self.etcd is not None:
+            log.warning("SIGUSR2: no upgrade with --embedded-etcd (the new supervisor would start another etcd)")
+            return
+        assert self.listener is not None
+        read_fd, write_fd = os.pipe()
+        env = dict(os.environ)
+        env[ENV_LISTEN_FD] = str(self.listener.fileno())
+        env[ENV_UPGRADE_FD] = str(write_fd)
+        passed = [self.listener.fileno(), write_fd]
+        if self.metrics_listener is not None:
+            env[ENV_METRICS_FD] = str(self.metrics_listener.fileno())
+            passed.append(self.metrics_listener.fileno())
+        if env.get("PROMETHEUS_MULTIPROC_DIR") == os.path.join(self.run_dir, "metrics"):
+            del env["PROMETHEUS_MULTIPROC_DIR"]  # ours, not the operator's: the new one makes its own
+        argv = [sys.executable, *sys.orig_argv[1:]]
+        try:
+            self.upgrade = subprocess.Popen(argv, env=env, pass_fds=passed)
+        except OSError as exc:
+            os.close(read_fd)
+            os.close(write_fd)
+            log.error("SIGUSR2: cannot start the new supervisor (%s): %s", " ".join(argv), exc)
+            return
+        os.close(write_fd)
+        os.set_blocking(read_fd, False)
+        self.upgrade_r = read_fd
+        log.info("SIGUSR2: upgrading: started %s as pid %d; leaving once it serves", " ".join(argv), self.upgrade.pid)
+
+    def read_upgrade(self) -> None:
+        try:
+            data = os.read(self.upgrade_r, 64)
+        except BlockingIOError:
+            return
+        os.close(self.upgrade_r)
+        self.upgrade_r = -1
+        pid = self.upgrade.pid if self.upgrade is not None else 0
+        if b"R" in data:
+            log.info("upgrade: the new supervisor pid %d serves; this one drains its workers and exits", pid)
+            if self.stop_mode is None:
+                self.stop_mode = "upgraded"
+        else:
+            log.error("upgrade: the new supervisor pid %d ended before it served; this one keeps serving", pid)
+            self.upgrade = None
 
     def handle_sigttin(self) -> None:
         if self.stop_mode is not None:
@@ -558,6 +666,13 @@ class Supervisor:
         """Workers first (they drain clients), then the hub, then etcd; then files and locks."""
         if self.stop_mode is None:
             self.stop_mode = "fast"
+        if self.upgrade is not None and self.upgrade.returncode is None and self.stop_mode != "upgraded":
+            log.info("stopping the new supervisor pid %d of the unfinished upgrade", self.upgrade.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.upgrade.pid, signal.SIGTERM if self.stop_mode == "graceful" else signal.SIGINT)
+        if self.upgrade_r >= 0:
+            os.close(self.upgrade_r)
+            self.upgrade_r = -1
         if any(s.pid for s in self.slots):
             if self.stop_mode == "graceful":
                 # Health answers 503 now (hub: /health, /proxy/health; workers: the same paths on the
@@ -568,7 +683,8 @@ class Supervisor:
                     "draining: health endpoints answer 503; workers keep accepting for %.1f s",
                     self.config.drain_delay_s,
                 )
-            proc.sd_notify("STOPPING=1")
+            if self.stop_mode != "upgraded":  # after an upgrade the service goes on: the new supervisor is it
+                proc.sd_notify("STOPPING=1")
             # The workers hold their own copies of the listening socket for their drain; the port
             # closes when the last of them lets go.
             self.close_listener()
@@ -599,7 +715,7 @@ class Supervisor:
         running = [s for s in slots if s.pid]
         if not running:
             return
-        graceful = self.stop_mode == "graceful"
+        graceful = self.stop_mode in ("graceful", "upgraded")
         sig = signal.SIGTERM if graceful else signal.SIGINT
         for slot in running:
             log.info("sending %s to %s pid %d", sig.name, slot.name, slot.pid)

@@ -17,6 +17,7 @@ import contextlib
 import email.utils
 import gzip
 import logging
+import socket
 import ssl
 import urllib.error
 import urllib.request
@@ -24,10 +25,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import grpc
-
 from etcdproxy import health, metrics, proc, tls, upstream
 from etcdproxy.config import self_address
+from etcdproxy.h2 import aio
 from etcdproxy.ipc import schema as s
 
 if TYPE_CHECKING:
@@ -86,11 +86,11 @@ class MetricsServer:
         self.server_files = tls.server_files(self.config)
         self.good_url = 0  # index of the etcd endpoint that answered last: tried first
         self.scrape_lock = asyncio.Lock()  # one exposition at a time: settle_dead is not reentrant
-        self.self_channel: grpc.aio.Channel | None = None
+        self.self_channel: aio.AioChannel | None = None
         self.recent_leases = metrics.RecentLeases()
         self.connections: set[asyncio.Task[None]] = set()
         self._watch_keepalives()
-        metrics.UPSTREAM_STATES.known.update(state.name for state in grpc.ChannelConnectivity)
+        metrics.UPSTREAM_STATES.known.update(state.name for state in aio.ChannelConnectivity)
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -100,7 +100,12 @@ class MetricsServer:
         if self.config.metrics_addr.startswith("https://"):
             assert self.server_files is not None  # config.py refuses https without a certificate
             context = tls.server_ssl_context(self.config, self.server_files)
-        self.server = await asyncio.start_server(self._serve, host or None, port, reuse_address=True, ssl=context)
+        fd = getattr(self.hub.spec, "metrics_fd", None)
+        if fd is not None:  # bound by the supervisor (kept across an upgrade): serve on it
+            sock = socket.socket(fileno=fd)
+            self.server = await asyncio.start_server(self._serve, sock=sock, ssl=context)
+        else:
+            self.server = await asyncio.start_server(self._serve, host or None, port, reuse_address=True, ssl=context)
         log.info("serving /health and /metrics on %s", self.config.metrics_addr)
 
     async def close(self) -> None:
@@ -213,7 +218,7 @@ class MetricsServer:
             return Response(200, body, metrics.CONTENT_TYPE)
         return http_error(404, "404 page not found")
 
-    def _proxy_channel(self) -> grpc.aio.Channel:
+    def _proxy_channel(self) -> aio.AioChannel:
         """The self client of /proxy/health: to this instance's own --listen-addr (loopback for a
         wildcard address). Go dials --advertise-client-url, whose default names another instance
         whenever --listen-addr differs, and which behind a load balancer is not this instance."""
@@ -223,11 +228,11 @@ class MetricsServer:
                 # the proxy's listener is TLS: dial it like Go's self client does (SPEC 13.2)
                 # the certificate names the advertised host; check it against that name, not loopback
                 advertised = urlsplit("//" + upstream.host_port(self.config.advertise_client_url)).hostname
-                options = [("grpc.ssl_target_name_override", advertised)] if advertised else []
-                creds = tls.self_client_credentials(self.server_files)
-                self.self_channel = grpc.aio.secure_channel(target, creds, options=options)
+                host, port = upstream.split_host_port(target)
+                context = tls.self_client_ssl_context(self.server_files)
+                self.self_channel = aio.AioChannel(host, port, ssl_context=context, server_hostname=advertised or host)
             else:
-                self.self_channel = grpc.aio.insecure_channel(target)
+                self.self_channel = aio.AioChannel(*upstream.split_host_port(target))
         return self.self_channel
 
     async def etcd_metrics(self) -> Response:

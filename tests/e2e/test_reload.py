@@ -6,6 +6,7 @@ connection (a refused or reset connect would fail them), and a watch that must s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -25,6 +26,7 @@ from tests.helpers import (
     ROOT,
     EtcdServer,
     free_port,
+    http_get,
     proxy_command,
     stop_process_tree,
     wait_until,
@@ -230,3 +232,59 @@ def test_sighup_reloads_the_config_file_under_load(tmp_path: Path, etcd_server: 
         )
     finally:
         proxy.stop()
+
+
+def stop_pid_tree(pid: int, timeout: float = 30) -> None:
+    """SIGTERM a process we did not start with Popen (the upgraded supervisor), wait, then KILL what is left."""
+    from tests.helpers import descendants
+
+    kids = descendants(pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    with contextlib.suppress(AssertionError):
+        wait_until(
+            lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
+            timeout,
+            "the upgraded supervisor to exit",
+        )
+    for child, _ in kids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(120)
+def test_sigusr2_upgrade_under_load(tmp_path: Path, etcd_server: EtcdServer) -> None:
+    port, metrics_port = free_port(), free_port()
+    config = tmp_path / "etcdproxy.yaml"
+    write_config(config, port, workers=2, metrics_addr=f"http://{LOCALHOST}:{metrics_port}")
+    proxy = Proxy(tmp_path, etcd_server, config, port)
+    new_pid = 0
+    try:
+        old_children = workers(proxy.proc.pid)
+        load = Load(f"{LOCALHOST}:{port}", b"upgrade/")
+        time.sleep(1)
+        proxy.proc.send_signal(signal.SIGUSR2)
+        wait_until(lambda: re.search(r"as pid (\d+); leaving once it serves", proxy.log()), 10, "the new supervisor")
+        new_pid = int(re.findall(r"as pid (\d+); leaving once it serves", proxy.log())[0])
+        assert proxy.proc.wait(30) == 0  # the old one drained and left
+        assert not any(Path(f"/proc/{pid}").exists() for pid in old_children)
+        new_workers = workers(new_pid)
+        assert len(new_workers) == 2
+        time.sleep(1.5)  # traffic on the new generation only
+        load.stop()
+        load.check()
+        status, _ = http_get(f"http://{LOCALHOST}:{metrics_port}/health", timeout=5)
+        assert status == 200  # the new hub serves the inherited metrics socket
+        log = proxy.log()
+        assert "upgrade: serving the inherited socket of --listen-addr" in log
+        assert "STOPPING=1" not in log
+        print(
+            f"upgrade under load: {load.puts} puts, {load.ranges} ranges on fresh connections, "
+            f"{len(load.events)} events, failures {len(load.failures)}"
+        )
+    finally:
+        proxy.stop()
+        if new_pid:
+            stop_pid_tree(new_pid)

@@ -358,3 +358,23 @@ def test_bind_listener_guards_the_address() -> None:
         listener.close()
     with pytest.raises(proc.GuardError, match="invalid port"):
         proc.bind_listener("127.0.0.1:0")
+
+
+def test_adopt_listener_checks_the_inherited_fd() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    listener = proc.bind_listener(f"127.0.0.1:{port}")
+    adopted = proc.adopt_listener(os.dup(listener.fileno()), f"127.0.0.1:{port}")
+    try:
+        assert adopted.getsockname() == listener.getsockname()
+        assert adopted.get_inheritable()
+    finally:
+        adopted.close()
+        listener.close()
+    with socket.socket() as idle:  # not listening: refused, and the fd is left to its owner
+        with pytest.raises(proc.GuardError, match="not a listening TCP socket"):
+            proc.adopt_listener(idle.fileno(), "x:1")
+        assert idle.fileno() >= 0
+    with pytest.raises(proc.GuardError, match="inherited socket fd"):
+        proc.adopt_listener(9999, "x:1")
