@@ -81,6 +81,58 @@ def test_put_range_txn(etcd_server: EtcdServer) -> None:
     run(body, etcd_server.endpoint)
 
 
+def test_slow_watch_stream_does_not_block_other_calls(etcd_server: EtcdServer) -> None:
+    value = os.urandom(100 * 1024)
+
+    async def body(ch: Channel) -> None:
+        call = ch.stream(WATCH)
+        create = rpc_pb2.WatchCreateRequest(key=b"h2c/slow/", range_end=b"h2c/slow0")
+        call.send(rpc_pb2.WatchRequest(create_request=create).SerializeToString())
+        first = await call.recv()
+        assert first is not None and rpc_pb2.WatchResponse.FromString(first).created
+        # 10 MiB of events the watch does not read: more than its window plus what we buffer unread
+        for i in range(100):
+            await ok(ch, PUT, put_request(b"h2c/slow/%d" % i, value), timeout_s=10)
+        assert call.stream is not None and call.stream.recv_window < 1 << 20  # the watch's window is spent
+        # ... and the connection still carries other calls
+        got = await ok(ch, RANGE, rpc_pb2.RangeRequest(key=b"h2c/slow/99").SerializeToString(), timeout_s=5)
+        assert rpc_pb2.RangeResponse.FromString(got).kvs[0].value == value
+        seen = 0
+        while seen < 100:
+            message = await asyncio.wait_for(call.recv(), 10)
+            assert message is not None
+            seen += len(rpc_pb2.WatchResponse.FromString(message).events)
+        assert seen == 100
+        call.cancel()
+
+    run(body, etcd_server.endpoint)
+
+
+def test_token_and_binary_metadata_reach_etcd(fresh_etcd: EtcdServer) -> None:
+    async def body(ch: Channel) -> None:
+        await ok(
+            ch, "/etcdserverpb.Auth/UserAdd", rpc_pb2.AuthUserAddRequest(name="root", password="pw").SerializeToString()
+        )
+        grant = rpc_pb2.AuthUserGrantRoleRequest(user="root", role="root").SerializeToString()
+        await ok(ch, "/etcdserverpb.Auth/UserGrantRole", grant)
+        await ok(ch, "/etcdserverpb.Auth/AuthEnable", rpc_pb2.AuthEnableRequest().SerializeToString())
+        auth = rpc_pb2.AuthenticateResponse.FromString(
+            await ok(
+                ch,
+                "/etcdserverpb.Auth/Authenticate",
+                rpc_pb2.AuthenticateRequest(name="root", password="pw").SerializeToString(),
+            )
+        )
+        code, message, _ = await ch.unary(PUT, put_request(b"k", b"v"))
+        assert (code, message) == (StatusCode.INVALID_ARGUMENT, "etcdserver: user name is empty")
+        metadata = (("token", auth.token), ("x-trace-bin", b"\x00\x01\xfe"))  # unpadded base64 for grpc-go
+        await ok(ch, PUT, put_request(b"k", b"v"), metadata=metadata)
+        code, message, _ = await ch.unary(PUT, put_request(b"k", b"v"), metadata=(("token", "bogus"),))
+        assert (code, message) == (StatusCode.UNAUTHENTICATED, "etcdserver: invalid auth token")
+
+    run(body, fresh_etcd.endpoint)
+
+
 def test_error_status_is_what_grpcio_gets(etcd_server: EtcdServer) -> None:
     request = rpc_pb2.RangeRequest(key=b"h2c/a", revision=10**9)
 
