@@ -242,6 +242,13 @@ def test_watch_validator_table(name: str, good: list[Rec], bad: list[Rec]) -> No
     assert found and all(x.validator == name for x in found), found
 
 
+def test_prev_kv_may_be_missing_once_the_revision_before_was_compacted() -> None:
+    compact = op("compact", {"revision": 4}, {}, 0.5, 0.6, 6)
+    events = [create(start=4, prev_kv=True), created(), resp(events=[bare(A4)], t=2.0)]
+    assert run("watch_prev_kv", history(*events))
+    assert run("watch_prev_kv", history(compact, *events)) == []
+
+
 def test_reliable_requires_the_tail_on_drained_streams_only() -> None:
     partial = [create(start=2), created(), resp(events=[A2, B3])]
     assert run("watch_reliable", history(*partial, drained=())) == []
