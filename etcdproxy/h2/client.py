@@ -536,8 +536,9 @@ class ClientConnection:
         self._queue(f.frame_head(f.DATA, f.END_STREAM, stream.id, 0))
 
     def writable(self, stream: ClientStream) -> bool:
-        """False while request DATA waits for window or a slot: a streaming sender should wait (``unblocked``)."""
-        return stream.pending is None and stream.id != 0
+        """False while request DATA waits (for window, or for a slot): a streaming sender should wait for
+        ``unblocked``, called once it has all left."""
+        return stream.pending is None
 
     def cancel(self, stream: ClientStream, code: int = CANCELLED, message: str = CANCEL_MESSAGE) -> None:
         """The caller abandons the call: RST_STREAM(CANCEL) if it was sent, and ``end`` with ``code``."""
@@ -556,7 +557,8 @@ class ClientConnection:
             progress = False
             for stream in list(blocked.values()):
                 pending = stream.pending
-                assert pending is not None
+                if not pending or blocked.get(stream.id) is not stream:
+                    continue  # drained meanwhile (an ``unblocked`` callback sent more and pumped)
                 chunk = pending[0]
                 offset = stream.pending_offset
                 room = min(self.send_window, stream.send_window, self.peer_max_frame)

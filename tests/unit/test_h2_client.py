@@ -554,3 +554,39 @@ def test_server_status_at_the_deadline_is_deadline_exceeded() -> None:
     s.feed(s.headers(3) + s.trailers(3, 2, "boom"))
     assert early.status == (2, "boom", False)  # before its deadline: the server's status as sent
     assert not any(s.conn._buckets.values())  # ended calls are not kept until their deadline
+
+
+def test_a_sender_that_sends_more_when_unblocked() -> None:
+    s = Server([(f.INITIAL_WINDOW_SIZE, 100)])
+
+    class Eager(App):
+        def unblocked(self, stream: ClientStream) -> None:
+            super().unblocked(stream)
+            if self.unblocked_count < 3:
+                s.conn.send(stream, b"y" * 150)  # more than the window again: pumped from inside the pump
+
+    apps = [Eager(), Eager()]
+    streams = [s.conn.open_stream(a, "/s/S", (), s.now) for a in apps]
+    for st in streams:
+        assert s.conn.writable(st)
+        s.conn.send(st, b"x" * 150)
+        assert not s.conn.writable(st)
+    s.take()
+    for _ in range(10):
+        s.feed(f.window_update(1, 100) + f.window_update(3, 100))
+    assert all(a.unblocked_count == 3 for a in apps) and all(s.conn.writable(st) for st in streams)
+
+
+def test_a_waiting_stream_is_writable_and_sends_once_started() -> None:
+    s = Server([(f.MAX_CONCURRENT_STREAMS, 1)])
+    s.unary()
+    app = s.app()
+    stream = s.conn.open_stream(app, "/s/S", (), s.now)
+    assert stream.id == 0 and s.conn.writable(stream)
+    s.conn.send(stream, b"queued")
+    s.conn.half_close(stream)
+    assert not s.conn.writable(stream)
+    s.take()
+    out = s.answer(1, b"r")
+    assert [(k, fl, sid) for k, fl, sid, _ in out] == [(f.HEADERS, f.END_HEADERS, 3), (f.DATA, f.END_STREAM, 3)]
+    assert out[1][3] == grpc_message(b"queued") and s.conn.writable(stream)
