@@ -170,8 +170,13 @@ class Supervisor:
                 log.info("upgrade: serving the inherited socket of --listen-addr %s", self.config.listen_addr)
             else:
                 self.listener = proc.bind_listener(self.config.listen_addr)
-            if inherited_metrics:
+            if inherited:
+                self.check_inherited(self.listener, self.config.listen_addr, "--listen-addr")
+            if inherited_metrics and not self.config.metrics_addr:  # the new config dropped it
+                socket.socket(fileno=int(inherited_metrics)).close()
+            elif inherited_metrics:
                 self.metrics_listener = proc.adopt_listener(int(inherited_metrics), self.config.metrics_addr)
+                self.check_inherited(self.metrics_listener, self.config.metrics_addr, "--metrics-addr")
             elif self.config.metrics_addr:
                 url = urlsplit(self.config.metrics_addr)
                 host = f"[{url.hostname}]" if url.hostname and ":" in url.hostname else url.hostname or ""
@@ -210,6 +215,15 @@ class Supervisor:
             ",".join(self.config.endpoints),
             self.run_dir,
         )
+
+    @staticmethod
+    def check_inherited(sock: socket.socket, addr: str, flag: str) -> None:
+        """An upgrade keeps the old listening socket even if the config now names another port: say so."""
+        port = sock.getsockname()[1]
+        if not addr.rstrip("/").endswith(f":{port}"):
+            log.warning(
+                "upgrade: %s is now %s, but the inherited socket listens on port %d; restart to move", flag, addr, port
+            )
 
     def write_control(self, draining: bool = False) -> None:
         """What running children re-read on SIGUSR1 (proc.apply_control): log level, draining."""

@@ -265,6 +265,9 @@ def test_sigusr2_upgrade_under_load(tmp_path: Path, etcd_server: EtcdServer) -> 
         old_children = workers(proxy.proc.pid)
         load = Load(f"{LOCALHOST}:{port}", b"upgrade/")
         time.sleep(1)
+        # an upgrade re-reads the file too; a new --listen-addr cannot apply (the socket is inherited)
+        moved = free_port()
+        write_config(config, moved, workers=2, metrics_addr=f"http://{LOCALHOST}:{metrics_port}")
         proxy.proc.send_signal(signal.SIGUSR2)
         wait_until(lambda: re.search(r"as pid (\d+); leaving once it serves", proxy.log()), 10, "the new supervisor")
         new_pid = int(re.findall(r"as pid (\d+); leaving once it serves", proxy.log())[0])
@@ -279,6 +282,9 @@ def test_sigusr2_upgrade_under_load(tmp_path: Path, etcd_server: EtcdServer) -> 
         assert status == 200  # the new hub serves the inherited metrics socket
         log = proxy.log()
         assert "upgrade: serving the inherited socket of --listen-addr" in log
+        assert (
+            f"upgrade: --listen-addr is now {LOCALHOST}:{moved}, but the inherited socket listens on port {port}" in log
+        )
         assert "STOPPING=1" not in log
         print(
             f"upgrade under load: {load.puts} puts, {load.ranges} ranges on fresh connections, "
