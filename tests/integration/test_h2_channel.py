@@ -293,7 +293,7 @@ def test_server_gone_ends_calls_unavailable(tmp_path: Path, etcd_bin: str) -> No
         run(body, etcd.endpoint, on_close=reasons.append)
     finally:
         etcd.stop()
-    assert len(reasons) == 1 and reasons[0]
+    assert len(reasons) == 1 and reasons[0], reasons
 
 
 def test_keepalive_pings_keep_a_quiet_connection_and_detect_a_frozen_server(tmp_path: Path, etcd_bin: str) -> None:
@@ -363,6 +363,52 @@ def test_runs_on_uvloop(etcd_server: EtcdServer) -> None:
         assert channel.closed.done()
 
     uvloop.run(main())
+
+
+def test_goaway_from_our_own_server_drains_gracefully() -> None:
+    """etcd closes without GOAWAY when stopped; our server's two-phase drain exercises it end to end."""
+    from etcdproxy.h2.protocol import Server, ServerOptions
+    from etcdproxy.h2.rpc import Context, Dispatcher, unary_unary
+    from etcdproxy.h2.server import Settings
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        release = asyncio.Event()
+
+        async def slow(request: bytes, context: Context) -> bytes:
+            await release.wait()
+            return request
+
+        async def echo(request: bytes, context: Context) -> bytes:
+            return request
+
+        handlers = {"/t.S/Slow": unary_unary(slow), "/t.S/Echo": unary_unary(echo)}
+        server = Server(Dispatcher(handlers, loop), ServerOptions(Settings()), loop)
+        await server.listen(host="127.0.0.1", port=0)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        reasons: list[str] = []
+        channel = Channel("127.0.0.1", port, on_close=reasons.append)
+        await channel.connect(5)
+        try:
+            held = asyncio.ensure_future(channel.unary("/t.S/Slow", b"held"))
+            assert await channel.unary("/t.S/Echo", b"x") == (0, "", b"x")
+            server.start_drain()
+            assert await asyncio.wait_for(channel.closed, 5) == "GOAWAY NO_ERROR: graceful_stop"
+            assert not channel.usable
+            code, _, _, unprocessed = await channel.unary_ex("/t.S/Echo", b"late")
+            assert (code, unprocessed) == (StatusCode.UNAVAILABLE, True)  # never sent: safe to retry elsewhere
+            await asyncio.sleep(1.2)  # the server's final GOAWAY (after our PING ack) names the held call's stream
+            assert channel.conn.goaway is not None and channel.conn.goaway[0] == 3
+            release.set()
+            assert await asyncio.wait_for(held, 5) == (0, "", b"held")
+            await asyncio.wait_for(channel._lost.wait(), 5)  # the connection ends with its last stream
+            assert reasons == ["GOAWAY NO_ERROR: graceful_stop"]
+        finally:
+            await channel.close()
+            server.close_listeners()
+            server.close_all()
+
+    asyncio.run(main())
 
 
 # ---- TLS -----------------------------------------------------------------------------------------------------
