@@ -1,0 +1,201 @@
+"""Transport behaviour the contract fixes beyond the RFC's MUSTs (notes/h2_contract.md): the SETTINGS we
+advertise, flow control towards the client (our windows respected, a blocked stream never holds up
+the others), the two-phase graceful GOAWAY on stop, and HTTP/1.1 health/metrics on the gRPC port.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+import pytest
+
+from etcdproxy.etcdpb import rpc_pb2, rpc_pb2_grpc
+from tests.h2.rawclient import (
+    ACK,
+    DATA,
+    GOAWAY,
+    HEADERS,
+    INITIAL_WINDOW_SIZE,
+    NO_ERROR,
+    PING,
+    WATCH_PATH,
+    H2Client,
+    range_request,
+    watch_create_request,
+)
+from tests.helpers import IMPL_GO, LOCALHOST, EtcdServer, ProxyProcess, http_get, proxy_impl
+
+pytestmark = pytest.mark.timeout(60)
+
+Connect = Callable[..., H2Client]
+
+BIG_KEY = b"h2transport/big"
+BIG_VALUE = b"B" * 1_000_000
+
+_CORE_NO_HTTP1 = "grpc-core answers an HTTP/1.1 request with its HTTP/2 SETTINGS (BadStatusLine)"
+DEVIATIONS: dict[str, dict[str, str]] = {
+    "go": {
+        "test_server_settings": "grpc-go: {MAX_CONCURRENT_STREAMS: 2^32-1, MAX_FRAME_SIZE: 16384}, no WINDOW_UPDATE",
+        "test_graceful_stop_two_phase_goaway": "etcd grpc-proxy closes on SIGTERM without any GOAWAY",
+        "test_stream_opened_after_goaway_is_not_processed": "etcd grpc-proxy closes on SIGTERM without any GOAWAY",
+        "test_http1_health_on_the_grpc_port[/proxy/health]": "Go probes the advertised URL, empty in these tests: "
+        '503 {"health":"false","reason":"no connection to proxy"}',
+    },
+    "grpcio": {
+        "test_server_settings": "grpc-core: INITIAL_WINDOW_SIZE and MAX_FRAME_SIZE 4 MiB, MAX_HEADER_LIST_SIZE 16384",
+        "test_http1_health_on_the_grpc_port[/health]": _CORE_NO_HTTP1,
+        "test_http1_health_on_the_grpc_port[/proxy/health]": _CORE_NO_HTTP1,
+        "test_http1_metrics_on_the_grpc_port": _CORE_NO_HTTP1,
+        "test_http1_unknown_path_is_404": _CORE_NO_HTTP1,
+        "test_http1_then_grpc_still_served": _CORE_NO_HTTP1,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def big_value(etcd_server: EtcdServer) -> Iterator[None]:
+    with grpc.insecure_channel(etcd_server.endpoint) as ch:
+        rpc_pb2_grpc.KVStub(ch).Put(rpc_pb2.PutRequest(key=BIG_KEY, value=BIG_VALUE), timeout=10)
+    yield
+
+
+def test_server_settings(h2c: H2Client) -> None:
+    """MAX_CONCURRENT_STREAMS 2^31-1 (etcd's default 2^32-1 clamped), INITIAL_WINDOW_SIZE 1 MiB and a
+    connection WINDOW_UPDATE to 16 MiB, MAX_HEADER_LIST_SIZE 65536, no ENABLE_PUSH, default MAX_FRAME_SIZE."""
+    s = h2c.server_settings
+    assert s.get(0x3) == 2**31 - 1, s
+    assert s.get(0x4) == 1 << 20, s
+    assert s.get(0x6) == 65536, s
+    assert 0x2 not in s and s.get(0x5, 16384) == 16384, s
+    updates = [f.increment for f in h2c.received if f.type == 0x8 and f.stream_id == 0]
+    assert 65535 + sum(updates) == 16 << 20, updates
+
+
+def test_response_respects_our_windows(connect: Connect, big_value: None) -> None:
+    """A 1 MB Range response with our default windows (65,535, no connection update): the server never
+    sends more DATA than the stream and connection windows we granted, and finishes as we grant more."""
+    c = connect(window=65535)
+    sid = c.start_request(body=range_request(BIG_KEY))
+    credit = {"conn": 65535, "stream": 65535}
+    got = {"conn": 0, "stream": 0}
+    deadline = time.monotonic() + 20
+    while not c.responses.get(sid) or not c.responses[sid].ended:
+        f = c.read_frame(max(0.1, deadline - time.monotonic()))
+        assert f is not None, f"stalled after {got}"
+        if f.type != DATA or not f.payload:
+            continue
+        got["conn"] += len(f.payload)
+        if f.stream_id == sid:
+            got["stream"] += len(f.payload)
+        assert got["conn"] <= credit["conn"] and got["stream"] <= credit["stream"], (got, credit)
+        # grant back in 32 KiB steps, like a slow reader
+        if credit["conn"] - got["conn"] < 32768:
+            c.send_window_update(0, 32768)
+            credit["conn"] += 32768
+        if credit["stream"] - got["stream"] < 32768:
+            c.send_window_update(sid, 32768)
+            credit["stream"] += 32768
+    r = c.responses[sid]
+    assert r.grpc_status == 0, str(r)
+    assert rpc_pb2.RangeResponse.FromString(r.messages[0]).kvs[0].value == BIG_VALUE
+
+
+def test_blocked_stream_does_not_block_others(connect: Connect, big_value: None) -> None:
+    """A stream whose window we never open (a big response half sent) must not hold up other streams."""
+    c = connect(settings=[(INITIAL_WINDOW_SIZE, 65535)])
+    blocked = c.start_request(body=range_request(BIG_KEY))
+    c.read_until(lambda f: f.type == DATA and f.stream_id == blocked, what="the big response's first DATA")
+    for _ in range(3):
+        started = time.monotonic()
+        r = c.unary(timeout=5)
+        assert r.grpc_status == 0, str(r)
+        assert time.monotonic() - started < 2
+    assert not c.responses[blocked].ended
+    c.send_rst(blocked)
+
+
+def test_initial_window_change_applies_to_open_streams(connect: Connect, big_value: None) -> None:
+    """RFC 9113 6.9.2: raising SETTINGS_INITIAL_WINDOW_SIZE widens the windows of streams already open."""
+    c = connect(settings=[(INITIAL_WINDOW_SIZE, 1000)])
+    sid = c.start_request(body=range_request(BIG_KEY))
+    c.read_until(lambda f: f.type == DATA and f.stream_id == sid, what="first DATA")
+    c.drain(0.3)
+    before = len(c.responses[sid].data)
+    assert before <= 1000, before
+    c.send_settings([(INITIAL_WINDOW_SIZE, 2_000_000)])
+    r = c.read_response(sid, timeout=20)
+    assert r.grpc_status == 0 and len(r.data) > 1_000_000, str(r)
+
+
+def test_graceful_stop_two_phase_goaway(proxy: Callable[..., ProxyProcess]) -> None:
+    """On SIGTERM: GOAWAY(2^31-1, NO_ERROR) and a PING; after our PING ACK, GOAWAY(last stream id);
+    the open streams are then ended by the server and the connection closes."""
+    p = proxy(workers=1, extra_args=() if proxy_impl() == IMPL_GO else ("--graceful-timeout=3s",))
+    c = H2Client(LOCALHOST, p.port, timeout=10).connect()
+    try:
+        sid = c.start_request(WATCH_PATH, watch_create_request(b"h2transport/graceful"), end_stream=False)
+        c.read_until(lambda f: f.type == DATA and f.stream_id == sid, what="created")
+        p.proc.send_signal(signal.SIGTERM)
+        first = c.expect_goaway(timeout=10)
+        assert (first.last_stream_id, first.error_code) == (2**31 - 1, NO_ERROR), str(first)
+        frames = c.read_until(lambda f: f.type == GOAWAY, timeout=5, what="the second GOAWAY")
+        pings = [f for f in c.received if f.type == PING and not f.flags & ACK]
+        assert pings, "the first GOAWAY must be followed by a PING"
+        second = frames[-1]
+        assert (second.last_stream_id, second.error_code) == (sid, NO_ERROR), str(second)
+        c.expect_closed(10)
+    finally:
+        c.close()
+        p.stop()
+        proxy.started.remove(p)  # type: ignore[attr-defined]
+
+
+def test_stream_opened_after_goaway_is_not_processed(proxy: Callable[..., ProxyProcess]) -> None:
+    """After the final GOAWAY, a new stream above its last-stream-id is ignored or refused, never served."""
+    p = proxy(workers=1, extra_args=() if proxy_impl() == IMPL_GO else ("--graceful-timeout=3s",))
+    c = H2Client(LOCALHOST, p.port, timeout=10).connect()
+    try:
+        sid = c.start_request(WATCH_PATH, watch_create_request(b"h2transport/late"), end_stream=False)
+        c.read_until(lambda f: f.type == DATA and f.stream_id == sid, what="created")
+        p.proc.send_signal(signal.SIGTERM)
+        c.read_until(lambda f: f.type == GOAWAY and f.last_stream_id < 2**31 - 1, timeout=10, what="final GOAWAY")
+        late = c.start_request(body=range_request())
+        try:
+            r = c.read_response(late, timeout=5)
+        except AssertionError:
+            return  # ignored: fine
+        assert r.grpc_status != 0 or r.reset is not None or r.closed, str(r)
+    finally:
+        c.close()
+        p.stop()
+        proxy.started.remove(p)  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- HTTP/1.1 on the gRPC port
+
+
+@pytest.mark.parametrize("path", ["/health", "/proxy/health"])
+def test_http1_health_on_the_grpc_port(shared_proxy: ProxyProcess, path: str) -> None:
+    status, body = http_get(f"http://{shared_proxy.endpoint}{path}", timeout=5)
+    assert status == 200 and '"health":"true"' in body.replace(" ", ""), (status, body)
+
+
+def test_http1_metrics_on_the_grpc_port(shared_proxy: ProxyProcess) -> None:
+    status, body = http_get(f"http://{shared_proxy.endpoint}/metrics", timeout=5)
+    assert status == 200 and "# TYPE" in body, (status, body[:200])
+
+
+def test_http1_unknown_path_is_404(shared_proxy: ProxyProcess) -> None:
+    status, _ = http_get(f"http://{shared_proxy.endpoint}/nope", timeout=5)
+    assert status == 404
+
+
+def test_http1_then_grpc_still_served(shared_proxy: ProxyProcess, h2c: H2Client) -> None:
+    """HTTP/1.1 and HTTP/2 connections share the port: one does not disturb the other."""
+    http_get(f"http://{shared_proxy.endpoint}/health", timeout=5)
+    r = h2c.unary()
+    assert r.grpc_status == 0 and r.header(":status") == "200", str(r)
+    assert any(f.type == HEADERS for f in h2c.received)
