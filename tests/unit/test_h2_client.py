@@ -590,3 +590,62 @@ def test_a_waiting_stream_is_writable_and_sends_once_started() -> None:
     out = s.answer(1, b"r")
     assert [(k, fl, sid) for k, fl, sid, _ in out] == [(f.HEADERS, f.END_HEADERS, 3), (f.DATA, f.END_STREAM, 3)]
     assert out[1][3] == grpc_message(b"queued") and s.conn.writable(stream)
+
+
+def test_settings_ack_timeout() -> None:
+    s = Server(handshake=False)
+    s.feed(f.settings([]))  # SETTINGS, but never an ACK of ours
+    s.conn.tick(s.now + 9, 0.0, 20.0)
+    assert not s.conn.closed
+    s.conn.tick(s.now + 11, 0.0, 20.0)
+    assert s.conn.closed and goaway_of(s.take()) == (0, f.SETTINGS_TIMEOUT)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        f.frame(f.PRIORITY, 0, 1, b"\x00\x00\x00\x00\x10"),  # advisory: ignored
+        f.frame(0x42, 0, 0, b"unknown type"),  # RFC 9113 5.5: ignored
+        f.frame(f.WINDOW_UPDATE, 0, 1, (1).to_bytes(4, "big")),
+        f.frame(f.SETTINGS, 0, 0, b""),
+    ],
+)
+def test_frames_that_change_nothing_for_the_call(frame: bytes) -> None:
+    s = Server()
+    app, _ = s.unary()
+    s.take()
+    s.feed(frame)
+    s.answer(1, b"fine")
+    assert app.status == (0, "", False) and not s.conn.closed
+
+
+def test_padded_and_prioritized_response_headers() -> None:
+    s = Server()
+    app, _ = s.unary()
+    block = s.encoder.encode([(":status", "200"), ("content-type", "application/grpc")])
+    payload = b"\x02" + b"\x00\x00\x00\x00\x10" + block + b"\x00\x00"  # pad length, priority fields, padding
+    s.feed(f.frame(f.HEADERS, f.END_HEADERS | f.PADDED | f.PRIORITY_FLAG, 1, payload))
+    s.feed(s.data(1, grpc_message(b"ok")) + s.trailers(1))
+    assert app.status == (0, "", False) and app.messages == [b"ok"]
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (f.rst_stream(9, f.CANCEL), f.PROTOCOL_ERROR),  # an idle stream
+        (f.frame(f.WINDOW_UPDATE, 0, 0, (0).to_bytes(4, "big")), f.PROTOCOL_ERROR),
+        (f.frame(f.WINDOW_UPDATE, 0, 0, (2**31 - 1).to_bytes(4, "big")), f.FLOW_CONTROL_ERROR),
+        (f.frame(f.PING, 0, 0, b"short"), f.FRAME_SIZE_ERROR),
+        (f.frame(f.SETTINGS, 0, 0, b"12345"), f.FRAME_SIZE_ERROR),
+        (f.frame(f.CONTINUATION, f.END_HEADERS, 1, b""), f.PROTOCOL_ERROR),
+        (f.frame(f.HEADERS, f.END_HEADERS, 1, b"\xff\xff\xff\xff\xff"), f.COMPRESSION_ERROR),
+        (f.goaway(1, 0) + f.goaway(3, 0), f.PROTOCOL_ERROR),  # a GOAWAY may only lower the last stream id
+    ],
+)
+def test_protocol_errors_from_the_server(frame: bytes, code: int) -> None:
+    s = Server()
+    app, _ = s.unary()
+    s.take()
+    out = s.feed(frame)
+    assert goaway_of(out) == (0, code) and s.conn.closed
+    assert app.status is not None and app.status[0] == 14
