@@ -31,7 +31,7 @@ from tests.h2.rawclient import (
     range_request,
     watch_create_request,
 )
-from tests.helpers import ProxyProcess, Stubs, connect
+from tests.helpers import ProxyProcess, Stubs, connect, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -46,6 +46,8 @@ DEVIATIONS: dict[str, dict[str, str]] = {
         "test_grpc_timeout_malformed[123456789S]": _GO_TIMEOUT_RST,
         "test_grpc_timeout_malformed[-1S]": "grpc-go takes it as an expired deadline: 4 'context deadline exceeded'",
         "test_grpc_timeout_malformed[S]": _GO_TIMEOUT_RST,
+        "test_upstream_error_is_trailers_only": "the Go proxy relays it as grpc-status 2 (Unknown), same message",
+        "test_client_goaway_then_close": "grpc-go keeps the connection open (nothing within 5 s)",
     },
     "grpcio": {
         "test_method_not_post_is_405": "grpc-core answers RST_STREAM INTERNAL_ERROR, no :status 405",
@@ -57,6 +59,7 @@ DEVIATIONS: dict[str, dict[str, str]] = {
         "test_grpc_timeout_malformed[S]": _CORE_TIMEOUT,
         "test_grpc_encoding_unknown": "grpc-core: grpc-status 13 \"Error parsing 'grpc-encoding' metadata\"",
         "test_message_larger_than_the_limit": "grpc-core: 8 'SERVER: Received message larger than max (... vs. ...)'",
+        "test_client_goaway_then_close": "grpc-core keeps the connection open (nothing within 5 s)",
     },
 }
 
@@ -251,3 +254,43 @@ def test_cancel_then_connection_still_serves(h2c: H2Client) -> None:
     h2c.expect_alive()
     assert h2c.responses[other].reset is None and not h2c.responses[other].ended, str(h2c.responses[other])
     h2c.send_rst(other)
+
+
+def test_upstream_error_is_trailers_only(h2c: H2Client) -> None:
+    """An error etcd answers (Range without a key: InvalidArgument) comes back as one HEADERS frame with
+    :status 200, content-type, grpc-status and grpc-message, END_STREAM set."""
+    r = h2c.unary(body=rpc_pb2.RangeRequest().SerializeToString())
+    assert_trailers_only(r)
+    assert r.grpc_status == 3 and r.grpc_message == "etcdserver: key is not provided", str(r)
+
+
+def test_cancel_reaches_etcd(h2c: H2Client, stubs: Stubs) -> None:
+    """RST_STREAM CANCEL on a Lock blocked behind a held lock: the forwarded call is cancelled too, so
+    etcd's lock service withdraws the waiter's key (it would stay while the call lived)."""
+    holder = stubs.lease.LeaseGrant(rpc_pb2.LeaseGrantRequest(TTL=60)).ID
+    waiter = stubs.lease.LeaseGrant(rpc_pb2.LeaseGrantRequest(TTL=60)).ID
+    name = f"h2grpc/cancel-lock-{time.monotonic_ns()}".encode()
+    prefix = rpc_pb2.RangeRequest(key=name + b"/", range_end=name + b"0", count_only=True)
+    try:
+        stubs.lock.Lock(v3lock_pb2.LockRequest(name=name, lease=holder), timeout=10)
+        body = v3lock_pb2.LockRequest(name=name, lease=waiter).SerializeToString()
+        sid = h2c.start_request("/v3lockpb.Lock/Lock", body)
+        wait_until(lambda: stubs.kv.Range(prefix).count == 2, 10, "the waiter's key")
+        h2c.send_rst(sid)
+        wait_until(lambda: stubs.kv.Range(prefix).count == 1, 10, "the waiter's key to go after the cancel")
+        h2c.expect_alive()
+    finally:
+        for lease in (holder, waiter):
+            stubs.lease.LeaseRevoke(rpc_pb2.LeaseRevokeRequest(ID=lease))
+
+
+def test_client_goaway_then_close(h2c: H2Client) -> None:
+    """GOAWAY from the client: the stream in flight finishes, then the server closes the connection."""
+    sid = h2c.start_request(WATCH_PATH, watch_create_request(b"h2grpc/goaway"), end_stream=False)
+    h2c.read_until(lambda f: f.type == DATA and f.stream_id == sid, what="created")
+    unary = h2c.start_request(body=range_request())
+    h2c.send_goaway(last_stream_id=0)
+    r = h2c.read_response(unary)
+    assert r.grpc_status == OK, str(r)
+    h2c.send_rst(sid)  # the last open stream ends: nothing keeps the connection
+    h2c.expect_closed(5)
