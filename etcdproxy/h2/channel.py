@@ -243,6 +243,7 @@ class _Protocol(asyncio.Protocol):
         ch._transport = None
         if not ch._ready.done():
             ch._ready.set_exception(ConnectionResetError(reason))
+            ch._ready.exception()  # connect() may have given up already: no "never retrieved" report
         ch._signal_closed(ch.conn.close_reason or reason)
         ch._lost.set()
 

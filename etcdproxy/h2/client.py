@@ -645,10 +645,11 @@ class ClientConnection:
             stream_id &= 0x7FFFFFFF
             payload = data[pos + 9 : end]
             pos = end
-            if not self.ready and kind != f.SETTINGS:
-                raise _ConnectionError(f.PROTOCOL_ERROR, "the server preface must start with SETTINGS")
-            if self._cont is not None and kind != f.CONTINUATION:
-                raise _ConnectionError(f.PROTOCOL_ERROR, "expected CONTINUATION")
+            if self._cont is not None or not self.ready:
+                if not self.ready and kind != f.SETTINGS:
+                    raise _ConnectionError(f.PROTOCOL_ERROR, "the server preface must start with SETTINGS")
+                if self._cont is not None and kind != f.CONTINUATION:
+                    raise _ConnectionError(f.PROTOCOL_ERROR, "expected CONTINUATION")
             if kind == f.DATA:
                 self._data(stream_id, flags, payload, length)
             elif kind == f.HEADERS:
