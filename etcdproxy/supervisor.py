@@ -40,6 +40,7 @@ KILL_WAIT_S = 5.0  # how long to wait for a SIGKILLed child before giving up on 
 ENV_LISTEN_FD = "ETCDPROXY_INHERITED_LISTEN_FD"
 ENV_METRICS_FD = "ETCDPROXY_INHERITED_METRICS_FD"
 ENV_UPGRADE_FD = "ETCDPROXY_UPGRADE_FD"
+UPGRADE_TIMEOUT_S = 60.0  # a new supervisor not serving by then is stopped; the old one keeps serving
 
 
 @dataclass(slots=True)
@@ -121,6 +122,7 @@ class Supervisor:
         self.metrics_listener: socket.socket | None = None  # --metrics-addr, bound here, served by the hub
         self.upgrade: subprocess.Popen[bytes] | None = None  # SIGUSR2: the new supervisor, until it serves
         self.upgrade_r = -1  # read end of its readiness pipe
+        self.upgrade_deadline = 0.0  # monotonic
         self.upgrade_w = -1  # in the new supervisor: the write end, written once we serve
         self.etcd: EmbeddedEtcd | None = None
         # None while running, then "graceful" (TERM), "fast" (INT, QUIT, errors) or "upgraded" (the new
@@ -258,6 +260,7 @@ class Supervisor:
             self.respawn_due()
             self.check_heartbeats()
             self.maybe_announce()
+            self.check_upgrade()
 
     def next_timeout(self) -> float:
         now = time.monotonic()
@@ -631,7 +634,22 @@ class Supervisor:
         os.close(write_fd)
         os.set_blocking(read_fd, False)
         self.upgrade_r = read_fd
+        self.upgrade_deadline = time.monotonic() + UPGRADE_TIMEOUT_S
         log.info("SIGUSR2: upgrading: started %s as pid %d; leaving once it serves", " ".join(argv), self.upgrade.pid)
+
+    def check_upgrade(self) -> None:
+        if self.upgrade_r < 0 or self.upgrade is None or time.monotonic() < self.upgrade_deadline:
+            return
+        log.error(
+            "upgrade: the new supervisor pid %d does not serve after %.0f s; stopping it, this one keeps serving",
+            self.upgrade.pid,
+            UPGRADE_TIMEOUT_S,
+        )
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.upgrade.pid, signal.SIGTERM)
+        os.close(self.upgrade_r)
+        self.upgrade_r = -1
+        self.upgrade = None
 
     def read_upgrade(self) -> None:
         try:

@@ -10,7 +10,9 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -292,5 +294,61 @@ def test_sigusr2_upgrade_under_load(tmp_path: Path, etcd_server: EtcdServer) -> 
         )
     finally:
         proxy.stop()
+        if new_pid:
+            stop_pid_tree(new_pid)
+
+
+DUMMY = """
+import asyncio, signal
+from etcdproxy import proc, supervisor
+from etcdproxy.cli import main
+
+async def child(config, spec):
+    proc.child_init(spec, config.debug)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    heartbeat = asyncio.create_task(proc.heartbeat_loop(spec, 0.2))
+    proc.notify_ready(spec)
+    await stop.wait()
+    heartbeat.cancel()
+    return 0
+
+supervisor.run_child = lambda config, spec: asyncio.run(child(config, spec))
+main()
+"""
+
+
+@pytest.mark.timeout(90)
+def test_failed_upgrade_keeps_the_old_supervisor(tmp_path: Path) -> None:
+    """Supervisor mechanics only (dummy children, no etcd): a new supervisor that cannot start leaves the old
+    one serving; a good one takes over and the old one exits 0."""
+    script = tmp_path / "dummy.py"
+    script.write_text(DUMMY)
+    port = free_port()
+    config = tmp_path / "etcdproxy.yaml"
+    write_config(config, port, workers=1)
+    log_path = tmp_path / "dummy.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "PROMETHEUS_MULTIPROC_DIR")}
+    env.update(PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    with log_path.open("ab") as log:
+        old = subprocess.Popen(
+            [sys.executable, str(script), f"--config-file={config}"], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+    new_pid = 0
+    try:
+        wait_until(lambda: READY_LINE in log_path.read_text(), 30, "dummy start")
+        config.write_text("workers: many\n")  # the new supervisor exits 1 at once
+        old.send_signal(signal.SIGUSR2)
+        wait_until(lambda: "ended before it served; this one keeps serving" in log_path.read_text(), 30, "failure")
+        assert old.poll() is None
+        write_config(config, port, workers=2)
+        old.send_signal(signal.SIGUSR2)
+        assert old.wait(30) == 0
+        new_pid = int(re.findall(r"as pid (\d+); leaving once it serves", log_path.read_text())[-1])
+        assert len(workers(new_pid)) == 2  # the new supervisor read the new file
+        with socket.create_connection((LOCALHOST, port), timeout=5):  # the port never closed
+            pass
+    finally:
+        stop_process_tree(old)
         if new_pid:
             stop_pid_tree(new_pid)
