@@ -349,6 +349,7 @@ class PutLoad:
         self.prefix = prefix
         self.interval = 1.0 / rate
         self.ok_revisions: list[int] = []
+        self.latencies: list[float] = []
         self.failures: collections.Counter[str] = collections.Counter()
         self.stopping = threading.Event()
         self.channels = [_channel(endpoint) for _ in range(clients)]
@@ -361,9 +362,11 @@ class PutLoad:
         n = 0
         while not self.stopping.is_set():
             n += 1
+            started = time.monotonic()
             try:
                 resp = kv.Put(rpc_pb2.PutRequest(key=self.prefix + b"%d/%d" % (i, n), value=b"v"), timeout=T)
                 self.ok_revisions.append(resp.header.revision)
+                self.latencies.append(time.monotonic() - started)
             except grpc.RpcError as exc:
                 self.failures[f"{exc.code().name}: {exc.details()}"] += 1
             time.sleep(self.interval)
@@ -498,7 +501,12 @@ def _client_main(argv: list[str]) -> None:
         load = PutLoad(endpoint, prefix.encode())
         _wait_for(Path(stop))
         load.close()
-        result = {"ok_revisions": load.ok_revisions, "failures": dict(load.failures)}
+        lat = sorted(load.latencies) or [0.0]
+        result = {
+            "ok_revisions": load.ok_revisions,
+            "failures": dict(load.failures),
+            "latency_s": {"p50": lat[len(lat) // 2], "p99": lat[int(len(lat) * 0.99)], "max": lat[-1]},
+        }
     else:
         watcher = WatchClient(endpoint, prefix.encode(), int(start))
         if not watcher.created.wait(T):
@@ -618,8 +626,9 @@ def test_rolling_restart_loses_nothing(etcd_server: EtcdServer, tmp_path: Path) 
         lost = [r for r in expected if r not in seen]
         repeated = {r: n for r, n in seen.items() if n > 1}
         summary = (
-            f"\nrolling restart: {len(ok_revisions)} Puts ok, {sum(failures.values())} failed "
-            f"{failures}; watch events {len(watcher_revisions)}, lost {len(lost)}, "
+            f"\nrolling restart: {len(ok_revisions)} Puts ok, {sum(failures.values())} failed, latency "
+            + " ".join(f"{k} {v:.3f}s" for k, v in puts["latency_s"].items())
+            + f" {failures}; watch events {len(watcher_revisions)}, lost {len(lost)}, "
             f"repeated {len(repeated)}; watch stream ends {stream_ends}; " + "; ".join(timeline)
         )
         summary += f"; HAProxy connections retried: {haproxy.retried_connections()}"
