@@ -263,8 +263,8 @@ class ResponseInfo:
                 phrase = http.HTTPStatus(number).phrase
             except ValueError:
                 phrase = "Unknown"
-            message = f"unexpected HTTP status code received from server: {number} ({phrase})"
-            self.http_error = (HTTP_TO_GRPC.get(number, UNKNOWN), message)
+            text = f"unexpected HTTP status code received from server: {number} ({phrase})"
+            self.http_error = (HTTP_TO_GRPC.get(number, UNKNOWN), text)
         elif (
             content_type is None
             or not (

@@ -55,12 +55,13 @@ def run(body: Callable[[Channel], Awaitable[T]], endpoint: str, **kwargs: Any) -
 
 
 def put_request(key: bytes, value: bytes, lease: int = 0) -> bytes:
-    return rpc_pb2.PutRequest(key=key, value=value, lease=lease).SerializeToString()
+    data: bytes = rpc_pb2.PutRequest(key=key, value=value, lease=lease).SerializeToString()
+    return data
 
 
 async def ok(channel: Channel, path: str, request: bytes, **kwargs: Any) -> bytes:
     code, message, payload = await channel.unary(path, request, **kwargs)
-    assert (code, message) == (0, "") and payload is not None
+    assert (code, message) == (0, "") and isinstance(payload, bytes)
     return payload
 
 
