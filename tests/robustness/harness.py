@@ -297,11 +297,13 @@ def run(cfg: RunConfig) -> Result:
         "growth": result.growth,
     }
     path.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1))
-    if not result.ok():
-        # pytest keeps only its last 3 tmp dirs: a failing history is also copied here
-        keep = Path(os.environ.get("ROBUSTNESS_KEEP_DIR", "/tmp/etcdproxy-robustness/kept"))
-        with contextlib.suppress(OSError):
-            keep.mkdir(parents=True, exist_ok=True)
+    # pytest keeps only its last 3 tmp dirs: every summary, and a failing history, also go here
+    keep = Path(os.environ.get("ROBUSTNESS_KEEP_DIR", "/tmp/etcdproxy-robustness/kept"))
+    with contextlib.suppress(OSError):
+        keep.mkdir(parents=True, exist_ok=True)
+        with (keep / "summaries.jsonl").open("a") as f:
+            f.write(json.dumps({**summary, "history": str(path)}) + "\n")
+        if not result.ok():
             shutil.copy(path, keep / path.name)
             result.kept = keep / path.name
     return result

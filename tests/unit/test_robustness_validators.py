@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.robustness import validators as v
+from tests.robustness.harness import growth
 from tests.robustness.history import History, Recorder, load
 from tests.robustness.model import Replay, in_range, prefix_end
 
@@ -396,3 +397,14 @@ def test_leases_expire() -> None:
 def test_check_counts() -> None:
     report = v.check(history(*WATCH_OK, rng("a", "d", [kv("a", 4, "v2", create=2, version=2), kv("c", 6)], 6, 3.2)))
     assert report.violations == [] and report.watch_events == 5 and report.watchers == 1 and report.operations == 1
+
+
+def test_growth_of_proxy_processes() -> None:
+    def samples(pid: int, rss: list[int], fds: list[int]) -> list[Rec]:
+        return [{"pid": pid, "title": "w", "rss_kb": r, "fds": f} for r, f in zip(rss, fds, strict=True)]
+
+    flat = samples(1, [50_000, 52_000, 49_000, 51_000, 50_500, 50_000, 51_000, 50_000], [30] * 8)
+    leaking = samples(2, [50_000 + 10_000 * i for i in range(8)], [30 + 10 * i for i in range(8)])
+    short = samples(3, [1, 100_000], [1, 500])  # too few samples to judge
+    found = growth(flat + leaking + short)
+    assert len(found) == 2 and all(f.startswith("pid 2 ") for f in found), found
