@@ -39,7 +39,7 @@ Reply = tuple[int, str, bytes | None]
 
 
 class _Unary:
-    """The application object of a unary call: one message, then the status."""
+    """The application object of a unary call: one message, then the status (to a future)."""
 
     __slots__ = ("future", "payload", "unprocessed")
 
@@ -77,6 +77,26 @@ class _Unary:
             self.future.set_result((code, message, payload))
 
 
+class _UnaryCallback(_Unary):
+    """A unary call answered through a callback instead of a future (no await, no Task wake-up)."""
+
+    __slots__ = ("done", "finished")
+
+    def __init__(self, done: Callable[[int, str, bytes | None, bool], None]) -> None:
+        self.done = done
+        self.finished = False
+        self.payload = None
+        self.unprocessed = False
+
+    def _resolve(self, code: int, message: str, payload: bytes | None) -> None:
+        if not self.finished:
+            self.finished = True
+            try:
+                self.done(code, message, payload, self.unprocessed)
+            except Exception:
+                log.exception("unary callback failed")
+
+
 class _Discard:
     """Takes what a call already answered still receives."""
 
@@ -109,13 +129,23 @@ class StreamCall:
         "code",
         "details",
         "initial_metadata",
+        "on_end",
+        "on_message",
         "stream",
         "trailers",
         "unprocessed",
     )
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(
+        self,
+        channel: Channel,
+        on_message: Callable[[bytes], None] | None = None,
+        on_end: Callable[[StreamCall], None] | None = None,
+    ) -> None:
         self._channel = channel
+        # callback mode: each message goes to on_message as it arrives (and counts as consumed), no recv()
+        self.on_message = on_message
+        self.on_end = on_end
         self._messages: deque[bytes] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._writable_waiter: asyncio.Future[None] | None = None
@@ -133,6 +163,11 @@ class StreamCall:
         self.initial_metadata = headers
 
     def message(self, stream: ClientStream, message: bytes) -> None:
+        on_message = self.on_message
+        if on_message is not None:
+            self._channel.conn.consumed(stream, len(message))
+            on_message(message)
+            return
         self._messages.append(message)
         waiter = self._waiter
         if waiter is not None:
@@ -149,6 +184,11 @@ class StreamCall:
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
         self._waiter = self._writable_waiter = None
+        if self.on_end is not None:
+            try:
+                self.on_end(self)
+            except Exception:
+                log.exception("stream end callback failed")
 
     def unblocked(self, stream: ClientStream) -> None:
         waiter = self._writable_waiter
@@ -451,9 +491,39 @@ class Channel:
             raise
         return code, message, reply, app.unprocessed
 
-    def stream(self, path: str, metadata: Metadata = (), timeout_s: float | None = None) -> StreamCall:
-        """Open a streaming call (HEADERS leave with this loop turn's write)."""
-        call = StreamCall(self)
+    def start_unary(
+        self,
+        path: str,
+        payload: bytes,
+        metadata: Metadata,
+        timeout_s: float | None,
+        done: Callable[[int, str, bytes | None, bool], None],
+    ) -> ClientStream:
+        """A unary call without a coroutine: ``done(code, message, payload or None, unprocessed)`` is called
+        once, from the event loop (possibly before this returns, e.g. on a closed channel). The returned
+        stream can be given to ``cancel``. For callers that issue many calls per loop turn (the hub)."""
+        now = self.loop.time()
+        deadline = None if timeout_s is None else now + timeout_s
+        stream = self.conn.open_unary(_UnaryCallback(done), path, metadata, payload, now, deadline)
+        if deadline is not None and not stream.ended:
+            self._arm_deadline(self.conn.due_time(deadline))
+        return stream
+
+    def cancel(self, stream: ClientStream) -> None:
+        """Cancel a call started with ``start_unary`` (RST_STREAM CANCEL; its callback gets CANCELLED)."""
+        self.conn.cancel(stream)
+
+    def stream(
+        self,
+        path: str,
+        metadata: Metadata = (),
+        timeout_s: float | None = None,
+        on_message: Callable[[bytes], None] | None = None,
+        on_end: Callable[[StreamCall], None] | None = None,
+    ) -> StreamCall:
+        """Open a streaming call (HEADERS leave with this loop turn's write). With ``on_message``, messages are
+        handed over as they arrive instead of through ``recv``; ``on_end(call)`` follows the last one."""
+        call = StreamCall(self, on_message, on_end)
         now = self.loop.time()
         deadline = None if timeout_s is None else now + timeout_s
         call.stream = self.conn.open_stream(call, path, metadata, now, deadline)

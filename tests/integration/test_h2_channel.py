@@ -134,6 +134,70 @@ def test_token_and_binary_metadata_reach_etcd(fresh_etcd: EtcdServer) -> None:
     run(body, fresh_etcd.endpoint)
 
 
+def test_callback_calls_and_streams(etcd_server: EtcdServer) -> None:
+    """The coroutine-free API: start_unary with a done callback, streams with on_message/on_end."""
+
+    async def body(ch: Channel) -> None:
+        loop = asyncio.get_running_loop()
+        await ok(ch, PUT, put_request(b"h2c/cb", b"v"))
+        results: list[tuple[int, str, bytes | None, bool]] = []
+        all_done = loop.create_future()
+
+        def done(code: int, message: str, payload: bytes | None, unprocessed: bool) -> None:
+            results.append((code, message, payload, unprocessed))
+            if len(results) == 100:
+                all_done.set_result(None)
+
+        request = rpc_pb2.RangeRequest(key=b"h2c/cb").SerializeToString()
+        for _ in range(100):
+            ch.start_unary(RANGE, request, (), 5.0, done)
+        await asyncio.wait_for(all_done, 10)
+        assert {(r[0], r[3]) for r in results} == {(0, False)}
+        assert {rpc_pb2.RangeResponse.FromString(r[2]).kvs[0].value for r in results if r[2]} == {b"v"}
+
+        events: list[bytes] = []
+        created = loop.create_future()
+        ended = loop.create_future()
+
+        def on_message(message: bytes) -> None:
+            response = rpc_pb2.WatchResponse.FromString(message)
+            if response.created:
+                created.set_result(None)
+            events.extend(e.kv.key for e in response.events)
+
+        call = ch.stream(WATCH, on_message=on_message, on_end=lambda c: ended.set_result((c.code, c.details)))
+        create = rpc_pb2.WatchCreateRequest(key=b"h2c/cb/", range_end=b"h2c/cb0")
+        call.send(rpc_pb2.WatchRequest(create_request=create).SerializeToString())
+        await asyncio.wait_for(created, 5)
+        for i in range(3):
+            await ok(ch, PUT, put_request(b"h2c/cb/%d" % i, b"x"))
+        await asyncio.to_thread(wait_until, lambda: len(events) == 3, 5, "events by callback")
+        assert events == [b"h2c/cb/0", b"h2c/cb/1", b"h2c/cb/2"]
+        call.cancel()
+        assert await asyncio.wait_for(ended, 5) == (StatusCode.CANCELLED, "context canceled")
+
+        # a cancelled callback call, and one on a closed channel (answered at once, never sent)
+        cancelled: list[tuple[int, str, bytes | None, bool]] = []
+        leases = []
+        for _ in range(2):
+            grant = await ok(ch, LEASE_GRANT, rpc_pb2.LeaseGrantRequest(TTL=30).SerializeToString())
+            leases.append(rpc_pb2.LeaseGrantResponse.FromString(grant).ID)
+        held = await ok(ch, LOCK, v3lock_pb2.LockRequest(name=b"h2c-cb-lock", lease=leases[0]).SerializeToString())
+        waiting = v3lock_pb2.LockRequest(name=b"h2c-cb-lock", lease=leases[1]).SerializeToString()
+        stream = ch.start_unary(LOCK, waiting, (), None, lambda *r: cancelled.append(r))
+        await asyncio.sleep(0.1)
+        ch.cancel(stream)
+        assert cancelled == [(StatusCode.CANCELLED, "context canceled", None, False)]
+        unlock = v3lock_pb2.UnlockRequest(key=v3lock_pb2.LockResponse.FromString(held).key)
+        await ok(ch, "/v3lockpb.Lock/Unlock", unlock.SerializeToString())
+        await ch.close()
+        late: list[tuple[int, str, bytes | None, bool]] = []
+        ch.start_unary(RANGE, request, (), 1.0, lambda *r: late.append(r))
+        assert len(late) == 1 and late[0][0] == StatusCode.UNAVAILABLE and late[0][3] is True
+
+    run(body, etcd_server.endpoint)
+
+
 def test_error_status_is_what_grpcio_gets(etcd_server: EtcdServer) -> None:
     request = rpc_pb2.RangeRequest(key=b"h2c/a", revision=10**9)
 
@@ -491,6 +555,8 @@ def test_tls_refused_without_client_certificate_or_with_wrong_ca(tls_etcd: EtcdS
 
 async def _measure(impl: str, endpoint: str, calls: int, in_flight: int) -> dict[str, float]:
     request = rpc_pb2.RangeRequest(key=b"bench", serializable=True).SerializeToString()
+    if impl == "etcdproxy.h2-callbacks":
+        return await _measure_callbacks(endpoint, request, calls, in_flight)
     if impl == "grpc.aio":
         aio = grpc.aio.insecure_channel(endpoint, options=[("grpc.use_local_subchannel_pool", 1)])
         await aio.channel_ready()
@@ -528,6 +594,40 @@ async def _measure(impl: str, endpoint: str, calls: int, in_flight: int) -> dict
     return {"cpu_us_per_call": cpu / calls * 1e6, "calls_per_s": calls / wall}
 
 
+async def _measure_callbacks(endpoint: str, request: bytes, calls: int, in_flight: int) -> dict[str, float]:
+    """``in_flight`` chains of start_unary, each callback starting the next call: no coroutine per call."""
+    host, port = endpoint.rsplit(":", 1)
+    channel = Channel(host, int(port))
+    await channel.connect(5)
+    loop = asyncio.get_running_loop()
+    to_start, to_finish = [0], [0]
+    finished: list[asyncio.Future[None]] = []
+
+    def done(code: int, message: str, payload: bytes | None, unprocessed: bool) -> None:
+        assert code == 0 and payload is not None
+        to_finish[0] -= 1
+        if to_start[0] > 0:
+            to_start[0] -= 1
+            channel.start_unary(RANGE, request, (), 10.0, done)
+        elif to_finish[0] == 0:
+            finished[0].set_result(None)
+
+    async def burst(n: int) -> None:
+        to_start[0], to_finish[0] = n, n
+        finished[:] = [loop.create_future()]
+        for _ in range(in_flight):
+            to_start[0] -= 1
+            channel.start_unary(RANGE, request, (), 10.0, done)
+        await finished[0]
+
+    await burst(2000)
+    cpu, wall = time.process_time(), time.monotonic()
+    await burst(calls)
+    cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+    await channel.close()
+    return {"cpu_us_per_call": cpu / calls * 1e6, "calls_per_s": calls / wall}
+
+
 def measure(calls: int = 20000, in_flight: int = 64, rounds: int = 3) -> None:
     """Client CPU per unary Range, ours against grpc.aio, interleaved rounds on a private etcd."""
     import tempfile
@@ -540,7 +640,12 @@ def measure(calls: int = 20000, in_flight: int = 64, rounds: int = 3) -> None:
             with grpc.insecure_channel(etcd.endpoint) as ch:
                 rpc_pb2_grpc.KVStub(ch).Put(rpc_pb2.PutRequest(key=b"bench", value=b"v" * 100))
             for _ in range(rounds):
-                for impl, loop in (("etcdproxy.h2", "asyncio"), ("etcdproxy.h2", "uvloop"), ("grpc.aio", "asyncio")):
+                for impl, loop in (
+                    ("etcdproxy.h2", "asyncio"),
+                    ("etcdproxy.h2", "uvloop"),
+                    ("etcdproxy.h2-callbacks", "asyncio"),
+                    ("grpc.aio", "asyncio"),
+                ):
                     coro = _measure(impl, etcd.endpoint, calls, in_flight)
                     if loop == "uvloop":
                         import uvloop
@@ -548,7 +653,7 @@ def measure(calls: int = 20000, in_flight: int = 64, rounds: int = 3) -> None:
                         result = uvloop.run(coro)
                     else:
                         result = asyncio.run(coro)
-                    print(f"{impl:13s} {loop:8s} {calls} Ranges, {in_flight} in flight: "
+                    print(f"{impl:22s} {loop:8s} {calls} Ranges, {in_flight} in flight: "
                           f"{result['cpu_us_per_call']:.1f} us CPU/call, {result['calls_per_s']:.0f} calls/s",
                           flush=True)  # fmt: skip
         finally:
