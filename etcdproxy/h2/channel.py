@@ -5,10 +5,28 @@ multiplexed on it. It never reconnects: when the connection breaks (reset, GOAWA
 close) ``closed`` resolves with the reason and ``on_close(reason)`` is called once; the owner makes a new Channel.
 Calls that had not reached the server end ``UNAVAILABLE`` with ``unprocessed`` set, so the owner may retry them.
 
-Costs per call, as on the server side: no Task per call (a unary call is one future), one socket write per loop
-turn for everything queued in it (``_wake`` schedules one ``call_soon``), one timer per connection for all
-deadlines (re-armed only when an earlier deadline arrives) and one periodic tick for keepalive.
-Works with uvloop (its transports are not ``asyncio.Transport`` instances: only their methods are used).
+Costs per call, as on the server side: no Task per call (a unary call is one future, or one callback with
+``start_unary``), one socket write per loop turn for everything queued in it (``_wake`` schedules one
+``call_soon``), one timer per connection for all deadlines (re-armed only when an earlier deadline arrives) and one
+periodic tick for keepalive. Works with uvloop (its transports are not ``asyncio.Transport`` instances: only their
+methods are used).
+
+Use (construct inside a running loop)::
+
+    channel = Channel(host, port, ssl_context=None, keepalive_time_s=10, keepalive_timeout_s=5, on_close=cb)
+    await channel.connect(3.0)                      # OSError / TimeoutError / ssl.SSLError
+    code, message, payload = await channel.unary("/etcdserverpb.KV/Range", request, metadata, timeout_s)
+    code, message, payload, unprocessed = await channel.unary_ex(...)        # unprocessed: safe to retry
+    stream = channel.start_unary(path, request, metadata, timeout_s, done)  # done(code, message, payload, unproc.)
+    call = channel.stream("/etcdserverpb.Watch/Watch", metadata)            # or on_message=..., on_end=...
+    call.send(request); call.half_close(); message = await call.recv()      # None at the end: call.code/.details
+    call.cancel(); await channel.close()
+
+Keepalive: pings go out only while calls are open and the connection was silent for ``keepalive_time_s`` (grpc-go's
+client policy). etcd enforces ``--grpc-keepalive-min-time`` (5 s by default): faster pings on a quiet connection
+earn a GOAWAY ``too_many_pings`` after three; grpc-go clients then double their interval (``too_many_pings``).
+TLS: the context gets ALPN ``h2``; for ``--insecure-skip-tls-verify`` pass one with ``check_hostname = False``
+and ``verify_mode = ssl.CERT_NONE``.
 """
 
 from __future__ import annotations
@@ -34,6 +52,7 @@ from etcdproxy.h2.client import (
 )
 
 log = logging.getLogger(__name__)
+ENHANCE_YOUR_CALM = 0xB
 
 Reply = tuple[int, str, bytes | None]
 
@@ -398,6 +417,12 @@ class Channel:
     def usable(self) -> bool:
         """New calls can be made on this connection."""
         return self.conn.accepting and self._transport is not None
+
+    @property
+    def too_many_pings(self) -> bool:
+        """The server ended the connection for pinging too often: the next one should ping half as often."""
+        goaway = self.conn.goaway
+        return goaway is not None and goaway[1] == ENHANCE_YOUR_CALM and goaway[2] == "too_many_pings"
 
     # ---- writing ---------------------------------------------------------------------------------------
 

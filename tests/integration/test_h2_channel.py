@@ -404,7 +404,7 @@ def test_too_frequent_pings_get_goaway_from_etcd(etcd_server: EtcdServer) -> Non
         assert await call.recv() is not None
         reason = await asyncio.wait_for(ch.closed, 10)
         assert reason == "GOAWAY ENHANCE_YOUR_CALM: too_many_pings"
-        assert ch.conn.goaway is not None and ch.conn.goaway[1:] == (0xB, "too_many_pings")
+        assert ch.conn.goaway is not None and ch.conn.goaway[1:] == (0xB, "too_many_pings") and ch.too_many_pings
         assert await asyncio.wait_for(call.recv(), 5) is None and call.code == StatusCode.UNAVAILABLE
 
     run(body, etcd_server.endpoint, keepalive_time_s=0.1, keepalive_timeout_s=1.0)
