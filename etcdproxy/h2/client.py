@@ -984,7 +984,8 @@ class ClientConnection:
         if stream.id:
             if self.streams.pop(stream.id, None) is not None and self.waiting:
                 self.wakeup()  # a slot freed: the driver's flush starts waiting streams
-            self._blocked.pop(stream.id, None)
+            if stream.pending is not None:
+                self._blocked.pop(stream.id, None)
         stream.pending = None
         stream.app.end(stream, code, message, trailers)
         if self.goaway is not None and not self.streams and not self.closed:
@@ -995,7 +996,7 @@ class ClientConnection:
         grpc-go does: the status is known, the rest of the request is not wanted."""
         if not stream.local_closed and stream.id and not self.closed:
             self._queue(f.rst_stream(stream.id, f.NO_ERROR))
-        if code in (CANCELLED, UNKNOWN) and self._past_deadline(stream):
+        if code and code in (CANCELLED, UNKNOWN) and self._past_deadline(stream):
             # etcd's grpc-go answers a handler's expired context as UNKNOWN "context deadline exceeded"; its
             # timer and ours fire together, and a grpc client reports its own deadline: so do we
             code, message = DEADLINE_EXCEEDED, DEADLINE_MESSAGE
