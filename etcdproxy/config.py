@@ -148,10 +148,6 @@ NOT_IMPLEMENTED: dict[str, str] = {
         "--endpoints, and --endpoints-auto-sync-interval keeps the list current"
     ),
     "enable_pprof": "Python has no pprof; profile the processes with py-spy instead",
-    # grpcio limits (docs/tls.md): no way to do these right, so they are refused, not ignored
-    "insecure_skip_tls_verify": (
-        "grpcio's ssl_channel_credentials always verifies etcd's certificate; give etcd's CA with --cacert"
-    ),
     "experimental_serializable_ordering": "experimental flag, no issue yet",
     "experimental_leasing_prefix": "experimental flag, no issue yet",
     "experimental_enable_grpc_logging": "experimental flag, no issue yet",

@@ -20,10 +20,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
-
 from etcdproxy import metrics
 from etcdproxy.etcdpb import rpc_pb2
+from etcdproxy.h2 import aio
+from etcdproxy.h2.status import StatusCode
 from etcdproxy.upstream import interrupted
 
 RANGE_PATH = "/etcdserverpb.KV/Range"
@@ -67,7 +67,7 @@ class Health:
 def go_error_text(code: int, details: str) -> str:
     """How clientv3 prints the error of a failed Get: etcd's own errors by their message, a
     timeout as Go's context error, anything else as a gRPC status."""
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]:
+    if code == int(StatusCode.DEADLINE_EXCEEDED):
         return "context deadline exceeded"
     if details.startswith("etcdserver: "):
         return details
@@ -87,12 +87,12 @@ def record(health: Health) -> Health:
     return health
 
 
-async def probe_get(channel: grpc.aio.Channel) -> Health:
+async def probe_get(channel: aio.AioChannel) -> Health:
     call: Any = channel.unary_unary(RANGE_PATH)
     try:
         await call(PROBE_REQUEST, timeout=GET_TIMEOUT_S, wait_for_ready=True)
-    except grpc.aio.AioRpcError as exc:
-        return decide(exc.code().value[0], exc.details() or "")
+    except aio.RpcError as exc:
+        return decide(int(exc.code()), exc.details() or "")
     except asyncio.CancelledError:
         if not interrupted():
             raise
@@ -100,12 +100,12 @@ async def probe_get(channel: grpc.aio.Channel) -> Health:
     return Health(True)
 
 
-async def probe_watch(channel: grpc.aio.Channel) -> Health:
+async def probe_watch(channel: aio.AioChannel) -> Health:
     call: Any = channel.stream_stream(WATCH_PATH)(timeout=WATCH_TIMEOUT_S)
     try:
         await call.write(WATCH_REQUEST)
         response = await call.read()  # the created response, or EOF / an error
-    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+    except (aio.RpcError, asyncio.InvalidStateError):
         return Health(False, WATCH_TIMEOUT)
     except asyncio.CancelledError:
         if not interrupted():
@@ -113,17 +113,17 @@ async def probe_watch(channel: grpc.aio.Channel) -> Health:
         return Health(False, WATCH_TIMEOUT)
     finally:
         call.cancel()
-    if response is grpc.aio.EOF:
+    if response is aio.EOF:
         return Health(False, WATCH_TIMEOUT)
     return Health(True)
 
 
-async def check_etcd(channel: grpc.aio.Channel) -> Health:
+async def check_etcd(channel: aio.AioChannel) -> Health:
     """``/health``: the Get through the hub's upstream channel."""
     return record(await probe_get(channel))
 
 
-async def check_proxy(channel: grpc.aio.Channel | None) -> Health:
+async def check_proxy(channel: aio.AioChannel | None) -> Health:
     """``/proxy/health``: the Get and the watch through the proxy (``channel`` to its advertised URL)."""
     if channel is None:
         return record(Health(False, NO_PROXY_CONNECTION))

@@ -12,8 +12,8 @@
   Go); unknown ones are refused with Go's message, and suites the grpcio-era list marked unavailable stay
   refused.
 
-What grpcio cannot do upstream (the hub still talks to etcd through grpcio, docs/tls.md): no skip-verify
-switch, so ``--insecure-skip-tls-verify`` is refused (config.NOT_IMPLEMENTED).
+Upstream, the hub's own HTTP/2 client (etcdproxy.h2.aio) uses ``upstream_ssl_context``: --cacert (or the
+system roots), the client certificate, ALPN h2, and ``--insecure-skip-tls-verify`` (no verification, as Go).
 
 Everything here that reads files runs in the supervisor before any fork, so a bad file is an exit 1
 at start-up, not a crash loop of children.
@@ -112,8 +112,8 @@ def set_cipher_env(config: Config) -> None:
 
 
 def upstream_tls(config: Config) -> bool:
-    """Go: any of --cacert/--cert/--key (or --insecure-skip-tls-verify, refused), or an https:// endpoint."""
-    if config.cacert or config.cert or config.key:
+    """Go: any of --cacert/--cert/--key/--insecure-skip-tls-verify, or an https:// endpoint."""
+    if config.cacert or config.cert or config.key or config.insecure_skip_tls_verify:
         return True
     return any(e.startswith(("https://", "unixs://")) for e in config.endpoints)
 
@@ -381,6 +381,28 @@ def server_credentials(files: ServerFiles) -> grpc.ServerCredentials:
         root_certificates=ca,
         require_client_auth=ca is not None,
     )
+
+
+def upstream_ssl_context(config: Config) -> ssl.SSLContext:
+    """The hub's TLS to etcd: --cacert as roots (the system's without it), the client certificate of
+    --cert/--key, and --insecure-skip-tls-verify (no verification at all, as Go's InsecureSkipVerify)."""
+    ctx = ssl.create_default_context(cafile=config.cacert or None)
+    if config.cert and config.key:
+        ctx.load_cert_chain(config.cert, config.key)
+    if config.insecure_skip_tls_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def self_client_ssl_context(files: ServerFiles) -> ssl.SSLContext:
+    """/proxy/health's own client over TLS (Go: server cert as client cert, trusted CA as roots; auto-TLS:
+    the self-signed certificate pinned as the only root)."""
+    if files.auto:
+        return ssl.create_default_context(cafile=files.cert_file)
+    ctx = ssl.create_default_context(cafile=files.trusted_ca_file or None)
+    ctx.load_cert_chain(files.cert_file, files.key_file)
+    return ctx
 
 
 def self_client_credentials(files: ServerFiles) -> grpc.ChannelCredentials:

@@ -25,12 +25,13 @@ import contextlib
 import logging
 import random
 
-import grpc
-
 from etcdproxy import metrics, tls
 from etcdproxy.config import Config
 from etcdproxy.core import errors
 from etcdproxy.etcdpb import rpc_pb2
+from etcdproxy.h2 import aio
+from etcdproxy.h2.client import ClientSettings
+from etcdproxy.h2.status import StatusCode
 
 log = logging.getLogger(__name__)
 
@@ -80,35 +81,42 @@ def target(endpoint: str) -> str:
     return host_port(endpoint)
 
 
-def channel_options(config: Config) -> list[tuple[str, int | str]]:
+def split_host_port(address: str) -> tuple[str, int]:
+    """``host:port`` / ``[v6]:port`` -> (host, port); etcd's default client port when none is given."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or (host.count(":") and not host.startswith("[")):
+        return address.strip("[]"), 2379
+    return host.strip("[]"), int(port)
+
+
+def message_limits(config: Config) -> tuple[int, int]:
+    """(send, receive) limits of the upstream channel in bytes, -1 for none: etcd itself decides what is too
+    large, so only explicit --max-send-bytes/--max-recv-bytes limit anything (<= 0: none, like Go)."""
+    send = config.max_send_bytes if config.max_send_bytes > 0 else -1
+    receive = config.max_recv_bytes if config.max_recv_bytes > 0 else -1
+    return send, receive
+
+
+def open_channel(config: Config, endpoint: str) -> aio.AioChannel:
+    """Our own HTTP/2 channel to one endpoint (etcdproxy.h2: no grpcio in the hub)."""
+    host, port = split_host_port(host_port(endpoint))
     keepalive_s = config.dial_keepalive_time_s if config.dial_keepalive_time_s > 0 else LIVENESS_PING_S
     timeout_s = config.dial_keepalive_timeout_s if config.dial_keepalive_time_s > 0 else LIVENESS_TIMEOUT_S
-    return [
-        # etcd itself decides what is too large; our limits only stop nothing etcd would take
-        ("grpc.max_send_message_length", config.max_send_bytes if config.max_send_bytes > 0 else -1),
-        ("grpc.max_receive_message_length", config.max_recv_bytes if config.max_recv_bytes > 0 else -1),
-        # one connection carries every client's streams: never share or cap it locally
-        ("grpc.use_local_subchannel_pool", 1),
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS),
-        ("grpc.max_reconnect_backoff_ms", 2000),
-        ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
-        ("grpc.keepalive_timeout_ms", int(timeout_s * 1000)),
-        # a keepalive ping that joins one already in flight (grpc's BDP probe) is bounded by this
-        # general ping timeout instead (60 s by default): keep both the same
-        ("grpc.http2.ping_timeout_ms", int(timeout_s * 1000)),
-        ("grpc.keepalive_permit_without_calls", 1 if config.permit_without_stream else 0),
-        ("grpc.http2.max_pings_without_data", 0),
-    ]
-
-
-def open_channel(config: Config, endpoint: str) -> grpc.aio.Channel:
-    t = target(endpoint)
-    if tls.upstream_tls(config):
-        log.info("upstream channel to %s over TLS", t)
-        return grpc.aio.secure_channel(t, tls.channel_credentials(config), options=channel_options(config))
-    log.info("upstream channel to %s", t)
-    return grpc.aio.insecure_channel(t, options=channel_options(config))
+    context = tls.upstream_ssl_context(config) if tls.upstream_tls(config) else None
+    log.info("upstream channel to %s:%d%s", host, port, " over TLS" if context is not None else "")
+    send, receive = message_limits(config)
+    settings = ClientSettings(max_receive_message=receive if receive > 0 else 2**31 - 1)
+    return aio.AioChannel(
+        host,
+        port,
+        ssl_context=context,
+        keepalive_time_s=keepalive_s,
+        keepalive_timeout_s=timeout_s,
+        connect_timeout_s=CONNECT_TIMEOUT_MS / 1000,
+        backoff_s=(0.1, 2.0),
+        max_send_bytes=max(send, 0),
+        settings=settings,
+    )
 
 
 def _fields(endpoint: str) -> dict[str, dict[str, str]]:
@@ -116,16 +124,16 @@ def _fields(endpoint: str) -> dict[str, dict[str, str]]:
     return {"fields": {"endpoint": endpoint}}
 
 
-async def unreachable_reason(channel: grpc.aio.Channel, down_s: float) -> str:
+async def unreachable_reason(channel: aio.AioChannel, down_s: float) -> str:
     """Why ``channel`` has no connection, in grpc's words ("... Connection refused", "DNS resolution
     failed ..."), from one fail-fast call; "" if it got an answer from etcd after all."""
     call = channel.unary_unary(STATUS_PATH)
     try:
         await call(b"", timeout=1.0, wait_for_ready=False)
-    except grpc.aio.AioRpcError as exc:
-        if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+    except aio.RpcError as exc:
+        if exc.code() is StatusCode.DEADLINE_EXCEEDED:
             return f"no connection after {down_s:.1f} s (connecting)"
-        if exc.code() is grpc.StatusCode.UNAVAILABLE:
+        if exc.code() is StatusCode.UNAVAILABLE:
             return exc.details() or "unavailable"
         return ""  # etcd itself answered (e.g. auth): reachable
     except asyncio.CancelledError:
@@ -177,7 +185,7 @@ class Upstream:
 
     # ---- moving ----------------------------------------------------------------------------
 
-    def fail_over(self, channel: grpc.aio.Channel, reason: str) -> bool:
+    def fail_over(self, channel: aio.AioChannel, reason: str) -> bool:
         """Leave ``channel``'s endpoint for the next one; False if there is nowhere to go or
         someone already moved away from ``channel``."""
         if channel is not self.channel or len(self.endpoints) < 2:
@@ -207,18 +215,18 @@ class Upstream:
     # ---- detecting -------------------------------------------------------------------------
 
     async def _watch_state(self) -> None:
-        was_ready: grpc.aio.Channel | None = None  # the channel last seen READY
+        was_ready: aio.AioChannel | None = None  # the channel last seen READY
         while True:
             channel = self.channel
             state = channel.get_state(try_to_connect=True)
-            if state is grpc.ChannelConnectivity.READY:
+            if state is aio.ChannelConnectivity.READY:
                 self._failed_in_row = 0
                 was_ready = channel
             elif was_ready is channel and self.fail_over(channel, f"dropped the connection ({state.name})"):
                 # a connection that broke (reset, keepalive unanswered, GOAWAY) is not retried on
                 # the same member first: that could cost a full connect timeout on a partition
                 continue
-            elif state is grpc.ChannelConnectivity.TRANSIENT_FAILURE and self.fail_over(channel, "is unreachable"):
+            elif state is aio.ChannelConnectivity.TRANSIENT_FAILURE and self.fail_over(channel, "is unreachable"):
                 await self._pause_after_round()
                 continue
             with contextlib.suppress(TimeoutError):
@@ -233,7 +241,7 @@ class Upstream:
         while True:
             await asyncio.sleep(REPORT_TICK_S)
             channel, endpoint, now = self.channel, self.endpoint, loop.time()
-            if channel.get_state(try_to_connect=False) is grpc.ChannelConnectivity.READY:
+            if channel.get_state(try_to_connect=False) is aio.ChannelConnectivity.READY:
                 if endpoint in warned:
                     outage = f" after {now - down_since:.1f} s" if down_since is not None else ""
                     log.info("etcd endpoint %s is reachable again%s", endpoint, outage, extra=_fields(endpoint))
@@ -260,7 +268,7 @@ class Upstream:
             try:
                 await call.read()
                 details = await call.details() or ""
-            except grpc.aio.AioRpcError as exc:
+            except aio.RpcError as exc:
                 details = exc.details() or ""
             except asyncio.CancelledError:
                 if not interrupted():
@@ -284,7 +292,7 @@ class Upstream:
             )
             try:
                 response = await call(rpc_pb2.MemberListRequest(linearizable=True), timeout=AUTO_SYNC_TIMEOUT_S)
-            except grpc.aio.AioRpcError as exc:
+            except aio.RpcError as exc:
                 log.warning("endpoint auto-sync: MemberList failed (%s: %s)", exc.code().name, exc.details())
                 continue
             except asyncio.CancelledError:

@@ -36,11 +36,11 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import grpc
-
 from etcdproxy.core.cache import Invalidation, header_revision, invalidation_for
 from etcdproxy.core.methods import Method, by_name
 from etcdproxy.etcdpb import rpc_pb2
+from etcdproxy.h2 import aio
+from etcdproxy.h2.status import StatusCode
 from etcdproxy.ipc import schema as s
 from etcdproxy.upstream import interrupted
 
@@ -54,15 +54,15 @@ ACK_TIMEOUT_S = 1.0
 PROGRESS_EVERY_S = 1.0
 STALL_S = 5.0
 BACKOFF_S = (0.1, 5.0)
-UNKNOWN = grpc.StatusCode.UNKNOWN.value[0]
-CANCELLED = grpc.StatusCode.CANCELLED.value[0]
+UNKNOWN = int(StatusCode.UNKNOWN)
+CANCELLED = int(StatusCode.CANCELLED)
 RANGE = by_name("etcdserverpb.KV", "Range")
 WHOLE_KEYSPACE = rpc_pb2.WatchRequest(
     create_request=rpc_pb2.WatchCreateRequest(key=b"\x00", range_end=b"\x00")
 ).SerializeToString()
 AUTH_STATUS_PATH = "/etcdserverpb.Auth/AuthStatus"
 AUTH_PROBE_S = 1.0
-AUTH_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+AUTH_CODES = (StatusCode.INVALID_ARGUMENT, StatusCode.UNAUTHENTICATED, StatusCode.PERMISSION_DENIED)
 PROGRESS = rpc_pb2.WatchRequest(progress_request=rpc_pb2.WatchProgressRequest()).SerializeToString()
 
 
@@ -234,7 +234,7 @@ class CacheHub:
             try:
                 if await self._watch_once():
                     backoff = BACKOFF_S[0]
-            except grpc.aio.AioRpcError as exc:
+            except aio.RpcError as exc:
                 log.warning("cache invalidation watch failed (%s: %s)", exc.code().name, exc.details())
             except asyncio.CancelledError:
                 if not interrupted():
@@ -257,7 +257,7 @@ class CacheHub:
         call = self._call = self.hub.channel.stream_stream(WATCH_PATH)(wait_for_ready=True)
         await call.write(WHOLE_KEYSPACE)
         data = await call.read()
-        if data is grpc.aio.EOF:
+        if data is aio.EOF:
             return False
         created = rpc_pb2.WatchResponse.FromString(data)
         if not created.created or created.canceled:
@@ -284,7 +284,7 @@ class CacheHub:
         try:
             while True:
                 data = await call.read()
-                if data is grpc.aio.EOF:
+                if data is aio.EOF:
                     return True
                 last_heard = loop.time()
                 response = rpc_pb2.WatchResponse.FromString(data)
@@ -316,7 +316,7 @@ class CacheHub:
             try:
                 await call(b"", timeout=AUTH_PROBE_S)
                 auth_on = False
-            except grpc.aio.AioRpcError as exc:
+            except aio.RpcError as exc:
                 auth_on = exc.code() in AUTH_CODES or self._auth_on  # other failures: unknown, keep
             except asyncio.CancelledError:
                 if not interrupted():

@@ -23,13 +23,12 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-import grpc
-
 from etcdproxy.core import errors
 from etcdproxy.core.cache import prefix_end
 from etcdproxy.core.cluster import parse_registration, proxy_member_list, registration_value
 from etcdproxy.core.methods import by_name
 from etcdproxy.etcdpb import kv_pb2, rpc_pb2
+from etcdproxy.h2 import aio
 from etcdproxy.upstream import interrupted
 
 if TYPE_CHECKING:
@@ -96,8 +95,8 @@ class ClusterHub:
                 if not interrupted():
                     raise
                 log.info("resolver %s: endpoint failover; starting again", what)
-            except (grpc.aio.AioRpcError, RegistrationError, TimeoutError) as exc:
-                text = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            except (aio.RpcError, RegistrationError, TimeoutError) as exc:
+                text = f"{exc.code().name}: {exc.details()}" if isinstance(exc, aio.RpcError) else str(exc)
                 (log.warning if text != self._last_error.get(what) else log.debug)("resolver %s: %s", what, text)
                 self._last_error[what] = text
             except Exception:
@@ -138,7 +137,7 @@ class ClusterHub:
             while True:
                 await call.write(request)
                 data = await asyncio.wait_for(call.read(), self.ttl_s)
-                if data is grpc.aio.EOF:
+                if data is aio.EOF:
                     raise RegistrationError("keep-alive stream ended")
                 if rpc_pb2.LeaseKeepAliveResponse.FromString(data).TTL <= 0:
                     log.warning("session expired; possible network partition or server restart")
@@ -188,7 +187,7 @@ class ClusterHub:
             await call.write(rpc_pb2.WatchRequest(create_request=create).SerializeToString())
             while True:
                 data = await call.read()
-                if data is grpc.aio.EOF:
+                if data is aio.EOF:
                     raise RegistrationError("watch stream ended")
                 response = rpc_pb2.WatchResponse.FromString(data)
                 if response.canceled:

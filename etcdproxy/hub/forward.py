@@ -11,9 +11,9 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import grpc
-
-from etcdproxy.core.methods import METHODS, Method, Shape
+from etcdproxy.core.methods import Method, Shape
+from etcdproxy.h2 import aio
+from etcdproxy.h2.status import StatusCode
 from etcdproxy.ipc.schema import Metadata
 from etcdproxy.upstream import interrupted
 
@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-OK = grpc.StatusCode.OK.value[0]
-UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+OK = int(StatusCode.OK)
+UNAVAILABLE = int(StatusCode.UNAVAILABLE)
+CANCELLED = int(StatusCode.CANCELLED)
 # Like clientv3's retry interceptor for "repeatable" calls: up to 100 tries, 25 ms apart,
 # bounded by the client's deadline.
 RETRY_ATTEMPTS = 100
@@ -33,15 +34,15 @@ RETRY_BACKOFF_S = 0.025
 STREAM_WINDOW = 64
 
 
-def status_of(exc: grpc.aio.AioRpcError) -> tuple[int, str]:
-    return exc.code().value[0], exc.details() or ""
+def status_of(exc: aio.RpcError) -> tuple[int, str]:
+    return int(exc.code()), exc.details() or ""
 
 
 # What a client sees when the endpoint its call was on is left (see upstream.py): like a
 # broken connection to etcd, so clients retry what they consider safe to retry.
-MOVED = (grpc.StatusCode.UNAVAILABLE.value[0], "etcdproxy: connection to etcd lost (endpoint failover)")
+MOVED = (int(StatusCode.UNAVAILABLE), "etcdproxy: connection to etcd lost (endpoint failover)")
 # A client deadline that passed while its mutation waited for a connection (grpc-go's wording).
-DEADLINE = (grpc.StatusCode.DEADLINE_EXCEEDED.value[0], "context deadline exceeded")
+DEADLINE = (int(StatusCode.DEADLINE_EXCEEDED), "context deadline exceeded")
 # How often a mutation waiting for a connection re-checks that the upstream did not move.
 READY_POLL_S = 0.25
 
@@ -51,15 +52,6 @@ class Forwarder:
 
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
-        self._channel: grpc.aio.Channel | None = None
-        self._unary: list[Any] = []
-
-    def _calls(self) -> tuple[grpc.aio.Channel, list[Any]]:
-        channel = self.upstream.channel
-        if channel is not self._channel:  # first call, or the endpoint changed
-            self._channel = channel
-            self._unary = [channel.unary_unary(m.path) if m.shape is Shape.UNARY else None for m in METHODS]
-        return channel, self._unary
 
     async def unary(
         self, method: Method, payload: bytes, metadata: Metadata, timeout_s: float | None
@@ -70,9 +62,9 @@ class Forwarder:
         attempt = 0
         while True:
             attempt += 1
-            channel, calls = self._calls()
+            channel = self.upstream.channel
             if not method.idempotent:
-                # A mutation waits for a connection here, not inside grpc (wait_for_ready): one
+                # A mutation waits for a connection here, not inside the channel (wait_for_ready): one
                 # that never left can then follow a failover to the next endpoint instead of
                 # failing with the channel it was queued on.
                 ready = await self._until_ready(channel, deadline)
@@ -81,35 +73,29 @@ class Forwarder:
                 if not ready:
                     continue  # moved meanwhile: wait on the new channel
             remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
-            try:
-                response: bytes = await calls[method.index](
-                    payload, metadata=metadata, timeout=remaining, wait_for_ready=method.idempotent
-                )
-                return OK, response
-            except grpc.aio.AioRpcError as exc:
-                # cancelled because the upstream closed this channel to move on: etcd may or
-                # may not have seen the call, so only repeatable calls are tried again
-                moved = exc.code() is grpc.StatusCode.CANCELLED and channel is not self.upstream.channel
-                retry = (
-                    method.idempotent
-                    and (exc.code() is UNAVAILABLE or moved)
-                    and attempt < RETRY_ATTEMPTS
-                    and (deadline is None or deadline - loop.time() > RETRY_BACKOFF_S)
-                )
-                if not retry:
-                    return MOVED if moved else status_of(exc)
-                if moved:
-                    continue  # the new endpoint is there already: no pause
-            except asyncio.CancelledError:
-                # grpc.aio raises this (not an AioRpcError) for a call cancelled by the close
-                if not interrupted():
-                    raise
-                if not method.idempotent or attempt >= RETRY_ATTEMPTS:
-                    return MOVED
-                continue
+            code, message, response, unprocessed = await channel.unary(
+                method.path, payload, metadata, remaining, method.idempotent
+            )
+            if code == OK:
+                return OK, response or b""
+            # the upstream left this channel's endpoint (upstream.py): etcd may or may not have seen the call
+            moved = code in (CANCELLED, UNAVAILABLE) and channel is not self.upstream.channel
+            # a call etcd never processed (never sent, REFUSED_STREAM, above a GOAWAY's last stream id) is
+            # repeatable whatever it is, mutations included
+            repeatable = method.idempotent or unprocessed
+            retry = (
+                repeatable
+                and (code == UNAVAILABLE or moved)
+                and attempt < RETRY_ATTEMPTS
+                and (deadline is None or deadline - loop.time() > RETRY_BACKOFF_S)
+            )
+            if not retry:
+                return MOVED if moved else (code, message)
+            if moved:
+                continue  # the new endpoint is there already: no pause
             await asyncio.sleep(RETRY_BACKOFF_S)
 
-    async def _until_ready(self, channel: grpc.aio.Channel, deadline: float | None) -> bool | None:
+    async def _until_ready(self, channel: aio.AioChannel, deadline: float | None) -> bool | None:
         """True once ``channel`` is READY, False if the upstream moved to another channel
         meanwhile, None if the deadline passed first."""
         loop = asyncio.get_running_loop()
@@ -117,7 +103,7 @@ class Forwarder:
             if channel is not self.upstream.channel:
                 return False
             state = channel.get_state(try_to_connect=True)
-            if state is grpc.ChannelConnectivity.READY:
+            if state is aio.ChannelConnectivity.READY:
                 return True
             left = READY_POLL_S if deadline is None else min(READY_POLL_S, deadline - loop.time())
             if left <= 0:
@@ -151,7 +137,7 @@ class UpstreamStream:
     ) -> None:
         self.method = method
         self._upstream = upstream
-        self._channel: grpc.aio.Channel | None = None
+        self._channel: aio.AioChannel | None = None
         self._metadata = metadata
         self._timeout_s = timeout_s
         self._emit = emit
@@ -192,7 +178,7 @@ class UpstreamStream:
             if self.method.shape is Shape.SERVER_STREAM:
                 first = await self._outbox.get()
                 if first is None:  # half-closed without a request: grpc-go's answer
-                    self._finish(grpc.StatusCode.INTERNAL.value[0], "grpc: error unmarshalling request: EOF")
+                    self._finish(int(StatusCode.INTERNAL), "grpc: error unmarshalling request: EOF")
                     return
                 self._channel = self._upstream.channel
                 self._call = self._channel.unary_stream(self.method.path)(
@@ -206,7 +192,7 @@ class UpstreamStream:
                 writer = asyncio.get_running_loop().create_task(self._write_loop())
             while True:
                 message = await self._call.read()
-                if message is grpc.aio.EOF:
+                if message is aio.EOF:
                     break
                 self._emit(message)
                 self._window -= 1
@@ -214,9 +200,10 @@ class UpstreamStream:
                     self._credit.clear()
                     await self._credit.wait()
             code = await self._call.code()
-            self._finish(code.value[0], await self._call.details() or "")
-        except grpc.aio.AioRpcError as exc:
-            moved = exc.code() is grpc.StatusCode.CANCELLED and self._channel is not self._upstream.channel
+            self._finish(int(code), await self._call.details() or "")
+        except aio.RpcError as exc:
+            lost = exc.code() in (StatusCode.CANCELLED, StatusCode.UNAVAILABLE)
+            moved = lost and self._channel is not self._upstream.channel
             self._finish(*(MOVED if moved else status_of(exc)))
         except asyncio.CancelledError:
             if interrupted():  # its channel was closed to fail over (upstream.py)
@@ -227,7 +214,7 @@ class UpstreamStream:
             raise
         except Exception as exc:  # a bug here must end the client's stream, not hang it
             log.exception("upstream stream %s failed", self.method.path)
-            self._finish(grpc.StatusCode.UNKNOWN.value[0], f"etcdproxy: {exc}")
+            self._finish(int(StatusCode.UNKNOWN), f"etcdproxy: {exc}")
         finally:
             if writer is not None:
                 writer.cancel()

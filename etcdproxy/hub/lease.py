@@ -24,12 +24,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import grpc
-
 from etcdproxy.core import errors
 from etcdproxy.core.lease import RenewalBook, Verdict, keepalive_request, parse_response
 from etcdproxy.core.methods import Method, by_name
 from etcdproxy.etcdpb import rpc_pb2 as pb
+from etcdproxy.h2 import aio
 from etcdproxy.ipc import schema as s
 from etcdproxy.upstream import interrupted
 
@@ -170,7 +169,7 @@ class LeaseHub:
                 lease_id = await outbox.get()
                 await call.write(keepalive_request(lease_id))
                 self.renewals_sent += 1
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+        except (aio.RpcError, asyncio.InvalidStateError) as exc:
             # the call ended; _run sees why on its next read and re-sends what is unanswered
             log.debug("upstream LeaseKeepAlive write failed: %r", exc)
 
@@ -197,12 +196,12 @@ class LeaseHub:
             try:
                 while True:
                     message = await call.read()
-                    if message is grpc.aio.EOF:
+                    if message is aio.EOF:
                         log.warning("upstream LeaseKeepAlive stream ended by etcd; re-opening")
                         break
                     self._on_response(message)
                     backoff = BACKOFF_MIN_S
-            except grpc.aio.AioRpcError as exc:
+            except aio.RpcError as exc:
                 details = exc.details() or ""
                 if details == errors.NO_LEADER.message:
                     log.warning("upstream LeaseKeepAlive: etcd has no leader; telling require-leader clients")

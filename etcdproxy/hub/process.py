@@ -18,13 +18,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 import zmq
 
 from etcdproxy import proc, upstream
 from etcdproxy.config import Config
 from etcdproxy.core.methods import METHODS, Method, Shape, by_name
 from etcdproxy.etcdpb import rpc_pb2
+from etcdproxy.h2 import aio
+from etcdproxy.h2.status import StatusCode
 from etcdproxy.hub.cache import CacheHub
 from etcdproxy.hub.cluster import ClusterHub
 from etcdproxy.hub.forward import OK, Forwarder, UpstreamStream
@@ -84,7 +85,7 @@ class Hub:
         self.register(s.Kind.HTTP_REQUEST, self._on_http_request)
 
     @property
-    def channel(self) -> grpc.aio.Channel:
+    def channel(self) -> aio.AioChannel:
         """The current channel to etcd: it changes on failover, so read it at each (re)open."""
         return self.upstream.channel
 
@@ -229,7 +230,7 @@ class Hub:
             return  # the client gave up; nobody waits for an answer
         except Exception as exc:
             log.exception("unary %s failed", method.path)
-            code, body = grpc.StatusCode.UNKNOWN.value[0], f"etcdproxy: {exc}"
+            code, body = int(StatusCode.UNKNOWN), f"etcdproxy: {exc}"
         finally:
             worker.calls.pop(message.req_id, None)
         self.reply(worker, message.req_id, code, body)

@@ -25,12 +25,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import grpc
-
 from etcdproxy import metrics
 from etcdproxy.core.broadcast import Broadcast, HistoryBudget
 from etcdproxy.core.methods import by_name
 from etcdproxy.etcdpb import kv_pb2, rpc_pb2
+from etcdproxy.h2 import aio
+from etcdproxy.h2.status import StatusCode
 from etcdproxy.ipc import schema as s
 from etcdproxy.upstream import interrupted
 
@@ -160,28 +160,28 @@ class UpstreamStream:
             for waiter in waiters:
                 self.request_progress(waiter)
             writer = asyncio.get_running_loop().create_task(self._writer(self.call))
-            code, details = grpc.StatusCode.OK, ""
+            code, details = StatusCode.OK, ""
             try:
                 while True:
                     data = await self.call.read()
-                    if data is grpc.aio.EOF:
+                    if data is aio.EOF:
                         break
                     backoff = REOPEN_BACKOFF_S[0]
                     self._on_response(rpc_pb2.WatchResponse.FromString(data))
                 code, details = await self.call.code(), await self.call.details()
-            except grpc.aio.AioRpcError as exc:
+            except aio.RpcError as exc:
                 code, details = exc.code(), exc.details() or ""
             except asyncio.CancelledError:
                 if not interrupted():
                     self.call.cancel()
                     raise
-                code, details = grpc.StatusCode.CANCELLED, "endpoint failover"  # channel closed under us
+                code, details = StatusCode.CANCELLED, "endpoint failover"  # channel closed under us
             finally:
                 writer.cancel()
             if self.closed:
                 return
             log.warning("upstream watch stream ended (%s %s); re-opening", code.name, details)
-            if details == NO_LEADER or code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            if details == NO_LEADER or code in (StatusCode.UNAUTHENTICATED, StatusCode.PERMISSION_DENIED):
                 # etcd refuses this group (leader lost on a require-leader stream, or the
                 # token is no longer valid): its c-watchers end with etcd's own reason.
                 self.watch_hub.fail_group(self, details or code.name)

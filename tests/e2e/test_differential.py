@@ -442,7 +442,8 @@ def test_member_list_answered_by_proxy(
     assert len(resp.members) == 1
     member = resp.members[0]
     assert member.name == socket.gethostname()
-    assert list(member.clientURLs) == [advertise or "127.0.0.1:23790"]
+    # unset, --advertise-client-url follows --listen-addr (Go's default is 127.0.0.1:23790 whatever it listens on)
+    assert list(member.clientURLs) == [advertise or f"127.0.0.1:{p.port}"]
     assert (member.ID, list(member.peerURLs), member.isLearner) == (0, [], False)
 
 

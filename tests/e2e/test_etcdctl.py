@@ -275,9 +275,9 @@ def test_member_list_pass_through(ctl_direct: Ctl, ctl_proxy: Ctl, etcd_server: 
 
 
 def test_member_list_answered_by_proxy(etcdctl_bin: str, proxy: Callable[..., ProxyProcess]) -> None:
-    p = proxy(advertise_client_url=None)  # default 127.0.0.1:23790
+    p = proxy(advertise_client_url=None)  # default: follows --listen-addr (Go's is always 127.0.0.1:23790)
     out = Ctl(etcdctl_bin, p.endpoint).out("member", "list")
-    assert out == f"0, started, {socket.gethostname()}, , 127.0.0.1:23790, false\n"
+    assert out == f"0, started, {socket.gethostname()}, , 127.0.0.1:{p.port}, false\n"
 
 
 def test_endpoint_status_and_health(ctl_proxy: Ctl, ctl_direct: Ctl) -> None:

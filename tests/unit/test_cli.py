@@ -619,9 +619,7 @@ def test_message_size_limits(
 ) -> None:
     config = cli.build_config(args)
     assert validate(config) == []
-    upstream_opts = dict(upstream.channel_options(config))
-    assert upstream_opts["grpc.max_send_message_length"] == send
-    assert upstream_opts["grpc.max_receive_message_length"] == recv
+    assert upstream.message_limits(config) == (send, recv)
     assert config.server_max_receive_bytes == server_receive
     # the workers' own transport (etcdproxy.h2): the receive limit; nothing limits what is sent
     assert server_options(config).settings.max_receive_message == server_receive
@@ -682,12 +680,16 @@ def test_pprof_refusal_points_to_py_spy() -> None:
 
 
 def test_every_unimplemented_flag_is_reported_at_once() -> None:
-    # --client-crl-file is implemented since our own transport (commit 6aebbbe): not reported
+    # --client-crl-file and --insecure-skip-tls-verify work since our own transport: not reported
     config = dataclasses.replace(
-        Config(), insecure_skip_tls_verify=True, client_crl_file="c", experimental_leasing_prefix="p"
+        Config(),
+        insecure_skip_tls_verify=True,
+        client_crl_file="c",
+        experimental_leasing_prefix="p",
+        experimental_serializable_ordering=True,
     )
     messages = unimplemented(config)
-    assert [m.split()[0] for m in messages] == ["--insecure-skip-tls-verify", "--experimental-leasing-prefix"]
+    assert [m.split()[0] for m in messages] == ["--experimental-serializable-ordering", "--experimental-leasing-prefix"]
 
 
 @pytest.mark.parametrize(
