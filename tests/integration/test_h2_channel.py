@@ -211,6 +211,7 @@ ERROR_CASES = [
     ("/etcdserverpb.KV/Nope", b""),  # UNIMPLEMENTED, trailers-only from grpc-go
     ("/no.Such/Service", b""),
     (RANGE, b"\xff\xff"),  # a request etcd cannot parse
+    (PUT, put_request(b"h2c/huge", b"x" * (3 << 20))),  # above grpc-go's receive limit: refused mid-request
 ]
 
 
