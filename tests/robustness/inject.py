@@ -136,7 +136,7 @@ class Injector(threading.Thread):
 
     # ------------------------------------------------------------------ the hub's link to etcd
 
-    def _link(self, apply: Callable[[Relay], None]) -> None:
+    def _link(self, apply: Callable[[Relay], None], heal_with_reset: bool = False) -> None:
         for r in self.t.relays:
             apply(r)
         try:
@@ -144,10 +144,15 @@ class Injector(threading.Thread):
         finally:
             for r in self.t.relays:
                 r.delay_s = 0.0
+                if heal_with_reset:
+                    r.set_mode(RESET)
                 r.set_mode(PASS)
 
     def do_blackhole(self) -> None:
-        self._link(lambda r: r.set_mode(BLACKHOLE))
+        # The relay drops the bytes a blackhole swallows; TCP never does (it retransmits, or the
+        # connection dies), so a connection that lived through it must not carry on with a hole
+        # in the middle of its HTTP/2 stream: it is reset when the link heals.
+        self._link(lambda r: r.set_mode(BLACKHOLE), heal_with_reset=True)
 
     def do_reset(self) -> None:
         self._link(lambda r: r.set_mode(RESET))
