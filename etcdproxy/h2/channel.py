@@ -222,12 +222,13 @@ class StreamCall:
     def ended(self) -> bool:
         return self.code is not None
 
-    def send(self, message: bytes) -> bool:
-        """Queue one request message; False if the call can no longer send."""
+    def send(self, message: bytes, end: bool = False) -> bool:
+        """Queue one request message (``end``: the last one, half-closing with it); False if the call can no
+        longer send."""
         stream = self.stream
         if stream is None:
             return False
-        return self._channel.conn.send(stream, message)
+        return self._channel.conn.send(stream, message, end)
 
     @property
     def writable(self) -> bool:

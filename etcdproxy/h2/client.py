@@ -500,8 +500,9 @@ class ClientConnection:
 
     # ---- sending on a stream ----------------------------------------------------------------------------
 
-    def send(self, stream: ClientStream, message: bytes) -> bool:
-        """Queue one request message. False when the stream can no longer send (ended or half-closed)."""
+    def send(self, stream: ClientStream, message: bytes, end: bool = False) -> bool:
+        """Queue one request message (``end``: and half-close, in the same DATA frame when it fits). False when
+        the stream can no longer send (ended or half-closed)."""
         if stream.ended or stream.local_closed or stream.pending_end:
             return False
         framed = b"\x00" + len(message).to_bytes(4, "big") + message
@@ -515,11 +516,16 @@ class ClientConnection:
         ):
             self.send_window -= n
             stream.send_window -= n
-            self._queue(n.to_bytes(3, "big") + _DATA_NO_FLAGS + stream.id.to_bytes(4, "big") + framed)
+            if end:
+                stream.local_closed = True
+            head = _DATA_END_STREAM if end else _DATA_NO_FLAGS
+            self._queue(n.to_bytes(3, "big") + head + stream.id.to_bytes(4, "big") + framed)
             return True
         if stream.pending is None:
             stream.pending = deque()
         stream.pending.append(framed)
+        if end:
+            stream.pending_end = True
         if stream.id:
             self._blocked[stream.id] = stream
             self._pump()

@@ -279,6 +279,20 @@ def test_lease_keepalive_stream(etcd_server: EtcdServer) -> None:
     run(body, etcd_server.endpoint)
 
 
+def test_server_streaming_snapshot(etcd_server: EtcdServer) -> None:
+    async def body(ch: Channel) -> None:
+        call = ch.stream("/etcdserverpb.Maintenance/Snapshot", timeout_s=30)
+        call.send(rpc_pb2.SnapshotRequest().SerializeToString(), end=True)  # request and half-close in one frame
+        size, last = 0, None
+        while (message := await call.recv()) is not None:
+            last = rpc_pb2.SnapshotResponse.FromString(message)
+            size += len(last.blob)
+        assert (call.code, call.details) == (0, "")
+        assert last is not None and last.remaining_bytes == 0 and size > 16 * 1024
+
+    run(body, etcd_server.endpoint)
+
+
 def test_200_concurrent_calls_on_one_connection(etcd_server: EtcdServer) -> None:
     async def body(ch: Channel) -> None:
         await ok(ch, PUT, put_request(b"h2c/c", b"v" * 100))

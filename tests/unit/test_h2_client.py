@@ -653,3 +653,17 @@ def test_protocol_errors_from_the_server(frame: bytes, code: int) -> None:
     out = s.feed(frame)
     assert goaway_of(out) == (0, code) and s.conn.closed
     assert app.status is not None and app.status[0] == 14
+
+
+def test_send_with_end_half_closes_in_the_same_frame() -> None:
+    s = Server([(f.INITIAL_WINDOW_SIZE, 10)])
+    app = s.app()
+    fits = s.conn.open_stream(app, "/s/S", (), s.now)
+    s.take()
+    assert s.conn.send(fits, b"abc", end=True)
+    assert s.take() == [(f.DATA, f.END_STREAM, 1, grpc_message(b"abc"))] and fits.local_closed
+    assert not s.conn.send(fits, b"more")
+    blocked = s.conn.open_stream(s.app(), "/s/S", (), s.now)
+    s.conn.send(blocked, b"x" * 20, end=True)  # beyond the window: END_STREAM on its last frame
+    assert [(k, fl, len(p)) for k, fl, _, p in s.take()][1:] == [(f.DATA, 0, 10)]
+    assert s.feed(f.window_update(3, 100)) == [(f.DATA, f.END_STREAM, 3, grpc_message(b"x" * 20)[10:])]
