@@ -88,6 +88,7 @@ DEVIATIONS: dict[str, dict[str, str]] = {
         "test_no_preface_closed": "grpc-go (ConnectionTimeout 120 s) leaves it open past 14 s",
         "test_settings_never_acked": "grpc-go has no SETTINGS ACK timeout: no GOAWAY within 14 s",
         "test_tls_handshake_stalled": "grpc-go (ConnectionTimeout 120 s) leaves it open past 14 s",
+        "test_tls_alpn_http11_health": "the Go proxy selects no ALPN protocol when offered only http/1.1",
     },
     "grpcio": {
         "test_rapid_reset": "grpc-core: 6,000 reset streams, no GOAWAY and no close within 5 s",
@@ -103,6 +104,7 @@ DEVIATIONS: dict[str, dict[str, str]] = {
         "test_no_preface_closed": "grpc-core leaves a connection without a preface open past 14 s",
         "test_settings_never_acked": "grpc-core has no SETTINGS ACK timeout: no GOAWAY within 14 s",
         "test_tls_handshake_stalled": "grpc-core leaves a stalled TLS handshake open past 14 s",
+        "test_tls_alpn_http11_health": "grpc-core selects no ALPN protocol when offered only http/1.1",
     },
 }
 
@@ -507,3 +509,19 @@ def test_tls_handshake_stalled(tls_proxy: tuple[ProxyProcess, Path]) -> None:
     finally:
         silent.close()
         partial.close()
+
+
+def test_tls_alpn_http11_health(tls_proxy: tuple[ProxyProcess, Path]) -> None:
+    """ALPN "http/1.1" on the TLS port: the HTTP endpoints are served like on plain text."""
+    proxy, ca = tls_proxy
+    ctx = tls_context(str(ca), alpn=("http/1.1",))
+    with (
+        socket.create_connection((LOCALHOST, proxy.port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname=LOCALHOST) as s,
+    ):
+        assert s.selected_alpn_protocol() == "http/1.1"
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200") and b'"health":"true"' in data.replace(b" ", b""), data[:300]
