@@ -409,3 +409,30 @@ def make_self_signed(directory: Path) -> tuple[Path, Path]:
         capture_output=True,
     )
     return cert, key
+
+
+def child_titled(ppid: int, title: str) -> int | None:
+    """The child of ``ppid`` whose process title is ``title`` (e.g. "etcdproxy: hub")."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2 :].split()[1]) == ppid and cmd == title:
+            return int(entry)
+    return None
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of one process (not its children)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -339,12 +339,18 @@ class Bench:
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         assert t.proc is not None and self.etcd is not None
         roots = {"proxy": t.proc.pid, "etcd": self.etcd.pid}
+        hub = bl.child_titled(t.proc.pid, "etcdproxy: hub") if t.name == "etcdproxy" else None
+        hub_cpu0 = bl.process_cpu_s(hub) if hub else None
         with bl.Sampler(roots) as s:
             try:
                 fn(run, t, budget)
             except Exception as e:  # a crashed scenario is a failed one, never a silent gap
                 run.fail(f"{type(e).__name__}: {e}")
         ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        if hub and hub_cpu0 is not None:
+            hub_cpu1 = bl.process_cpu_s(hub)
+            if hub_cpu1 is not None:  # the hub's own CPU per operation: what every forwarded call pays once
+                run.details["hub_cpu_us_per_op"] = (hub_cpu1 - hub_cpu0) / max(run.ops, 1.0) * 1e6
         m1 = bl.scrape(self.metrics_url)
         self._etcd_deltas(run, m0, m1)
         proxy, etcd = s.stats.get("proxy"), s.stats.get("etcd")
@@ -879,6 +885,7 @@ def _rows_for(scen: str, unit: str) -> list[tuple[str, str, str]]:
     }[scen]
     tail = [
         ("proxy CPU s / 1k ops", "proxy_cpu_per_1k", ".3f"),
+        ("etcdproxy hub CPU us / op", "details.hub_cpu_us_per_op", ".1f"),
         ("proxy peak RSS MB", "proxy_rss_mb", ".0f"),
         ("etcd CPU s / 1k ops", "etcd_cpu_per_1k", ".3f"),
         ("load generator cores", "loadgen_cores", ".2f"),

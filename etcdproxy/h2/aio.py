@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import ssl
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -150,6 +151,10 @@ class AioChannel:
             self._set_state(ChannelConnectivity.READY)
             self.last_error = await channel.closed
             self.channel = None
+            if channel.too_many_pings and self.keepalive_time_s > 0:
+                # etcd's GOAWAY for pings under its --grpc-keepalive-min-time: like grpc-go, ping half as often
+                self.keepalive_time_s *= 2
+                log.warning("etcd said too_many_pings; keepalive pings every %.1f s from now", self.keepalive_time_s)
             if self.state is ChannelConnectivity.SHUTDOWN:
                 return
             self._set_state(ChannelConnectivity.IDLE)
@@ -403,6 +408,8 @@ class StreamStreamCall:
 def _reason(exc: BaseException, timeout_s: float) -> str:
     if isinstance(exc, TimeoutError):
         return f"connection timed out after {timeout_s:.1f} s"
+    if isinstance(exc, OSError) and exc.errno:
+        return f"connect: {os.strerror(exc.errno).lower()}"  # Go's words: "connect: connection refused"
     if isinstance(exc, OSError) and exc.strerror:
         return f"connect: {exc.strerror.lower()}"
     return str(exc) or type(exc).__name__
