@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 
 from etcdproxy import metrics, tls
 from etcdproxy.config import Config
@@ -163,6 +164,7 @@ class Upstream:
         self.index = 0
         self.channel = open_channel(config, self.endpoint)
         self._failed_in_row = 0
+        self._moves_logged: dict[str, tuple[float | None, int]] = {}  # endpoint -> (last WARN, moves not logged)
         self._tasks: list[asyncio.Task[None]] = []
         self._closing: set[asyncio.Task[None]] = set()
         metrics.UPSTREAM_ENDPOINTS.set([host_port(self.endpoint)])
@@ -193,7 +195,17 @@ class Upstream:
         old = self.endpoint
         self._switch((self.index + 1) % len(self.endpoints))
         self._failed_in_row += 1
-        log.warning("etcd endpoint %s %s; moving to %s", old, reason, self.endpoint)
+        # With every member down the hub cycles through them every 0.1-2 s: WARN once per endpoint per
+        # WARN_EVERY_S (saying how many moves were not logged), DEBUG in between.
+        now = time.monotonic()
+        last, skipped = self._moves_logged.get(old, (None, 0))
+        if last is not None and now - last < WARN_EVERY_S:
+            self._moves_logged[old] = (last, skipped + 1)
+            log.debug("etcd endpoint %s %s; moving to %s", old, reason, self.endpoint)
+        else:
+            self._moves_logged[old] = (now, 0)
+            more = f" ({skipped} more moves away from it in the last {WARN_EVERY_S:.0f} s)" if skipped else ""
+            log.warning("etcd endpoint %s %s; moving to %s%s", old, reason, self.endpoint, more, extra=_fields(old))
         return True
 
     def _switch(self, index: int) -> None:

@@ -116,6 +116,24 @@ def test_json_logs_unreachable_endpoint_recovery_and_killed_worker(tmp_path: Pat
         etcd.stop()
 
 
+@pytest.mark.timeout(120)
+def test_every_endpoint_down_is_logged_without_flooding(tmp_path: Path) -> None:
+    """Three members down: the hub cycles through them every 0.1-2 s; the log says so once per endpoint per 10 s."""
+    dead = [f"{LOCALHOST}:{free_port()}" for _ in range(3)]
+    proxy = start_proxy(dead, tmp_path, workers=1, extra_args=["--log-format=json"])
+    try:
+        time.sleep(6)
+        entries = json_entries(proxy.log_path)
+    finally:
+        proxy.stop()
+    upstream = [e for e in entries if e["logger"] == "etcdproxy.upstream" and e["level"] == "warn"]
+    by_endpoint = {e["endpoint"] for e in upstream}
+    assert by_endpoint == {f"http://{d}" for d in dead}, upstream  # each one named, with a reason
+    for endpoint in by_endpoint:
+        lines = [e["msg"] for e in upstream if e["endpoint"] == endpoint]
+        assert len(lines) <= 2, lines  # one "moving to" and one reason line per 10 s, not one per retry
+
+
 @pytest.mark.parametrize(
     ("endpoint", "fragment"),
     [("127.0.0.1:abc", '"127.0.0.1:abc"'), ("127.0.0.1", "no port"), ("http://[::1", '"http://[::1"')],
