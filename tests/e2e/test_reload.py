@@ -352,3 +352,33 @@ def test_failed_upgrade_keeps_the_old_supervisor(tmp_path: Path) -> None:
         stop_process_tree(old)
         if new_pid:
             stop_pid_tree(new_pid)
+
+
+@pytest.mark.timeout(60)
+def test_sighup_can_remove_workers(tmp_path: Path) -> None:
+    script = tmp_path / "dummy.py"
+    script.write_text(DUMMY)
+    port = free_port()
+    config = tmp_path / "etcdproxy.yaml"
+    write_config(config, port, workers=3)
+    log_path = tmp_path / "dummy.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "PROMETHEUS_MULTIPROC_DIR")}
+    env.update(PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    with log_path.open("ab") as log:
+        proxy = subprocess.Popen(
+            [sys.executable, str(script), f"--config-file={config}"], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+    try:
+        wait_until(lambda: READY_LINE in log_path.read_text(), 30, "dummy start")
+        before = workers(proxy.pid)
+        assert len(before) == 3
+        write_config(config, port, workers=1)
+        proxy.send_signal(signal.SIGHUP)
+        wait_until(lambda: len(workers(proxy.pid)) == 1 and not workers(proxy.pid) & before, 30, "one new worker")
+        text = log_path.read_text()
+        assert "SIGHUP: removing worker 1 (--workers 1)" in text and "SIGHUP: removing worker 2 (--workers 1)" in text
+        assert "need a restart" not in text  # only live settings changed
+        proxy.send_signal(signal.SIGTERM)
+        assert proxy.wait(30) == 0
+    finally:
+        stop_process_tree(proxy)
