@@ -528,6 +528,14 @@ class H2Client:
             if done(f):
                 return seen
 
+    def wait_for_data(self, stream_id: int, timeout: float | None = None) -> Response:
+        """Read until ``stream_id`` has received some DATA (frames read earlier count too)."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while not (r := self.responses.get(stream_id)) or not r.data:
+            if self.read_frame(max(0.0, deadline - time.monotonic())) is None:
+                raise AssertionError(f"timed out waiting for DATA on stream {stream_id}: {r}")
+        return r
+
     def drain(self, timeout: float = 0.2) -> list[Frame]:
         """Whatever arrives within ``timeout`` (stops early on close)."""
         seen: list[Frame] = []

@@ -376,7 +376,7 @@ def test_too_many_streams(proxy: Callable[..., ProxyProcess], transport: str) ->
             create = watch_create_request(b"h2abuse/many")
             keep = [c.start_request(WATCH_PATH, create, end_stream=False) for _ in range(10)]
             for sid in keep:
-                c.read_until(lambda f, s=sid: f.type == DATA and f.stream_id == s, what=f"created on {sid}")
+                c.wait_for_data(sid)
             extra = [c.start_request(WATCH_PATH, create, end_stream=False) for _ in range(200)]
             for sid in extra:
                 c.expect_stream_error(sid, REFUSED_STREAM, PROTOCOL_ERROR)

@@ -247,7 +247,7 @@ def test_cancel_then_connection_still_serves(h2c: H2Client) -> None:
     sid = h2c.start_request(WATCH_PATH, watch_create_request(b"h2grpc/cancel"), end_stream=False)
     other = h2c.start_request(WATCH_PATH, watch_create_request(b"h2grpc/other"), end_stream=False)
     for s in (sid, other):
-        h2c.read_until(lambda f, s=s: f.type == DATA and f.stream_id == s, what=f"the created response on {s}")
+        h2c.wait_for_data(s)
     h2c.send_rst(sid)
     r = h2c.unary(RANGE_PATH, range_request())
     assert r.grpc_status == OK, str(r)
