@@ -28,7 +28,14 @@ from tests.robustness.traffic import KVClient, LeaseClient, Shared, Truth, Watch
 from tests.robustness.validators import Report, check
 
 TARGETS = ("proxy", "go", "direct")
-KV_WEIGHTS = {"range": 3, "range_serializable": 3, "range_old": 0.5, "put": 4, "txn": 1.5, "delete": 1}
+KV_WEIGHTS: dict[str, float] = {
+    "range": 3,
+    "range_serializable": 3,
+    "range_old": 0.5,
+    "put": 4,
+    "txn": 1.5,
+    "delete": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -108,7 +115,9 @@ def _final_revision(endpoints: list[str]) -> int:
                 return int(r.header.revision)
         return None
 
-    return int(wait_until(attempt, 30, "a linearizable read of the final revision"))
+    found: int | None = wait_until(attempt, 30, "a linearizable read of the final revision")
+    assert found is not None
+    return found
 
 
 class Sampler(threading.Thread):
@@ -209,7 +218,7 @@ def run(cfg: RunConfig) -> Result:
                 )
             )
         for i in range(profile.direct):
-            direct_w = {"put": 3, "delete": 1, "txn": 1}
+            direct_w: dict[str, float] = {"put": 3, "delete": 1, "txn": 1}
             clients.append(KVClient(f"direct{i}", members[0], rec, shared, rng(), "direct", weights=direct_w, rate=3.0))
         for i in range(profile.watch):
             wc = WatchClient(

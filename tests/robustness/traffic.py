@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import grpc
@@ -493,7 +494,7 @@ class LeaseClient(Client):
                     resp = self.call_op(
                         "lease_grant",
                         {"ttl": ttl},
-                        lambda ttl=ttl: lease_stub.LeaseGrant(rpc_pb2.LeaseGrantRequest(TTL=ttl), timeout=CALL_TIMEOUT),
+                        partial(lease_stub.LeaseGrant, rpc_pb2.LeaseGrantRequest(TTL=ttl), timeout=CALL_TIMEOUT),
                         lambda r: {"id": r.ID, "ttl": r.TTL},
                     )
                     if resp is not None:
@@ -503,7 +504,7 @@ class LeaseClient(Client):
                         self.call_op(
                             "put",
                             {"key": key, "value": "l", "lease": resp.ID},
-                            lambda put=put: kv.Put(put, timeout=CALL_TIMEOUT),
+                            partial(kv.Put, put, timeout=CALL_TIMEOUT),
                             _put_out,
                         )
                         held[resp.ID] = {"ttl": resp.TTL, "until": t + self.rng.uniform(0, 3 * resp.TTL), "next": t}
@@ -516,8 +517,8 @@ class LeaseClient(Client):
                             self.call_op(
                                 "lease_revoke",
                                 {"id": lid},
-                                lambda lid=lid: lease_stub.LeaseRevoke(
-                                    rpc_pb2.LeaseRevokeRequest(ID=lid), timeout=CALL_TIMEOUT
+                                partial(
+                                    lease_stub.LeaseRevoke, rpc_pb2.LeaseRevokeRequest(ID=lid), timeout=CALL_TIMEOUT
                                 ),
                                 lambda r: {},
                             )

@@ -396,8 +396,8 @@ def watch_canceled(s: Streams, replay: Replay, h: History, c: Config) -> list[Vi
     """A cancel the client did not ask for says why (reason or compact revision)."""
     out = []
     for w in s.watchers:
-        c = w.canceled
-        if c and not w.cancel_requested and not c.get("cancel_reason") and not c.get("compact_revision"):
+        cn = w.canceled
+        if cn and not w.cancel_requested and not cn.get("cancel_reason") and not cn.get("compact_revision"):
             out.append(Violation("watch_canceled", f"{w.name()}: canceled without a reason", w.canceled))
     return out
 
@@ -613,12 +613,14 @@ def _compare(cmp: Record, kv: Record | None) -> bool:
         have: Any = 0
     else:
         have = {"version": kv["version"], "mod": kv["mod_revision"], "value": kv["value"]}[target]
-    return {
-        "EQUAL": have == operand,
-        "NOT_EQUAL": have != operand,
-        "GREATER": have > operand,
-        "LESS": have < operand,
-    }[result]
+    return bool(
+        {
+            "EQUAL": have == operand,
+            "NOT_EQUAL": have != operand,
+            "GREATER": have > operand,
+            "LESS": have < operand,
+        }[result]
+    )
 
 
 def txn_compares(s: Streams, replay: Replay, h: History, c: Config) -> list[Violation]:
@@ -697,14 +699,14 @@ def leases(h: History) -> dict[int, LeaseLife]:
             out[ka["lease"]].kept.append(ka)
     by_key = {life.key: life for life in out.values() if life.key}
     for ev in h.truth_events():
-        life = by_key.get(ev["kv"]["key"])
-        if life is None or ev["type"] != "DELETE" or life.deleted_at is not None:
+        found = by_key.get(ev["kv"]["key"])
+        if found is None or ev["type"] != "DELETE" or found.deleted_at is not None:
             continue
-        if ev.get("prev_kv", {}).get("lease") not in (None, life.id):
+        if ev.get("prev_kv", {}).get("lease") not in (None, found.id):
             continue
-        life.deleted_at = ev["t"]
-        if life.revoked_at is None or life.revoked_at > ev["t"]:
-            life.expired_at = ev["t"]
+        found.deleted_at = ev["t"]
+        if found.revoked_at is None or found.revoked_at > ev["t"]:
+            found.expired_at = ev["t"]
     return out
 
 
