@@ -430,6 +430,31 @@ def test_keepalive_too_many_pings(abuser: Callable[..., H2Client]) -> None:
     assert goaway.debug_data == b"too_many_pings", str(goaway)
 
 
+def test_keepalive_pings_without_streams(abuser: Callable[..., H2Client]) -> None:
+    """With no stream open the minimum ping interval is 2 h (PermitWithoutStream=false): pings on an idle
+    connection are strikes at once; the 3rd strike gets GOAWAY ENHANCE_YOUR_CALM "too_many_pings"."""
+    c = abuser()
+    for i in range(4):
+        c.send_ping(f"idle{i:04d}".encode())
+    goaway = c.expect_goaway(ENHANCE_YOUR_CALM, timeout=5)
+    assert goaway.debug_data == b"too_many_pings", str(goaway)
+
+
+def test_keepalive_strikes_reset_by_data(abuser: Callable[..., H2Client]) -> None:
+    """Strikes are forgiven when the client sends HEADERS/DATA: ping x3, a call, ping x2 is no abuse."""
+    c = abuser()
+    sid = c.start_request(WATCH_PATH, watch_create_request(b"h2abuse/strikes"), end_stream=False)
+    c.wait_for_data(sid)
+    for i in range(3):
+        c.ping_roundtrip(f"strk{i:04d}".encode())
+    r = c.unary()
+    assert r.grpc_status == 0, str(r)
+    for i in range(2):
+        c.ping_roundtrip(f"more{i:04d}".encode())
+    frames = c.drain(0.5)
+    assert not [f for f in c.received if f.type == GOAWAY], [str(f) for f in frames]
+
+
 def test_no_preface_closed(abuser: Callable[..., H2Client]) -> None:
     """A connection that never sends its preface is closed ~10 s after accept; half a preface too."""
     silent = abuser(handshake=False)

@@ -26,7 +26,7 @@ from tests.h2.rawclient import (
     range_request,
     watch_create_request,
 )
-from tests.helpers import IMPL_GO, LOCALHOST, EtcdServer, ProxyProcess, http_get, proxy_impl
+from tests.helpers import IMPL_GO, LOCALHOST, EtcdServer, ProxyProcess, free_port, http_get, proxy_impl
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,14 +41,19 @@ DEVIATIONS: dict[str, dict[str, str]] = {
         "test_server_settings": "grpc-go: {MAX_CONCURRENT_STREAMS: 2^32-1, MAX_FRAME_SIZE: 16384}, no WINDOW_UPDATE",
         "test_graceful_stop_two_phase_goaway": "etcd grpc-proxy closes on SIGTERM without any GOAWAY",
         "test_stream_opened_after_goaway_is_not_processed": "etcd grpc-proxy closes on SIGTERM without any GOAWAY",
+        "test_graceful_stop_second_goaway_without_ping_ack": "etcd grpc-proxy closes on SIGTERM without any GOAWAY",
         "test_http1_health_on_the_grpc_port[/proxy/health]": "Go probes the advertised URL, empty in these tests: "
         '503 {"health":"false","reason":"no connection to proxy"}',
     },
     "grpcio": {
         "test_server_settings": "grpc-core: INITIAL_WINDOW_SIZE and MAX_FRAME_SIZE 4 MiB, MAX_HEADER_LIST_SIZE 16384",
+        "test_graceful_stop_second_goaway_without_ping_ack": "grpc-core's second GOAWAY is INTERNAL_ERROR "
+        "'Cancelling all calls' with last-stream-id 1",
         "test_http1_health_on_the_grpc_port[/health]": _CORE_NO_HTTP1,
         "test_http1_health_on_the_grpc_port[/proxy/health]": _CORE_NO_HTTP1,
-        "test_http1_metrics_on_the_grpc_port": _CORE_NO_HTTP1,
+        "test_http1_metrics_on_the_grpc_port[/metrics]": _CORE_NO_HTTP1,
+        "test_http1_metrics_on_the_grpc_port[/proxy/metrics]": _CORE_NO_HTTP1,
+        "test_http1_same_answers_as_metrics_addr": _CORE_NO_HTTP1,
         "test_http1_unknown_path_is_404": _CORE_NO_HTTP1,
         "test_http1_then_grpc_still_served": _CORE_NO_HTTP1,
     },
@@ -153,6 +158,26 @@ def test_graceful_stop_two_phase_goaway(proxy: Callable[..., ProxyProcess]) -> N
         proxy.started.remove(p)  # type: ignore[attr-defined]
 
 
+def test_graceful_stop_second_goaway_without_ping_ack(proxy: Callable[..., ProxyProcess]) -> None:
+    """A client that never ACKs the shutdown PING still gets the final GOAWAY about 1 s later."""
+    p = proxy(workers=1, extra_args=() if proxy_impl() == IMPL_GO else ("--graceful-timeout=3s",))
+    c = H2Client(LOCALHOST, p.port, timeout=10).connect()
+    c.auto_ping_ack = False
+    try:
+        sid = c.start_request(WATCH_PATH, watch_create_request(b"h2transport/noack"), end_stream=False)
+        c.wait_for_data(sid)
+        p.proc.send_signal(signal.SIGTERM)
+        first = c.expect_goaway(timeout=10)
+        at_first = time.monotonic()
+        assert first.last_stream_id == 2**31 - 1, str(first)
+        second = c.read_until(lambda f: f.type == GOAWAY, timeout=5, what="the second GOAWAY")[-1]
+        assert second.last_stream_id == sid and time.monotonic() - at_first < 3, str(second)
+    finally:
+        c.close()
+        p.stop()
+        proxy.started.remove(p)  # type: ignore[attr-defined]
+
+
 def test_stream_opened_after_goaway_is_not_processed(proxy: Callable[..., ProxyProcess]) -> None:
     """After the final GOAWAY, a new stream above its last-stream-id is ignored or refused, never served."""
     p = proxy(workers=1, extra_args=() if proxy_impl() == IMPL_GO else ("--graceful-timeout=3s",))
@@ -183,9 +208,19 @@ def test_http1_health_on_the_grpc_port(shared_proxy: ProxyProcess, path: str) ->
     assert status == 200 and '"health":"true"' in body.replace(" ", ""), (status, body)
 
 
-def test_http1_metrics_on_the_grpc_port(shared_proxy: ProxyProcess) -> None:
-    status, body = http_get(f"http://{shared_proxy.endpoint}/metrics", timeout=5)
+@pytest.mark.parametrize("path", ["/metrics", "/proxy/metrics"])
+def test_http1_metrics_on_the_grpc_port(shared_proxy: ProxyProcess, path: str) -> None:
+    status, body = http_get(f"http://{shared_proxy.endpoint}{path}", timeout=5)
     assert status == 200 and "# TYPE" in body, (status, body[:200])
+
+
+def test_http1_same_answers_as_metrics_addr(proxy: Callable[..., ProxyProcess]) -> None:
+    """/health on --listen-addr answers exactly like on --metrics-addr."""
+    metrics_port = free_port()
+    p = proxy(workers=1, extra_args=(f"--metrics-addr=http://{LOCALHOST}:{metrics_port}",))
+    on_grpc = http_get(f"http://{p.endpoint}/health", timeout=5)
+    on_metrics = http_get(f"http://{LOCALHOST}:{metrics_port}/health", timeout=5)
+    assert on_grpc == on_metrics and on_grpc[0] == 200, (on_grpc, on_metrics)
 
 
 def test_http1_unknown_path_is_404(shared_proxy: ProxyProcess) -> None:
