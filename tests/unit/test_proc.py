@@ -306,7 +306,8 @@ def test_clean_given_run_dir_leaves_nothing_of_ours(
     tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run_dir = str(tmp_path)
-    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    # what prepare_metrics_dir sets by default; through monkeypatch, so it does not leak into later tests
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", os.path.join(run_dir, "metrics"))
     metrics = proc.prepare_metrics_dir(run_dir)
     open(os.path.join(metrics, "counter_1.db"), "w").close()
     for name in ("hub.sock", "heartbeat-worker-0-0", proc.CONTROL_FILE, "operator-file"):
