@@ -5,6 +5,11 @@ the forking process, so this process creates no gRPC, ZeroMQ or event-loop objec
 replacement hub or worker at any moment. Signal handlers only enqueue; a select() loop woken by
 ``signal.set_wakeup_fd`` dispatches ``handle_<signal>``. Each child gets a readiness pipe and a
 heartbeat file (see proc.py). Model: gunicorn's arbiter.
+
+The supervisor binds --listen-addr (and --metrics-addr) itself and hands the sockets to the workers (and the
+hub), so a reload (HUP: roll the workers, re-reading --config-file) and an upgrade (USR2: exec a new
+supervisor that inherits the sockets) never close the port. TERM: health turns 503 (control file + USR1 to
+every child), STOPPING=1, workers drain (--drain-delay, --graceful-timeout), then the hub.
 """
 
 from __future__ import annotations
