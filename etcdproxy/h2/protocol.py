@@ -77,15 +77,13 @@ class H2Protocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport
         self._born = self.loop.time()
         self.server.protocols.add(self)
-        if self.server.draining:
-            # accepted during the drain delay: served, but told at once to go elsewhere
-            self._start_h2()
-            assert self.conn is not None
-            self.conn.start_drain(self._born)
-            self._flush()
+        # accepted during the drain delay: served normally (a load balancer still sends clients here until its
+        # health check sees the 503); told to go away when the delay ends (Server.start_drain again)
 
     def _start_h2(self) -> None:
         self.conn = ServerConnection(self.server.dispatcher, self.server.options.settings, self.loop.time(), self._wake)
+        if self.server.drain_everyone:  # a connection that spoke only after the drain delay ended
+            self.conn.start_drain(self.loop.time())
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
@@ -176,8 +174,6 @@ class H2Protocol(asyncio.Protocol):
         if self.conn is not None:
             self.conn.start_drain(self.loop.time())
             self._flush()
-        elif self.transport is not None and self._http1 is None:
-            pass  # not yet spoken: it gets a drain as soon as it is h2 (connection_made path covers new ones)
 
 
 class Http1:
@@ -282,6 +278,7 @@ class Server:
         self.protocols: set[H2Protocol] = set()
         self.servers: list[asyncio.base_events.Server] = []
         self.draining = False
+        self.drain_everyone = False  # the drain delay is over: even connections that speak later are told
         self._ticker: asyncio.Task[None] | None = None
 
     async def listen(
@@ -316,7 +313,10 @@ class Server:
                     log.exception("connection timer failed")
 
     def start_drain(self) -> None:
-        """Graceful GOAWAY to every connection; new ones are told at once (the listener stays open)."""
+        """Graceful GOAWAY to every open connection (connections already told are left alone). Called when the
+        drain starts, and again when the drain delay ends for the connections accepted meanwhile."""
+        if self.draining:
+            self.drain_everyone = True
         self.draining = True
         for protocol in list(self.protocols):
             protocol.start_drain()

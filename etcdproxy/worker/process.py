@@ -111,6 +111,7 @@ async def drain(server: Server, config: Config, hub: HubClient, leases: LeaseSer
     while loop.time() < deadline:  # noqa: ASYNC110 - a deadline, not a condition to wait for
         await asyncio.sleep(min(0.1, max(0.0, deadline - loop.time())))
     server.close_listeners()
+    server.start_drain()  # the connections accepted during the delay (served meanwhile, never told at once)
     hub.end_streams(errors.WORKER_STOPPING)
     leases.stop(errors.WORKER_STOPPING)
     deadline = loop.time() + config.graceful_timeout_s
