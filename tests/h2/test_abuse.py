@@ -409,9 +409,31 @@ def test_never_reading_client(
     finally:
         direct.close()
     # 50 events x 60 KB x 8 streams = 24 MB generated; held all at once it is still bounded by that
+    print(f"proxy RSS grew by {grown_mib:.1f} MiB")
     assert grown_mib < 200, f"proxy RSS grew by {grown_mib:.0f} MiB"
     assert_others_fine(probe, since=started)
     assert sids
+
+
+def test_never_reading_big_responses(
+    abuse_proxy: ProxyProcess, abuser: Callable[..., H2Client], probe: LatencyProbe, etcd_server: EtcdServer
+) -> None:
+    """40 Range calls of a 1 MB value on a connection that never reads nor grants window: at most the
+    responses themselves are held (40 MB), other clients are served meanwhile."""
+    with grpc.insecure_channel(etcd_server.endpoint) as direct:
+        rpc_pb2_grpc.KVStub(direct).Put(rpc_pb2.PutRequest(key=b"h2abuse/big", value=b"R" * 1_000_000), timeout=10)
+    c = abuser(handshake=False)
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    c.connect(window=65535)
+    before = proxy_rss_kib(abuse_proxy)
+    started = time.monotonic()
+    for _ in range(40):
+        c.start_request(body=range_request(b"h2abuse/big"))
+    time.sleep(1.5)
+    grown_mib = (proxy_rss_kib(abuse_proxy) - before) / 1024
+    print(f"proxy RSS grew by {grown_mib:.1f} MiB")
+    assert grown_mib < 200, f"proxy RSS grew by {grown_mib:.0f} MiB"
+    assert_others_fine(probe, since=started)
 
 
 # --------------------------------------------------------------------------- slow peers
