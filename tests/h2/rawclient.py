@@ -601,11 +601,11 @@ class H2Client:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         seen: list[str] = []
         # frames already read (e.g. by read_response) count too
-        for f in self.received:
-            verdict = self._judge(f, stream_id, codes)
+        for old in self.received:
+            verdict = self._judge(old, stream_id, codes)
             if verdict is not None:
-                assert verdict, f"expected {kind} {want}, got {f}"
-                return str(f)
+                assert verdict, f"expected {kind} {want}, got {old}"
+                return str(old)
         while True:
             try:
                 f = self.read_frame(max(0.0, deadline - time.monotonic()))
@@ -630,10 +630,10 @@ class H2Client:
     def expect_goaway(self, *codes: int, timeout: float | None = None) -> Frame:
         """Strict: a GOAWAY (with one of ``codes`` if given) must arrive before the close."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        for f in self.received:
-            if f.type == GOAWAY:
-                assert not codes or f.error_code in codes, f"expected GOAWAY {codes}, got {f}"
-                return f
+        for old in self.received:
+            if old.type == GOAWAY:
+                assert not codes or old.error_code in codes, f"expected GOAWAY {codes}, got {old}"
+                return old
         seen: list[str] = []
         while True:
             try:
