@@ -158,13 +158,15 @@ class Bench:
     # ------------------------------------------------------------ setup
     def build(self) -> None:
         if not shutil.which("h2load"):
-            sys.exit("h2load not found: apt-get install -y nghttp2-client")
+            sys.exit("h2load not found: run `bash bench/setup.sh` (apt-get install -y nghttp2-client)")
+        if not shutil.which("gcc"):
+            sys.exit("gcc not found: run `bash bench/setup.sh` (apt-get install -y gcc libc6-dev libnghttp2-dev)")
         src = BENCH / "h2bench.c"
         cmd = ["gcc", "-O2", "-Wall", "-o", str(self.h2bench_bin), str(src), "-lnghttp2"]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
             sys.exit(
-                f"building {src} failed (needs gcc and libnghttp2-dev: apt-get install -y libnghttp2-dev):\n{r.stderr}"
+                f"building {src} failed (needs gcc and libnghttp2-dev: run `bash bench/setup.sh`):\n{r.stderr}"
             )
 
     def tls_args(self) -> list[str]:
