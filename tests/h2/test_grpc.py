@@ -48,6 +48,7 @@ DEVIATIONS: dict[str, dict[str, str]] = {
         "test_grpc_timeout_malformed[S]": _GO_TIMEOUT_RST,
         "test_upstream_error_is_trailers_only": "the Go proxy relays it as grpc-status 2 (Unknown), same message",
         "test_client_goaway_then_close": "grpc-go keeps the connection open (nothing within 5 s)",
+        "test_request_trailers_accepted": "grpc-go 1.38 answers request trailers with RST_STREAM PROTOCOL_ERROR",
     },
     "grpcio": {
         "test_method_not_post_is_405": "grpc-core answers RST_STREAM INTERNAL_ERROR, no :status 405",
@@ -60,6 +61,8 @@ DEVIATIONS: dict[str, dict[str, str]] = {
         "test_grpc_encoding_unknown": "grpc-core: grpc-status 13 \"Error parsing 'grpc-encoding' metadata\"",
         "test_message_larger_than_the_limit": "grpc-core: 8 'SERVER: Received message larger than max (... vs. ...)'",
         "test_client_goaway_then_close": "grpc-core keeps the connection open (nothing within 5 s)",
+        "test_grpc_timeout_valid_units[99999999H]": "grpc-core overflows: 4 'Deadline Exceeded' at once",
+        "test_compressed_flag_with_identity_encoding": "grpc-core: 13 'Compression bit set but no encoding configured'",
     },
 }
 
@@ -142,7 +145,7 @@ def test_grpc_timeout_malformed(h2c: H2Client, value: str) -> None:
     assert r.grpc_message.startswith("transport: malformed grpc-timeout"), str(r)
 
 
-@pytest.mark.parametrize("value", ["5S", "5000m", "5000000u", "1M", "1H", "99999999n"])
+@pytest.mark.parametrize("value", ["5S", "5000m", "5000000u", "1M", "1H", "99999999n", "99999999H"])
 def test_grpc_timeout_valid_units(h2c: H2Client, value: str) -> None:
     r = h2c.unary(extra=[("grpc-timeout", value)])
     assert r.grpc_status == OK, str(r)
@@ -191,6 +194,30 @@ def test_grpc_encoding_gzip(h2c: H2Client, stubs: Stubs) -> None:
 
 def test_grpc_encoding_identity_uncompressed(h2c: H2Client) -> None:
     r = h2c.unary(extra=[("grpc-encoding", "identity"), ("grpc-accept-encoding", "identity")])
+    assert r.grpc_status == OK, str(r)
+
+
+def test_compressed_flag_with_identity_encoding(h2c: H2Client) -> None:
+    """The compressed flag without a grpc-encoding: grpc-go's INTERNAL answer."""
+    sid = h2c.new_stream_id()
+    h2c.send(
+        h2c.headers_frame(sid, grpc_request_headers())
+        + frame_bytes(DATA, END_STREAM, sid, grpc_message(range_request(), compressed=True))
+    )
+    r = h2c.read_response(sid)
+    assert r.grpc_status == INTERNAL, str(r)
+    assert r.grpc_message == "grpc: compressed flag set with identity or empty encoding", str(r)
+
+
+def test_request_trailers_accepted(h2c: H2Client) -> None:
+    """A request ending with a trailing HEADERS (END_STREAM) instead of END_STREAM on DATA is served."""
+    sid = h2c.new_stream_id()
+    h2c.send(
+        h2c.headers_frame(sid, grpc_request_headers())
+        + frame_bytes(DATA, 0, sid, grpc_message(range_request()))
+        + h2c.headers_frame(sid, [("x-client-trailer", "1")], end_stream=True)
+    )
+    r = h2c.read_response(sid)
     assert r.grpc_status == OK, str(r)
 
 
