@@ -370,16 +370,19 @@ def _bookmarks(w: Watcher, replay: Replay) -> list[tuple[int, int, int, int | No
 def watch_bookmarkable(s: Streams, replay: Replay, h: History, c: Config) -> list[Violation]:
     """A progress at R reaches a watcher only after every event <= R it should get.
 
-    A watcher still catching up from a past start revision (the missing event is at or below
-    the revision it was created at) is reported as ``watch_bookmarkable_unsynced``: etcd before
-    3.5.8 answers RequestProgress that way itself (etcd issue 15220, found by etcd's own
-    robustness tests); a watcher that was in sync is ``watch_bookmarkable``."""
+    A watcher from a past start revision that has not yet shown it caught up (no event after
+    the revision it was created at delivered yet) is reported as ``watch_bookmarkable_unsynced``:
+    etcd before 3.5.8 answers RequestProgress while such a watcher waits for its sync loop
+    (etcd issue 15220, found by etcd's own robustness tests); a watcher that was in sync is
+    ``watch_bookmarkable``."""
     out = []
     for w in s.watchers:
+        revs = [e["kv"]["mod_revision"] for _, e in w.events]
         for delivered, rev, due, missing in _bookmarks(w, replay):
             if missing is None:
                 continue
-            name = "watch_bookmarkable_unsynced" if missing <= w.created_rev else "watch_bookmarkable"
+            catching_up = w.start <= w.created_rev and not any(r > w.created_rev for r in revs[:delivered])
+            name = "watch_bookmarkable_unsynced" if catching_up else "watch_bookmarkable"
             out.append(
                 Violation(
                     name,
