@@ -191,6 +191,8 @@ class ServerConnection:
         self.recv_window = settings.connection_window
         self._conn_uncredited = 0
         self._blocked: OrderedDict[int, Stream] = OrderedDict()  # streams with pending DATA, served round-robin
+        self._data_frames_sent = 0  # DATA frames we sent: the allowance of WINDOW_UPDATEs a client may send
+        self._window_updates = 0
         # limits
         self._settings_sent_at = now
         self._settings_acked = False
@@ -309,6 +311,7 @@ class ServerConnection:
                     if length < 8:
                         raise ConnectionError_(f.FRAME_SIZE_ERROR, "GOAWAY too short")
                     self.goaway_received = True
+                    self._after_stream_closed()  # nothing open: close now; else when the last stream ends
                 elif kind == f.PUSH_PROMISE:
                     raise ConnectionError_(f.PROTOCOL_ERROR, "PUSH_PROMISE from a client")
                 else:
@@ -565,6 +568,11 @@ class ServerConnection:
     def _window_update(self, stream_id: int, payload: bytes, now: float) -> None:
         if len(payload) != 4:
             raise ConnectionError_(f.FRAME_SIZE_ERROR, "WINDOW_UPDATE size")
+        # A client answers our DATA with at most a stream and a connection WINDOW_UPDATE per frame: more than
+        # that (plus a burst) is a flood. Counted against our DATA frames, not time, so busy clients never trip it.
+        self._window_updates += 1
+        if self._window_updates > 2 * self._data_frames_sent + self.settings.flood_burst:
+            raise ConnectionError_(f.ENHANCE_YOUR_CALM, "too many WINDOW_UPDATE frames")
         increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
         if stream_id == 0:
             if increment == 0:
@@ -596,6 +604,8 @@ class ServerConnection:
         if flags & f.ACK:
             if payload == self._ping_sent:
                 self._ping_sent = None
+            else:
+                self._cheap(now)  # an ack of nothing we sent: a flood frame like any other
             return
         self._cheap(now)
         self.out.append(f.ping(payload, ack=True))
@@ -665,6 +675,8 @@ class ServerConnection:
             self._cheap(now)
         self._drop(stream, remember=False)
         self._closed(stream_id)
+        if self.goaway_received or self.draining:
+            self._after_stream_closed()
 
     def _priority(self, stream_id: int, payload: bytes, now: float) -> None:
         if stream_id == 0:
@@ -752,6 +764,7 @@ class ServerConnection:
         ):
             self.send_window -= n
             stream.send_window -= n
+            self._data_frames_sent += 1
             self._queue(
                 b"".join(
                     (
@@ -792,6 +805,7 @@ class ServerConnection:
         if stream.pending is None and n <= self.send_window and n <= stream.send_window and n <= self.peer_max_frame:
             self.send_window -= n
             stream.send_window -= n
+            self._data_frames_sent += 1
             self._queue(n.to_bytes(3, "big") + _DATA_HEAD_FLAGS0 + stream.id.to_bytes(4, "big") + prefix + message)
             return
         if stream.pending is None:
@@ -866,6 +880,7 @@ class ServerConnection:
                 self.send_window -= k
                 stream.send_window -= k
                 stream.pending_bytes -= k
+                self._data_frames_sent += 1
                 self._queue(f.frame_head(f.DATA, 0, stream.id, k) + chunk)
                 progress = True
                 if not pending:

@@ -352,6 +352,8 @@ def test_pings_after_min_time_with_a_stream_are_fine() -> None:
         f.frame(f.PRIORITY, 0, 1, b"\x00\x00\x00\x03\x10"),
         f.frame(f.DATA, 0, 1, b""),
         f.frame(0x20, 0, 0, b"unknown"),
+        f.ping(b"12345678", ack=True),  # acks of pings we never sent
+        f.window_update(0, 1),  # far more WINDOW_UPDATEs than our DATA frames could explain
     ],
 )
 def test_floods_are_refused(flood: bytes) -> None:
@@ -427,3 +429,23 @@ def test_client_reset_reaches_the_application() -> None:
     assert c.app.events[-1] == ("reset", 1) and not c.conn.streams
     c.send(f.frame(f.WINDOW_UPDATE, 0, 1, (5).to_bytes(4, "big")))  # on a closed stream: ignored
     assert not c.conn.closed
+
+
+def test_window_updates_answering_our_data_are_no_flood() -> None:
+    c = Client(App(echo=True))
+    for sid in range(1, 2 * 1200, 2):  # 1,200 answers, each acknowledged with two WINDOW_UPDATEs
+        c.call(sid, b"x")
+        c.send(f.window_update(0, 10) + f.window_update(sid, 10))
+    assert c.goaway() is None
+
+
+def test_client_goaway_closes_once_the_last_stream_ends() -> None:
+    c = Client()
+    c.send(c.headers(1))
+    c.send(f.goaway(1, f.NO_ERROR))
+    assert not c.conn.closed
+    c.send(f.rst_stream(1, f.CANCEL))
+    assert c.conn.closed
+    idle = Client()
+    idle.send(f.goaway(0, f.NO_ERROR))
+    assert idle.conn.closed
