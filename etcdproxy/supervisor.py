@@ -530,7 +530,7 @@ class Supervisor:
         else:
             new = self.config
             log.info(
-                "SIGHUP: no --config-file given, so there is nothing to reload (reload not supported yet without one)"
+                "SIGHUP: no --config-file given, so there is nothing to re-read; the workers are rolled"
             )
         self.config = new
         workers = [s for s in self.slots if s.role == WORKER and not s.retiring]

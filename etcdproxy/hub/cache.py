@@ -235,7 +235,9 @@ class CacheHub:
                 if await self._watch_once():
                     backoff = BACKOFF_S[0]
             except aio.RpcError as exc:
-                log.warning("cache invalidation watch failed (%s: %s)", exc.code().name, exc.details())
+                # a failover closes the channel under the watch: expected, and upstream.py logs the move itself
+                level = logging.DEBUG if exc.details() == aio.CLOSED[1] else logging.WARNING
+                log.log(level, "cache invalidation watch failed (%s: %s)", exc.code().name, exc.details())
             except asyncio.CancelledError:
                 if not interrupted():
                     raise

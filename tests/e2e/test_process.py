@@ -446,7 +446,7 @@ def test_ttin_ttou_change_the_worker_count(start_proxy: Callable[..., Proxy], du
     proxy.wait_for("SIGTTOU: keeping the last worker")
     old_worker = proxy.child("etcdproxy: worker 0")
     proxy.popen.send_signal(signal.SIGHUP)  # rolls the workers
-    proxy.wait_for("reload not supported yet")
+    proxy.wait_for("SIGHUP: rolling")
     proxy.wait_for(f"worker 0 pid {old_worker} exited with code 0, not respawning")
     new_worker = proxy.child("etcdproxy: worker 0")
     assert new_worker != old_worker
