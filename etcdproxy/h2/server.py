@@ -150,6 +150,7 @@ _RESPONSE_HEADERS_LEN = len(gw.RESPONSE_HEADERS).to_bytes(3, "big")
 _RESPONSE_HEAD = _RESPONSE_HEADERS_LEN + _HEADERS_END_HEADERS
 _TRAILER_OK_LEN = len(gw.TRAILER_OK).to_bytes(3, "big")
 RECENTLY_RESET = 128
+GOAWAY_LINGER_S = 1.0  # an idle connection whose client sent GOAWAY is closed this long after it
 
 
 def _last_headers(stream_id: int, block: bytes) -> bytes:
@@ -310,8 +311,9 @@ class ServerConnection:
                         raise ConnectionError_(f.PROTOCOL_ERROR, "GOAWAY on a stream")
                     if length < 8:
                         raise ConnectionError_(f.FRAME_SIZE_ERROR, "GOAWAY too short")
-                    self.goaway_received = True
-                    self._after_stream_closed()  # nothing open: close now; else when the last stream ends
+                    if not self.goaway_received:
+                        self.goaway_received = True
+                        self._goaway_received_at = now  # idle: tick() closes a little later (frames may follow)
                 elif kind == f.PUSH_PROMISE:
                     raise ConnectionError_(f.PROTOCOL_ERROR, "PUSH_PROMISE from a client")
                 else:
@@ -929,9 +931,16 @@ class ServerConnection:
     _drain_ping: bytes = b""
     _drain_started: float = 0.0
 
+    _goaway_received_at = 0.0
+
     def tick(self, now: float, keepalive_interval_s: float, keepalive_timeout_s: float) -> None:
         """Timers, called by the driver about once a second: SETTINGS ack timeout, keepalive pings, drain."""
         if self.closed:
+            return
+        if self.goaway_received and not self.streams and now - self._goaway_received_at >= GOAWAY_LINGER_S:
+            self.closed = True  # the client said it is done and nothing is open
+            self.close_reason = "GOAWAY from the client"
+            self.wakeup()
             return
         if not self._settings_acked and now - self._settings_sent_at > self.settings.settings_timeout_s:
             self.terminate(f.SETTINGS_TIMEOUT, "SETTINGS not acknowledged")

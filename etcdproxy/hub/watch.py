@@ -227,6 +227,13 @@ class UpstreamStream:
             self.task.cancel()
 
 
+def with_revision(header: bytes, revision: int) -> bytes:
+    """A serialized ResponseHeader with another revision (cluster id, member id and raft term kept)."""
+    parsed = rpc_pb2.ResponseHeader.FromString(header)
+    parsed.revision = revision
+    return parsed.SerializeToString()  # type: ignore[no-any-return]
+
+
 class WatchHub:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
@@ -512,10 +519,19 @@ class WatchHub:
     def on_stream_progress(
         self, stream: UpstreamStream, revision: int, header: bytes, waiter: tuple[WorkerState, int] | None
     ) -> None:
+        floor = revision
         for broadcast in list(stream.broadcasts.values()):
-            if broadcast.caught_up() and revision > broadcast.frontier:  # type: ignore[operator]
-                self.on_progress(broadcast, revision, header, requested=True)
+            if broadcast.caught_up():
+                if revision > broadcast.frontier:  # type: ignore[operator]
+                    self.on_progress(broadcast, revision, header, requested=True)
+            elif broadcast.frontier is not None:
+                floor = min(floor, broadcast.frontier)
         if waiter is not None:
+            # etcd 3.5 answers a stream's RequestProgress with its current revision even while some watchers are
+            # still catching up (etcd #15220; here after a resume from frontier + 1): a client must then hear a
+            # revision no higher than every event it has been sent, so the answer is the lowest such frontier
+            if floor < revision:
+                header = with_revision(header, floor)
             worker, req_id = waiter
             self._send(worker.identity, lambda e, q: s.WatchProgress(e, q, req_id, header))
 

@@ -447,5 +447,9 @@ def test_client_goaway_closes_once_the_last_stream_ends() -> None:
     c.send(f.rst_stream(1, f.CANCEL))
     assert c.conn.closed
     idle = Client()
-    idle.send(f.goaway(0, f.NO_ERROR))
+    idle.send(f.goaway(0, 0xFF))  # an unknown error code changes nothing (RFC 9113 7)
+    assert idle.send(f.ping(b"afterga!")) == [(f.PING, f.ACK, 0, b"afterga!")]
+    idle.conn.tick(idle.now + 0.5, 0, 0)
+    assert not idle.conn.closed
+    idle.conn.tick(idle.now + 1.0, 0, 0)
     assert idle.conn.closed
