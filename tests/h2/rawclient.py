@@ -499,7 +499,8 @@ class H2Client:
         elif self._header_block is not None:
             self._header_block[1].extend(f.payload)
         if f.flags & END_HEADERS and self._header_block is not None:
-            fields = [(str(k), str(v)) for k, v in self.decoder.decode(bytes(self._header_block[1]), raw=False)]
+            decoded = self.decoder.decode(bytes(self._header_block[1]), raw=True)
+            fields = [(bytes(k).decode("utf-8", "replace"), bytes(v).decode("utf-8", "replace")) for k, v in decoded]
             self._header_block = None
             r.header_blocks += 1
             if r.header_blocks == 1:
