@@ -112,7 +112,7 @@ class Stream:
     def __init__(self, stream_id: int, send_window: int) -> None:
         self.id = stream_id
         self.app: Any = None
-        self.data = b""  # received bytes not yet split into gRPC messages
+        self.data: bytes | bytearray = b""  # received bytes not yet split into gRPC messages
         self.encoding = b"identity"
         self.content_length: int | None = None
         self.received = 0  # DATA payload bytes, for content-length
@@ -389,7 +389,21 @@ class ServerConnection:
 
     def _append(self, stream: Stream, payload: bytes) -> None:
         """Split received bytes into gRPC messages (5-byte prefix: compressed flag, length) for the app."""
-        data = stream.data + payload if stream.data else payload
+        buffered = stream.data
+        if buffered:
+            # a message spread over many frames: grow one buffer (re-joining bytes would copy O(n^2))
+            if type(buffered) is not bytearray:
+                buffered = bytearray(buffered)
+            buffered += payload
+            data: bytes | bytearray = buffered
+            n = len(data)
+            if n >= 5 and 5 + int.from_bytes(data[1:5], "big") > n and int.from_bytes(data[1:5], "big") <= (
+                self.settings.max_receive_message
+            ):
+                stream.data = buffered  # the first message is still incomplete: nothing to parse yet
+                return
+        else:
+            data = payload
         pos, n = 0, len(data)
         limit = self.settings.max_receive_message
         while n - pos >= 5:
@@ -401,7 +415,7 @@ class ServerConnection:
             if end > n:
                 break
             compressed = data[pos]
-            message = data[pos + 5 : end]
+            message = bytes(data[pos + 5 : end])
             pos = end
             if compressed:
                 if compressed != 1:
@@ -427,7 +441,12 @@ class ServerConnection:
             self.app.message(self, stream, message)
             if stream.finished or stream.id not in self.streams:
                 return
-        stream.data = data[pos:] if pos < n else b""
+        if pos >= n:
+            stream.data = b""
+        elif pos:
+            stream.data = data[pos:]
+        else:
+            stream.data = data
 
     def consumed(self, stream: Stream, size: int) -> None:
         """The application took a message of ``size`` bytes: its window may be credited back."""
