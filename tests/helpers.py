@@ -213,8 +213,9 @@ def child_pid(ppid: int, title: str) -> int | None:
     return next((pid for pid, cmd in children_with_titles(ppid).items() if cmd == title), None)
 
 
-def established_connections(pid: int, port: int) -> int:
-    """Established TCP connections on local ``port`` held by ``pid`` (via /proc/<pid>/fd)."""
+def established_connections(pid: int, port: int, remote: bool = False) -> int:
+    """Established TCP connections held by ``pid`` (via /proc/<pid>/fd) on local ``port``, or with ``remote`` to
+    a peer's ``port``."""
     inodes = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
@@ -227,7 +228,7 @@ def established_connections(pid: int, port: int) -> int:
     for table in ("tcp", "tcp6"):
         for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
             cols = line.split()
-            if int(cols[1].rsplit(":", 1)[1], 16) == port and cols[3] == "01" and cols[9] in inodes:
+            if int(cols[2 if remote else 1].rsplit(":", 1)[1], 16) == port and cols[3] == "01" and cols[9] in inodes:
                 count += 1
     return count
 

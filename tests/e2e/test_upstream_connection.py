@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -12,30 +11,10 @@ import pytest
 
 from etcdproxy.etcdpb import rpc_pb2 as pb
 from etcdproxy.etcdpb import rpc_pb2_grpc
-from tests.helpers import EtcdServer, child_pid, children_with_titles
+from tests.helpers import EtcdServer, child_pid, children_with_titles, established_connections
 
 CLIENTS = 20
 PER_CLIENT = 50  # watchers and leases per client connection: 1,000 of each
-
-
-def connections_to(pid: int, remote_port: int) -> int:
-    """Established TCP connections of ``pid`` whose remote end is ``remote_port``."""
-    inodes = set()
-    fd_dir = Path(f"/proc/{pid}/fd")
-    for fd in fd_dir.iterdir():
-        try:
-            target = fd.readlink().as_posix()
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    count = 0
-    for table in ("tcp", "tcp6"):
-        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
-            cols = line.split()
-            if int(cols[2].rsplit(":", 1)[1], 16) == remote_port and cols[3] == "01" and cols[9] in inodes:
-                count += 1
-    return count
 
 
 @pytest.mark.e2e
@@ -108,9 +87,9 @@ def test_one_upstream_connection_for_everything(fresh_etcd: EtcdServer, proxy: A
             t.join(timeout=60)
         assert events == [PER_CLIENT] * CLIENTS
         # while all of it is open: one connection from the hub to etcd, none from the workers
-        assert connections_to(hub, etcd_port) == 1
+        assert established_connections(hub, etcd_port, remote=True) == 1
         workers = [pid for pid, title in children_with_titles(p.proc.pid).items() if "worker" in title]
-        assert len(workers) == 2 and all(connections_to(w, etcd_port) == 0 for w in workers)
+        assert len(workers) == 2 and all(established_connections(w, etcd_port, remote=True) == 0 for w in workers)
         assert kv.Range(pb.RangeRequest(key=b"/conn/0/0"), timeout=10).kvs[0].value == b"v"
     finally:
         for call in watch_calls + keepalive_calls:
