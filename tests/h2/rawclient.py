@@ -378,6 +378,36 @@ class H2Client:
     def send_data(self, stream_id: int, data: bytes, end_stream: bool = False, flags: int = 0) -> None:
         self.send_frame(DATA, flags | (END_STREAM if end_stream else 0), stream_id, data)
 
+    def send_data_flow_controlled(
+        self, stream_id: int, data: bytes, *, end_stream: bool = True, timeout: float = 20.0
+    ) -> int:
+        """Send ``data`` in frames of at most the server's MAX_FRAME_SIZE, never beyond the connection and
+        stream windows it granted (waiting for its WINDOW_UPDATEs). Returns the WINDOW_UPDATEs waited for."""
+        frame_max = self.server_settings.get(MAX_FRAME_SIZE, 16384)
+        stream_window = self.server_settings.get(INITIAL_WINDOW_SIZE, 65535) + self.stream_send_windows.pop(
+            stream_id, 0
+        )
+        waits = 0
+        deadline = time.monotonic() + timeout
+        view = memoryview(data)
+        while True:
+            stream_window += self.stream_send_windows.pop(stream_id, 0)
+            n = min(frame_max, len(view), self.send_window, stream_window)
+            if n > 0 or not view:
+                last = n == len(view)
+                self.send_frame(DATA, END_STREAM if (last and end_stream) else 0, stream_id, bytes(view[:n]))
+                view = view[n:]
+                self.send_window -= n
+                stream_window -= n
+                if last:
+                    return waits
+                continue
+            waits += 1
+            if self.read_frame(max(0.0, deadline - time.monotonic())) is None:
+                raise AssertionError(
+                    f"no WINDOW_UPDATE: {len(view)} bytes left, windows conn={self.send_window} stream={stream_window}"
+                )
+
     def send_ping(self, payload: bytes = b"h2tests!", ack: bool = False) -> None:
         self.send_frame(PING, ACK if ack else 0, 0, payload)
 

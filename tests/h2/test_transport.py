@@ -16,6 +16,7 @@ from etcdproxy.etcdpb import rpc_pb2, rpc_pb2_grpc
 from tests.h2.rawclient import (
     ACK,
     DATA,
+    END_STREAM,
     GOAWAY,
     HEADERS,
     INITIAL_WINDOW_SIZE,
@@ -23,6 +24,9 @@ from tests.h2.rawclient import (
     PING,
     WATCH_PATH,
     H2Client,
+    frame_bytes,
+    grpc_message,
+    grpc_request_headers,
     range_request,
     watch_create_request,
 )
@@ -92,6 +96,7 @@ def test_response_respects_our_windows(connect: Connect, big_value: None) -> Non
         assert f is not None, f"stalled after {got}"
         if f.type != DATA or not f.payload:
             continue
+        assert len(f.payload) <= 16384, f"DATA of {len(f.payload)} bytes above our MAX_FRAME_SIZE"
         got["conn"] += len(f.payload)
         if f.stream_id == sid:
             got["stream"] += len(f.payload)
@@ -106,6 +111,49 @@ def test_response_respects_our_windows(connect: Connect, big_value: None) -> Non
     r = c.responses[sid]
     assert r.grpc_status == 0, str(r)
     assert rpc_pb2.RangeResponse.FromString(r.messages[0]).kvs[0].value == BIG_VALUE
+
+
+def test_larger_max_frame_size_respected(connect: Connect, big_value: None) -> None:
+    """With our SETTINGS_MAX_FRAME_SIZE at 65,536 no DATA frame is larger (bigger ones are allowed)."""
+    c = connect(settings=[(0x5, 65536), (INITIAL_WINDOW_SIZE, 4 << 20)])
+    r = c.read_response(c.start_request(body=range_request(BIG_KEY)), timeout=20)
+    assert r.grpc_status == 0 and max(r.data_frames) <= 65536, (max(r.data_frames), str(r)[:300])
+
+
+def test_large_request_within_windows(connect: Connect, etcd_server: EtcdServer) -> None:
+    """A 1.4 MB Put sent only as far as the server's windows allow: it must grant more (WINDOW_UPDATE)
+    for the call to complete."""
+    c = connect()
+    value = b"P" * 1_400_000
+    sid = c.start_request(end_stream=False, headers=grpc_request_headers("/etcdserverpb.KV/Put"))
+    put = rpc_pb2.PutRequest(key=b"h2transport/put", value=value).SerializeToString()
+    waits = c.send_data_flow_controlled(sid, grpc_message(put))
+    r = c.read_response(sid, timeout=20)
+    assert r.grpc_status == 0, f"{r} after waiting {waits} times for window"
+    with grpc.insecure_channel(etcd_server.endpoint) as ch:
+        got = rpc_pb2_grpc.KVStub(ch).Range(rpc_pb2.RangeRequest(key=b"h2transport/put"), timeout=10)
+    assert got.kvs[0].value == value
+
+
+def test_many_streams_pipelined_and_interleaved(connect: Connect, etcd_server: EtcdServer) -> None:
+    """200 calls written at once, their HEADERS first and their messages cut in two and interleaved across
+    streams: every response belongs to its own stream."""
+    with grpc.insecure_channel(etcd_server.endpoint) as ch:
+        kv = rpc_pb2_grpc.KVStub(ch)
+        for i in range(20):
+            kv.Put(rpc_pb2.PutRequest(key=f"h2transport/m{i}".encode(), value=f"value-{i}".encode()), timeout=10)
+    c = connect()
+    sids = {c.new_stream_id(): i % 20 for i in range(200)}
+    bodies = {sid: grpc_message(range_request(f"h2transport/m{k}".encode())) for sid, k in sids.items()}
+    out = b"".join(c.headers_frame(sid, grpc_request_headers()) for sid in sids)
+    out += b"".join(frame_bytes(DATA, 0, sid, bodies[sid][:7]) for sid in sids)
+    out += b"".join(frame_bytes(DATA, END_STREAM, sid, bodies[sid][7:]) for sid in reversed(list(sids)))
+    c.send(out)
+    for sid, k in sids.items():
+        r = c.read_response(sid, timeout=20)
+        assert r.grpc_status == 0, str(r)
+        (kv_,) = rpc_pb2.RangeResponse.FromString(r.messages[0]).kvs
+        assert (kv_.key, kv_.value) == (f"h2transport/m{k}".encode(), f"value-{k}".encode()), (sid, k)
 
 
 def test_blocked_stream_does_not_block_others(connect: Connect, big_value: None) -> None:
