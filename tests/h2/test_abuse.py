@@ -89,6 +89,7 @@ DEVIATIONS: dict[str, dict[str, str]] = {
         "test_settings_never_acked": "grpc-go has no SETTINGS ACK timeout: no GOAWAY within 14 s",
         "test_tls_handshake_stalled": "grpc-go (ConnectionTimeout 120 s) leaves it open past 14 s",
         "test_tls_alpn_http11_health": "the Go proxy selects no ALPN protocol when offered only http/1.1",
+        "test_tls_flood_limit": _GO_NO_LIMIT,
     },
     "grpcio": {
         "test_rapid_reset": "grpc-core: 6,000 reset streams, no GOAWAY and no close within 5 s",
@@ -105,6 +106,7 @@ DEVIATIONS: dict[str, dict[str, str]] = {
         "test_settings_never_acked": "grpc-core has no SETTINGS ACK timeout: no GOAWAY within 14 s",
         "test_tls_handshake_stalled": "grpc-core leaves a stalled TLS handshake open past 14 s",
         "test_tls_alpn_http11_health": "grpc-core selects no ALPN protocol when offered only http/1.1",
+        "test_tls_flood_limit": _CORE_NO_LIMIT,
     },
 }
 
@@ -625,3 +627,19 @@ def test_tls_alpn_http11_health(tls_proxy: tuple[ProxyProcess, Path]) -> None:
         while chunk := s.recv(65536):
             data += chunk
     assert data.startswith(b"HTTP/1.1 200") and b'"health":"true"' in data.replace(b" ", b""), data[:300]
+
+
+def test_tls_flood_limit(tls_proxy: tuple[ProxyProcess, Path]) -> None:
+    """The flood limit holds over TLS too (SETTINGS flood: GOAWAY ENHANCE_YOUR_CALM, close)."""
+    proxy, ca = tls_proxy
+    with H2Client(LOCALHOST, proxy.port, tls=tls_context(str(ca)), timeout=10) as c:
+        c.connect()
+        flood(c, frame_bytes(SETTINGS, 0, 0) * 250, batches=24)
+        c.expect_connection_error(ENHANCE_YOUR_CALM, timeout=5)
+
+
+def test_tls_invalid_preface(tls_proxy: tuple[ProxyProcess, Path]) -> None:
+    proxy, ca = tls_proxy
+    with H2Client(LOCALHOST, proxy.port, tls=tls_context(str(ca)), timeout=10) as c:
+        c.send(b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n" + frame_bytes(SETTINGS, 0, 0))
+        c.expect_connection_error(PROTOCOL_ERROR)
