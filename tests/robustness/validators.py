@@ -395,6 +395,25 @@ def watch_bookmarkable(s: Streams, replay: Replay, h: History, c: Config) -> lis
     return out
 
 
+def watch_progress_revision(s: Streams, replay: Replay, h: History, c: Config) -> list[Violation]:
+    """A progress never goes back: its revision is at least that of every event the watcher
+    already got (etcd answers with its current revision)."""
+    out = []
+    for w in s.watchers:
+        revs = [e["kv"]["mod_revision"] for _, e in w.events]
+        for delivered, rev in w.progress:
+            if delivered and revs[delivered - 1] > rev:
+                out.append(
+                    Violation(
+                        "watch_progress_revision",
+                        f"{w.name()}: progress at {rev} after an event at {revs[delivered - 1]}",
+                        {"progress": rev, "delivered": delivered},
+                    )
+                )
+                break
+    return out
+
+
 def watch_canceled(s: Streams, replay: Replay, h: History, c: Config) -> list[Violation]:
     """A cancel the client did not ask for says why (reason or compact revision)."""
     out = []
@@ -819,6 +838,7 @@ VALIDATORS: dict[str, Validator] = {
     "watch_reliable": watch_reliable,
     "watch_resumable": watch_resumable,
     "watch_bookmarkable": watch_bookmarkable,  # also reports watch_bookmarkable_unsynced
+    "watch_progress_revision": watch_progress_revision,
     "watch_canceled": watch_canceled,
     "watch_streams": watch_streams,
     "reads_linearizable": reads_linearizable,

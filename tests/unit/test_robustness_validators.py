@@ -203,6 +203,11 @@ CASES: list[tuple[str, list[Rec], list[Rec]]] = [
         [create(start=2), created(), resp(events=[A2]), resp(wid=-1, rev=3), resp(events=[B3])],
     ),
     (
+        "watch_progress_revision",
+        [create(start=2), created(), resp(events=[A2, B3]), resp(wid=-1, rev=3)],
+        [create(start=2), created(), resp(events=[A2, B3]), resp(wid=-1, rev=2)],  # a stale header
+    ),
+    (
         "watch_ids",
         [create(start=2, watch_id=7), created(7), resp(wid=7, events=[A2])],
         [create(start=2), created(), resp(wid=3, events=[A2])],
