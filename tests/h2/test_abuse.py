@@ -390,6 +390,34 @@ def test_too_many_streams(proxy: Callable[..., ProxyProcess], transport: str) ->
         probe.stop.set()
 
 
+def test_stream_slots_are_freed(proxy: Callable[..., ProxyProcess], transport: str) -> None:
+    """Streams the client reset, and calls that finished, give their slot back: with a limit of 5, rounds
+    of 5 watches reset and 5 unary calls never get REFUSED_STREAM; frames the client had in flight on a
+    stream refused meanwhile are ignored (no connection error)."""
+    deviates(transport, go="etcd grpc-proxy has no --max-concurrent-streams flag (grpc-go advertises 2^32-1)")
+    p = proxy(workers=1, extra_args=("--max-concurrent-streams=5",))
+    with H2Client(LOCALHOST, p.port) as c:
+        c.connect()
+        create = watch_create_request(b"h2abuse/slots")
+        for _ in range(4):
+            sids = [c.start_request(WATCH_PATH, create, end_stream=False) for _ in range(5)]
+            for sid in sids:
+                c.wait_for_data(sid)
+            for sid in sids:
+                c.send_rst(sid)
+            for _ in range(5):
+                r = c.unary()
+                assert r.grpc_status == 0 and r.reset is None, str(r)
+        held = [c.start_request(WATCH_PATH, create, end_stream=False) for _ in range(5)]
+        refused = c.start_request(end_stream=False)  # the 6th: refused
+        c.send_data(refused, grpc_message(range_request()), end_stream=True)  # already in flight
+        c.expect_stream_error(refused, REFUSED_STREAM, PROTOCOL_ERROR)
+        c.expect_alive()
+        for sid in held:
+            c.wait_for_data(sid)
+            assert c.responses[sid].reset is None, str(c.responses[sid])
+
+
 def test_never_reading_client(
     abuse_proxy: ProxyProcess, abuser: Callable[..., H2Client], probe: LatencyProbe, etcd_server: EtcdServer
 ) -> None:

@@ -17,6 +17,7 @@ from tests.h2.rawclient import (
     ACK,
     DATA,
     END_STREAM,
+    FLOW_CONTROL_ERROR,
     GOAWAY,
     HEADERS,
     INITIAL_WINDOW_SIZE,
@@ -46,6 +47,8 @@ DEVIATIONS: dict[str, dict[str, str]] = {
         "test_graceful_stop_two_phase_goaway": "etcd grpc-proxy closes on SIGTERM without any GOAWAY",
         "test_stream_opened_after_goaway_is_not_processed": "etcd grpc-proxy closes on SIGTERM without any GOAWAY",
         "test_graceful_stop_second_goaway_without_ping_ack": "etcd grpc-proxy closes on SIGTERM without any GOAWAY",
+        "test_header_list_size_boundary[65537-8]": "grpc-go's header list limit is 16 MiB: served (grpc-status 0)",
+        "test_initial_window_overflow_is_flow_control_error": "grpc-go ACKs the SETTINGS, no error within 3 s",
         "test_http1_health_on_the_grpc_port[/proxy/health]": "Go probes the advertised URL, empty in these tests: "
         '503 {"health":"false","reason":"no connection to proxy"}',
     },
@@ -53,6 +56,9 @@ DEVIATIONS: dict[str, dict[str, str]] = {
         "test_server_settings": "grpc-core: INITIAL_WINDOW_SIZE and MAX_FRAME_SIZE 4 MiB, MAX_HEADER_LIST_SIZE 16384",
         "test_graceful_stop_second_goaway_without_ping_ack": "grpc-core's second GOAWAY is INTERNAL_ERROR "
         "'Cancelling all calls' with last-stream-id 1",
+        "test_header_list_size_boundary[65536-0]": "grpc-core: 8 'received metadata size exceeds hard limit "
+        "(value length 65201 vs. 16384)'",
+        "test_initial_window_overflow_is_flow_control_error": "grpc-core ACKs the SETTINGS, no error within 3 s",
         "test_http1_health_on_the_grpc_port[/health]": _CORE_NO_HTTP1,
         "test_http1_health_on_the_grpc_port[/proxy/health]": _CORE_NO_HTTP1,
         "test_http1_metrics_on_the_grpc_port[/metrics]": _CORE_NO_HTTP1,
@@ -154,6 +160,36 @@ def test_many_streams_pipelined_and_interleaved(connect: Connect, etcd_server: E
         assert r.grpc_status == 0, str(r)
         (kv_,) = rpc_pb2.RangeResponse.FromString(r.messages[0]).kvs
         assert (kv_.key, kv_.value) == (f"h2transport/m{k}".encode(), f"value-{k}".encode()), (sid, k)
+
+
+def _header_list_size(headers: list[tuple[str, str]]) -> int:
+    return sum(len(k.encode()) + len(v.encode()) + 32 for k, v in headers)
+
+
+@pytest.mark.parametrize(("size", "status"), [(65536, 0), (65537, 8)])
+def test_header_list_size_boundary(h2c: H2Client, size: int, status: int) -> None:
+    """SETTINGS_MAX_HEADER_LIST_SIZE 65536 (RFC 9113 size: name + value + 32 per field): exactly 65,536
+    is served; one byte more gets trailers-only RESOURCE_EXHAUSTED."""
+    headers = grpc_request_headers()
+    pad = size - _header_list_size(headers) - 32 - len("x-pad")
+    headers.append(("x-pad", "p" * pad))
+    assert _header_list_size(headers) == size
+    sid = h2c.new_stream_id()
+    block = h2c.encode(headers, huffman=False)
+    h2c.send(h2c.header_block_frames(sid, block) + frame_bytes(DATA, END_STREAM, sid, grpc_message(range_request())))
+    r = h2c.read_response(sid)
+    assert r.grpc_status == status, str(r)[:400]
+
+
+def test_initial_window_overflow_is_flow_control_error(connect: Connect) -> None:
+    """RFC 9113 6.9.2: a SETTINGS_INITIAL_WINDOW_SIZE change that takes an open stream's window above
+    2^31-1 is a connection error FLOW_CONTROL_ERROR."""
+    c = connect()
+    sid = c.start_request(WATCH_PATH, watch_create_request(b"h2transport/overflow"), end_stream=False)
+    consumed = sum(c.wait_for_data(sid).data_frames)
+    c.send_window_update(sid, 2**31 - 1 - 65535 + consumed)  # the stream's window is now at the maximum
+    c.send_settings([(INITIAL_WINDOW_SIZE, 65536)])  # +1 on every open stream
+    c.expect_connection_error(FLOW_CONTROL_ERROR)
 
 
 def test_blocked_stream_does_not_block_others(connect: Connect, big_value: None) -> None:
