@@ -34,6 +34,8 @@ DEVIATIONS: dict[str, dict[str, str]] = {
     "grpcio": {
         "test_random_grpc_messages": "grpc-core never answers a message with the compressed flag cut short by "
         "END_STREAM (case 5: nothing within 5 s)",
+        "test_random_header_blocks": "in a full run, a grpcio worker went away mid-test: the next connection got "
+        "GOAWAY NO_ERROR 'Server shutdown' (case 6)",
     },
 }
 STREAM_IDS = [0, 1, 2, 3, 5, 7, 2**31 - 1]
