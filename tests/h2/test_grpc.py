@@ -36,6 +36,7 @@ from tests.helpers import ProxyProcess, Stubs, connect, wait_until
 pytestmark = pytest.mark.timeout(30)
 
 _GO_TIMEOUT_RST = "grpc-go 1.38 resets the stream (RST_STREAM PROTOCOL_ERROR), no grpc-status"
+_CORE_ENCODING = "grpc-core: grpc-status 13 \"Error parsing 'grpc-encoding' metadata\""
 _CORE_TIMEOUT = "grpc-core: grpc-status 13 \"Error parsing 'grpc-timeout' metadata\""
 DEVIATIONS: dict[str, dict[str, str]] = {
     "go": {
@@ -49,6 +50,8 @@ DEVIATIONS: dict[str, dict[str, str]] = {
         "test_upstream_error_is_trailers_only": "the Go proxy relays it as grpc-status 2 (Unknown), same message",
         "test_client_goaway_then_close": "grpc-go keeps the connection open (nothing within 5 s)",
         "test_request_trailers_accepted": "grpc-go 1.38 answers request trailers with RST_STREAM PROTOCOL_ERROR",
+        "test_grpc_encoding_unknown_but_message_uncompressed": "grpc-go refuses from the header alone: 12 "
+        "'grpc: Decompressor is not installed for grpc-encoding \"snappy\"'",
     },
     "grpcio": {
         "test_method_not_post_is_405": "grpc-core answers RST_STREAM INTERNAL_ERROR, no :status 405",
@@ -58,9 +61,10 @@ DEVIATIONS: dict[str, dict[str, str]] = {
         "test_grpc_timeout_malformed[123456789S]": "grpc-core accepts a 9-digit grpc-timeout and serves the call",
         "test_grpc_timeout_malformed[-1S]": _CORE_TIMEOUT,
         "test_grpc_timeout_malformed[S]": _CORE_TIMEOUT,
-        "test_grpc_encoding_unknown": "grpc-core: grpc-status 13 \"Error parsing 'grpc-encoding' metadata\"",
+        "test_grpc_encoding_unknown": _CORE_ENCODING,
         "test_message_larger_than_the_limit": "grpc-core: 8 'SERVER: Received message larger than max (... vs. ...)'",
         "test_client_goaway_then_close": "grpc-core keeps the connection open (nothing within 5 s)",
+        "test_grpc_encoding_unknown_but_message_uncompressed": _CORE_ENCODING,
         "test_grpc_timeout_valid_units[99999999H]": "grpc-core overflows: 4 'Deadline Exceeded' at once",
         "test_compressed_flag_with_identity_encoding": "grpc-core: 13 'Compression bit set but no encoding configured'",
     },
@@ -178,6 +182,12 @@ def test_grpc_encoding_unknown(h2c: H2Client) -> None:
     r = h2c.read_response(sid)
     assert r.grpc_status == UNIMPLEMENTED, str(r)
     assert r.grpc_message == 'grpc: Decompressor is not installed for grpc-encoding "snappy"', str(r)
+
+
+def test_grpc_encoding_unknown_but_message_uncompressed(h2c: H2Client) -> None:
+    """An unknown grpc-encoding matters only for a message with the compressed flag: this one is served."""
+    r = h2c.unary(extra=[("grpc-encoding", "snappy")])
+    assert r.grpc_status == OK, str(r)
 
 
 def test_grpc_encoding_gzip(h2c: H2Client, stubs: Stubs) -> None:

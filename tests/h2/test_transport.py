@@ -24,6 +24,7 @@ from tests.h2.rawclient import (
     NO_ERROR,
     PING,
     WATCH_PATH,
+    ConnectionClosed,
     H2Client,
     frame_bytes,
     grpc_message,
@@ -59,6 +60,7 @@ DEVIATIONS: dict[str, dict[str, str]] = {
         "test_header_list_size_boundary[65536-0]": "grpc-core: 8 'received metadata size exceeds hard limit "
         "(value length 65201 vs. 16384)'",
         "test_initial_window_overflow_is_flow_control_error": "grpc-core ACKs the SETTINGS, no error within 3 s",
+        "test_server_keepalive": "grpc-core leaves a connection that never ACKs its keepalive PING open past 8 s",
         "test_http1_health_on_the_grpc_port[/health]": _CORE_NO_HTTP1,
         "test_http1_health_on_the_grpc_port[/proxy/health]": _CORE_NO_HTTP1,
         "test_http1_metrics_on_the_grpc_port[/metrics]": _CORE_NO_HTTP1,
@@ -281,6 +283,34 @@ def test_stream_opened_after_goaway_is_not_processed(proxy: Callable[..., ProxyP
         c.close()
         p.stop()
         proxy.started.remove(p)  # type: ignore[attr-defined]
+
+
+def test_server_keepalive(proxy: Callable[..., ProxyProcess]) -> None:
+    """--grpc-keepalive-interval/--grpc-keepalive-timeout 1 s: the proxy pings idle connections; one that
+    never ACKs is closed within a few seconds, one that ACKs stays open."""
+    p = proxy(workers=1, extra_args=("--grpc-keepalive-interval=1s", "--grpc-keepalive-timeout=1s"))
+    silent = H2Client(LOCALHOST, p.port, timeout=10).connect()
+    silent.auto_ping_ack = False
+    polite = H2Client(LOCALHOST, p.port, timeout=10).connect()
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 8:  # read both: the polite one ACKs as it reads
+            try:
+                silent.read_frame(0.1)
+            except ConnectionClosed:
+                break
+            polite.poll()
+        took = time.monotonic() - started
+        assert silent.closed, f"the silent connection is still open after {took:.1f} s"
+        assert any(f.type == PING and not f.flags & ACK for f in silent.received), [str(f) for f in silent.received]
+        assert 1 < took < 8, took
+        polite.drain(0.5)
+        assert any(f.type == PING and not f.flags & ACK for f in polite.received), "no keepalive ping"
+        r = polite.unary()
+        assert r.grpc_status == 0, str(r)
+    finally:
+        silent.close()
+        polite.close()
 
 
 # --------------------------------------------------------------------------- HTTP/1.1 on the gRPC port
