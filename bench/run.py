@@ -829,6 +829,7 @@ ROW_KEYS = (
     "reached_etcd.keepalive_msgs",
     "reached_etcd.range_fraction",
     "details.create_s",
+    "details.hub_cpu_us_per_op",
 )
 
 
