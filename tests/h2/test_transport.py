@@ -208,6 +208,23 @@ def test_blocked_stream_does_not_block_others(connect: Connect, big_value: None)
     c.send_rst(blocked)
 
 
+def test_reset_stream_sends_nothing_more(connect: Connect, big_value: None) -> None:
+    """A big response blocked by our stream window, then RST_STREAM CANCEL from us: opening the window
+    afterwards brings no more DATA for that stream (its queued bytes are dropped), and other calls go on."""
+    c = connect(settings=[(INITIAL_WINDOW_SIZE, 65535)])
+    sid = c.start_request(body=range_request(BIG_KEY))
+    c.wait_for_data(sid)
+    c.drain(0.3)
+    c.send_rst(sid)
+    c.drain(0.3)  # what was already in flight
+    before = len(c.responses[sid].data)
+    c.send_window_update(sid, 4 << 20)
+    r = c.unary()
+    assert r.grpc_status == 0, str(r)
+    c.drain(0.5)
+    assert len(c.responses[sid].data) == before, f"{len(c.responses[sid].data) - before} bytes after the reset"
+
+
 def test_initial_window_change_applies_to_open_streams(connect: Connect, big_value: None) -> None:
     """RFC 9113 6.9.2: raising SETTINGS_INITIAL_WINDOW_SIZE widens the windows of streams already open."""
     c = connect(settings=[(INITIAL_WINDOW_SIZE, 1000)])
