@@ -701,6 +701,31 @@ class H2Client:
         assert not bad, [str(f) for f in bad]
 
 
+def hpack_int(value: int, prefix_bits: int, flags: int) -> bytes:
+    """RFC 7541 5.1 integer with an N-bit prefix (``flags`` are the bits above the prefix)."""
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes([flags | value])
+    out = bytearray([flags | limit])
+    value -= limit
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def hpack_string(s: str) -> bytes:
+    """A string literal without Huffman coding (RFC 7541 5.2)."""
+    raw = s.encode()
+    return hpack_int(len(raw), 7, 0) + raw
+
+
+def hpack_literal(name: str, value: str, *, index: bool = False) -> bytes:
+    """A literal field with a new name: with incremental indexing (6.2.1) or without indexing (6.2.2)."""
+    return (b"\x40" if index else b"\x00") + hpack_string(name) + hpack_string(value)
+
+
 def _unpad(f: Frame) -> bytes:
     if f.flags & PADDED and f.payload:
         pad = f.payload[0]

@@ -20,6 +20,7 @@ from tests.h2.rawclient import (
     frame_bytes,
     grpc_message,
     grpc_request_headers,
+    hpack_literal,
     range_request,
 )
 
@@ -145,3 +146,22 @@ def test_server_honours_header_table_size_0(connect: Connect) -> None:
     for _ in range(3):
         r = c.unary()
         assert r.grpc_status == 0, str(r)
+
+
+def test_refused_header_block_still_updates_the_table(h2c: H2Client) -> None:
+    """RFC 9113 4.3 / 10.5.1: a header list refused for its size must still be decoded, so the dynamic
+    table stays in sync. 80 KB of fields (over 65,536, under 4x: a stream error only) end with a field
+    inserted into the dynamic table; the next request names it by index 62 and must be served."""
+    request = [(k, v) for k, v in grpc_request_headers()]
+    first = b"".join(hpack_literal(k, v) for k, v in request)
+    first += b"".join(hpack_literal(f"x-big-{i}", "h" * 4000) for i in range(20))
+    first += hpack_literal("x-late", "marker", index=True)  # dynamic index 62
+    sid = h2c.new_stream_id()
+    h2c.send(h2c.header_block_frames(sid, first) + frame_bytes(DATA, END_STREAM, sid, grpc_message(range_request())))
+    r = h2c.read_response(sid)
+    assert (r.ended or r.reset is not None) and not r.closed and r.goaway is None, str(r)  # refused, or served
+    second = b"".join(hpack_literal(k, v) for k, v in request) + b"\xbe"
+    sid = h2c.new_stream_id()
+    h2c.send(h2c.header_block_frames(sid, second) + frame_bytes(DATA, END_STREAM, sid, grpc_message(range_request())))
+    r = h2c.read_response(sid)
+    assert r.grpc_status == 0 and not r.closed and r.goaway is None, str(r)
