@@ -6,6 +6,7 @@ the others), the two-phase graceful GOAWAY on stop, and HTTP/1.1 health/metrics 
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 
@@ -68,6 +69,8 @@ DEVIATIONS: dict[str, dict[str, str]] = {
         "test_http1_same_answers_as_metrics_addr": _CORE_NO_HTTP1,
         "test_http1_unknown_path_is_404": _CORE_NO_HTTP1,
         "test_http1_then_grpc_still_served": _CORE_NO_HTTP1,
+        "test_http1_upgrade_to_h2c_not_taken": _CORE_NO_HTTP1,
+        "test_http1_keep_alive": _CORE_NO_HTTP1,
     },
 }
 
@@ -365,3 +368,40 @@ def test_http1_then_grpc_still_served(shared_proxy: ProxyProcess, h2c: H2Client)
     r = h2c.unary()
     assert r.grpc_status == 0 and r.header(":status") == "200", str(r)
     assert any(f.type == HEADERS for f in h2c.received)
+
+
+def _http1_exchange(endpoint: str, request: bytes, responses: int = 1, timeout: float = 5) -> bytes:
+    """Send raw HTTP/1.1 bytes; read until ``responses`` status lines arrived and their bodies ended (or EOF)."""
+    host, port = endpoint.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(request)
+        data = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            data += chunk
+            if data.count(b"HTTP/1.1 ") >= responses and data.rstrip().endswith((b"}", b"found", b"\n")):
+                s.settimeout(0.3)  # maybe more to come; stop at the first pause
+        return data
+
+
+def test_http1_upgrade_to_h2c_not_taken(shared_proxy: ProxyProcess) -> None:
+    """An HTTP/1.1 request asking to upgrade to h2c is answered as plain HTTP/1.1 (no 101)."""
+    data = _http1_exchange(
+        shared_proxy.endpoint,
+        b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+        b"HTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+    )
+    assert data.startswith(b"HTTP/1.1 200"), data[:200]
+
+
+def test_http1_keep_alive(shared_proxy: ProxyProcess) -> None:
+    """Two requests on one HTTP/1.1 connection get two answers."""
+    req = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    data = _http1_exchange(shared_proxy.endpoint, req + req, responses=2)
+    assert data.count(b"HTTP/1.1 200") == 2, data[:400]
