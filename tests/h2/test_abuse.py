@@ -323,6 +323,29 @@ def test_empty_continuation_flood(abuser: Callable[..., H2Client], probe: Latenc
     abuse_for(abuser, probe, attack)
 
 
+def test_moderate_rates_not_punished(abuser: Callable[..., H2Client]) -> None:
+    """No false positives: for 2 s, 200 streams/s opened and reset (refill is 500/s) and 400 WINDOW_UPDATE +
+    100 PRIORITY frames/s (limit 1,000/s): no GOAWAY, and calls keep being served."""
+    c = abuser()
+    started = time.monotonic()
+    tick = 0
+    while time.monotonic() - started < 2:
+        out = b""
+        for _ in range(20):
+            sid = c.new_stream_id()
+            out += frame_bytes(HEADERS, END_HEADERS, sid, c.encode(grpc_request_headers()))
+            out += frame_bytes(RST_STREAM, 0, sid, struct.pack(">I", 8))
+        out += frame_bytes(0x8, 0, 0, struct.pack(">I", 1)) * 40
+        out += frame_bytes(0x2, 0, 2**31 - 1, struct.pack(">IB", 0, 15)) * 10
+        c.send(out)
+        tick += 1
+        c.poll()
+        time.sleep(max(0.0, started + tick * 0.1 - time.monotonic()))  # 10 rounds per second
+    r = c.unary()
+    assert r.grpc_status == 0, str(r)
+    assert not [f for f in c.received if f.type == GOAWAY], [str(f) for f in c.received if f.type == GOAWAY]
+
+
 # --------------------------------------------------------------------------- header lists
 
 
