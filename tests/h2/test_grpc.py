@@ -31,7 +31,7 @@ from tests.h2.rawclient import (
     range_request,
     watch_create_request,
 )
-from tests.helpers import ProxyProcess, Stubs, connect, wait_until
+from tests.helpers import EtcdServer, ProxyProcess, Stubs, connect, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -331,3 +331,18 @@ def test_client_goaway_then_close(h2c: H2Client) -> None:
     assert r.grpc_status == OK, str(r)
     h2c.send_rst(sid)  # the last open stream ends: nothing keeps the connection
     h2c.expect_closed(5)
+
+
+def test_watch_cancel_reaches_etcd(h2c: H2Client, etcd_server: EtcdServer) -> None:
+    """RST_STREAM CANCEL on the only Watch of a key: the proxy's watcher on etcd goes away too."""
+
+    def watchers() -> float:
+        return etcd_server.metric("etcd_debugging_mvcc_watcher_total")
+
+    base = watchers()
+    key = f"h2grpc/wcancel-{time.monotonic_ns()}".encode()
+    sid = h2c.start_request(WATCH_PATH, watch_create_request(key), end_stream=False)
+    h2c.wait_for_data(sid)
+    wait_until(lambda: watchers() > base, 10, "a watcher on etcd")
+    h2c.send_rst(sid)
+    wait_until(lambda: watchers() <= base, 10, "the watcher on etcd to go after the cancel")
