@@ -82,6 +82,12 @@ class SharedRange:
     task: asyncio.Task[tuple[int, bytes | str]] | None = None
 
 
+def _ack_timeout(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        log.warning("cache invalidation not acknowledged by every worker within %.1f s", ACK_TIMEOUT_S)
+        done.set_result(None)
+
+
 class CacheHub:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
@@ -136,12 +142,14 @@ class CacheHub:
             return
         revision = header_revision(body) if code == 0 and isinstance(body, bytes) else 0
         done = self.broadcast(invalidation, revision, writer)
-        if done is None:
+        if done is None or done.done():
             return
+        # one timer, no Task: wait_for(shield(...)) cost two Tasks and a timer per write
+        timer = self.hub.loop.call_later(ACK_TIMEOUT_S, _ack_timeout, done)
         try:
-            await asyncio.wait_for(asyncio.shield(done), ACK_TIMEOUT_S)
-        except TimeoutError:
-            log.warning("cache invalidation not acknowledged by every worker within %.1f s", ACK_TIMEOUT_S)
+            await done
+        finally:
+            timer.cancel()
 
     def after_cancel(self, method: Method, request: bytes) -> None:
         """The client gave up on a call that may still have been applied: invalidate, no waiting."""

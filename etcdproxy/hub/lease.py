@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +77,8 @@ class RevokeAwareForwarder:
             await self._forget(lease_id)
 
 
+# Renewal times are time.monotonic(), not the loop's clock: workers compare them with their own monotonic clock
+# (core.lease.Window), and an event loop may cache its time per iteration.
 class LeaseHub:
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
@@ -98,7 +101,7 @@ class LeaseHub:
 
     def _on_keepalive(self, worker: WorkerState, message: s.LeaseKeepAlive) -> None:
         lease_id = message.lease_id
-        verdict, payload = self.book.request(lease_id, worker.identity, self.hub.loop.time())
+        verdict, payload = self.book.request(lease_id, worker.identity, time.monotonic())
         if verdict is Verdict.ANSWER:
             self._answer(worker, lease_id, payload)
         elif verdict is Verdict.SEND:
@@ -155,7 +158,7 @@ class LeaseHub:
     def _send(self, lease_id: int) -> None:
         """Renew ``lease_id`` on the current stream, or have the stream (re)opened for it."""
         if self._outbox is not None:
-            self.book.sent(lease_id, self.hub.loop.time())
+            self.book.sent(lease_id, time.monotonic())
             self._outbox.put_nowait(lease_id)
             return
         self._wanted.set()
@@ -228,7 +231,7 @@ class LeaseHub:
     async def _prune_loop(self) -> None:
         while True:
             await asyncio.sleep(PRUNE_EVERY_S)
-            self.book.prune(self.hub.loop.time())
+            self.book.prune(time.monotonic())
 
     async def close(self) -> None:
         for task in (self._task, self._pruner):
