@@ -90,6 +90,10 @@ class UpstreamStream:
         self.metadata = tuple(metadata)
         self.broadcasts: dict[int, Broadcast] = {}
         self.creates: deque[int] = deque()  # sw ids whose create answer is awaited, in order
+        # the upstream's watch id when it is not the sw id we asked for (a Go grpc-proxy as "etcd" ignores the
+        # requested id and numbers its own): upstream id -> sw id, and back for cancels; per stream opening
+        self.from_upstream: dict[int, int] = {}
+        self.to_upstream: dict[int, int] = {}
         self.progress_waiters: deque[tuple[WorkerState, int] | None] = deque()
         self.fragments: dict[int, list[Any]] = {}
         self.last_header = b""
@@ -138,7 +142,9 @@ class UpstreamStream:
 
     def cancel(self, sw_id: int) -> None:
         self.broadcasts.pop(sw_id, None)
-        self._write(rpc_pb2.WatchRequest(cancel_request=rpc_pb2.WatchCancelRequest(watch_id=sw_id)))
+        upstream_id = self.to_upstream.pop(sw_id, sw_id)
+        self.from_upstream.pop(upstream_id, None)
+        self._write(rpc_pb2.WatchRequest(cancel_request=rpc_pb2.WatchCancelRequest(watch_id=upstream_id)))
 
     def request_progress(self, waiter: tuple[WorkerState, int] | None) -> None:
         self.progress_waiters.append(waiter)
@@ -152,6 +158,8 @@ class UpstreamStream:
             # (Re-)create every s-watcher from where it stands: no gap, no duplicate.
             self.outbox.clear()
             self.creates.clear()
+            self.from_upstream.clear()
+            self.to_upstream.clear()
             self.fragments.clear()
             waiters = list(self.progress_waiters)
             self.progress_waiters.clear()
@@ -194,9 +202,12 @@ class UpstreamStream:
         self.last_header = header
         if response.created:
             sw_id = self.creates.popleft() if self.creates else response.watch_id
+            if response.watch_id != sw_id and not response.canceled:
+                self.from_upstream[response.watch_id] = sw_id
+                self.to_upstream[sw_id] = response.watch_id
             self.watch_hub.on_created(self, sw_id, response, header)
             return
-        sw_id = response.watch_id
+        sw_id = self.from_upstream.get(response.watch_id, response.watch_id)
         if sw_id == -1 and not response.events and not response.canceled:
             waiter = self.progress_waiters.popleft() if self.progress_waiters else None
             self.watch_hub.on_stream_progress(self, response.header.revision, header, waiter)
