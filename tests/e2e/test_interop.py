@@ -475,6 +475,35 @@ def test_h2load_range(ep: Endpoint, channel: grpc.Channel, tmp_path: Path) -> No
     assert int(data.group(1)) == n * len(grpc_frame(expected)), out
 
 
+def test_h2load_tiny_windows(ep: Endpoint, channel: grpc.Channel, tmp_path: Path) -> None:
+    """100 KB responses through a 4 KiB stream window and a 16 KiB connection window: our side must stop at the
+    window and resume on each WINDOW_UPDATE, for 10 streams per connection at once."""
+    key = prefix() + b"h2load-big"
+    rpc_pb2_grpc.KVStub(channel).Put(rpc_pb2.PutRequest(key=key, value=b"w" * 100_000), timeout=10)
+    expected = rpc_pb2_grpc.KVStub(channel).Range(rpc_pb2.RangeRequest(key=key), timeout=10)
+    n = 200
+    result = run_tool(
+        [
+            "h2load",
+            f"-n{n}",
+            "-c2",
+            "-m10",
+            "-w12",
+            "-W14",
+            "-d",
+            str(range_body(tmp_path, key)),
+            *GRPC_HEADERS,
+            f"{ep.url}/etcdserverpb.KV/Range",
+        ],
+        timeout=60,
+    )
+    out = result.stdout.decode()
+    assert result.returncode == 0, out + result.stderr.decode()
+    assert f"requests: {n} total, {n} started, {n} done, {n} succeeded, 0 failed, 0 errored, 0 timeout" in out, out
+    data = re.search(r"traffic: .*\((\d+)\) data", out)
+    assert data is not None and int(data.group(1)) == n * len(grpc_frame(expected)), out
+
+
 def test_curl_unary_call(ep: Endpoint, channel: grpc.Channel, tmp_path: Path) -> None:
     key = prefix() + b"curl"
     rpc_pb2_grpc.KVStub(channel).Put(rpc_pb2.PutRequest(key=key, value=b"via curl"), timeout=10)
@@ -638,6 +667,21 @@ def watch_put_get(ep: Endpoint, tag: str) -> None:
         for stream in (watcher.stdout, watcher.stderr):
             if stream is not None:
                 stream.close()
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="h2 transport: etcdctl get of 1.4 MiB ends in GOAWAY ENHANCE_YOUR_CALM too_many_pings: grpc-go's BDP "
+    "pings come with each received batch of DATA; grpc-go resets the ping strikes on each DATA write (dataFrame "
+    "onEachWrite), etcdproxy/h2/server.py only when a message is queued, not as window-blocked DATA goes out",
+)
+def test_etcdctl_large_values(ep: Endpoint) -> None:
+    """grpc-go's flow control against ours: 1.4 MiB in (from stdin) and out, h2c and TLS."""
+    key = f"interop/etcdctl-large/{uuid.uuid4().hex[:8]}"
+    value = "".join(chr(97 + i % 26) for i in range(1400 * 1024))
+    assert etcdctl(ep, "put", key, stdin=value) == "OK\n"
+    assert etcdctl(ep, "get", key, "--print-value-only") == value + "\n"
+    assert etcdctl(ep, "del", key) == "1\n"
 
 
 def test_go_proxy_as_a_client_of_etcdproxy(proxy: ProxyLauncher, etcd_server: EtcdServer, pki: Pki, mode: str) -> None:
