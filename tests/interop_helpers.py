@@ -294,20 +294,28 @@ class Lines:
     def __init__(self, proc: subprocess.Popen[str]) -> None:
         self.proc = proc
         self.queue: queue.Queue[str] = queue.Queue()
+        self.eof = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.queue.put(line.rstrip("\n"))
+        self.eof.set()
 
     def take(self, n: int, timeout: float = 20) -> list[str]:
+        """The next ``n`` lines; fails at ``timeout``, or at once when the process closed its stdout."""
         deadline = time.monotonic() + timeout
         got: list[str] = []
         while len(got) < n:
             try:
-                got.append(self.queue.get(timeout=max(deadline - time.monotonic(), 0.01)))
+                got.append(self.queue.get(timeout=0.1))
+                continue
             except queue.Empty:
-                stderr = self.proc.stderr.read() if self.proc.poll() is not None and self.proc.stderr else ""
-                raise AssertionError(f"expected {n} lines, got {got} (exit {self.proc.poll()}) {stderr}") from None
+                pass
+            if (self.eof.is_set() and self.queue.empty()) or time.monotonic() > deadline:
+                stderr = ""
+                if self.proc.stderr is not None and self.proc.poll() is not None:
+                    stderr = self.proc.stderr.read()
+                raise AssertionError(f"expected {n} lines, got {got} (exit {self.proc.poll()}) {stderr}")
         return got

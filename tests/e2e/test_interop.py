@@ -693,6 +693,29 @@ def test_etcdctl_large_values(
     assert etcdctl(ep, "del", key) == "1\n"
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="h2 transport: the watch stream carrying a 1.4 MiB event gets GOAWAY ENHANCE_YOUR_CALM too_many_pings "
+    "(grpc-go BDP pings while the message goes out window by window; see test_etcdctl_large_values) and etcdctl "
+    "exits with 'watch is canceled by the server'",
+)
+def test_etcdctl_watch_large_event(ep: Endpoint) -> None:
+    key = f"interop/etcdctl-watch-large/{uuid.uuid4().hex[:8]}"
+    value = "".join(chr(65 + i % 26) for i in range(1400 * 1024))
+    rev = int(re.search(r'"revision":(\d+)', etcdctl(ep, "get", key, "-w", "json")).group(1))  # type: ignore[union-attr]
+    watcher = etcdctl_start(ep, "watch", key, f"--rev={rev + 1}")
+    try:
+        lines = Lines(watcher)
+        assert etcdctl(ep, "put", key, stdin=value) == "OK\n"
+        assert etcdctl(ep, "put", key, "small") == "OK\n"
+        assert lines.take(6, timeout=10) == ["PUT", key, value, "PUT", key, "small"]
+    finally:
+        stop_process(watcher, grace=5)
+        for stream in (watcher.stdout, watcher.stderr):
+            if stream is not None:
+                stream.close()
+
+
 def test_go_proxy_as_a_client_of_etcdproxy(proxy: ProxyLauncher, etcd_server: EtcdServer, pki: Pki, mode: str) -> None:
     """etcdctl -> Go grpc-proxy -> etcdproxy (h2c or TLS) -> etcd."""
     ours, ours_ep = start_interop_proxy(proxy, [etcd_server.endpoint], tls=pki if mode == "tls" else None)
