@@ -902,6 +902,7 @@ class ServerConnection:
                 stream.send_window -= k
                 stream.pending_bytes -= k
                 self._data_frames_sent += 1
+                self._reset_ping_strikes = True  # grpc-go resets the strikes on every DATA frame it writes
                 self._queue(f.frame_head(f.DATA, 0, stream.id, k) + chunk)
                 progress = True
                 if not pending:

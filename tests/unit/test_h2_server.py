@@ -453,3 +453,16 @@ def test_client_goaway_closes_once_the_last_stream_ends() -> None:
     assert not idle.conn.closed
     idle.conn.tick(idle.now + 1.0, 0, 0)
     assert idle.conn.closed
+
+
+def test_ping_strikes_reset_by_data_sent_as_the_window_opens() -> None:
+    """grpc-go clients send a BDP ping with their WINDOW_UPDATEs while a big answer crosses the windows: DATA frames
+    we write in between reset the strikes, as grpc-go's server does."""
+    c = Client(App())
+    c.send(f.settings([(f.INITIAL_WINDOW_SIZE, 100)]))
+    c.send(c.headers(1) + f.frame(f.DATA, f.END_STREAM, 1, b"\x00\x00\x00\x00\x00"))
+    c.conn.send_message(c.conn.streams[1], b"x" * 5000)
+    c.conn.take_output()
+    for _ in range(20):
+        c.send(f.window_update(1, 100) + f.window_update(0, 100) + f.ping(b"bdp-ping"))
+    assert c.goaway() is None
