@@ -171,7 +171,7 @@ _BAD_VALUE_BYTES = (b"\x00", b"\r", b"\n")
 MALFORMED = (0, 0, "")
 
 # grpc codes used here (numbers from grpc's status codes)
-INTERNAL, INVALID_ARGUMENT, RESOURCE_EXHAUSTED = 13, 3, 8
+INTERNAL, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNIMPLEMENTED = 13, 3, 8, 12
 
 
 _DELIMITERS = frozenset(b'(),/:;<=>?@[\\]{}"')
@@ -250,6 +250,10 @@ def request_head(headers: list[tuple[bytes, bytes]], max_list_size: int) -> Requ
         shown = (content_type or b"").decode("latin-1")
         message = f'invalid gRPC request content-type "{shown}"'
         return RequestHead(text_path, None, encoding, content_length, (), (415, INVALID_ARGUMENT, message))
+    if encoding not in SUPPORTED_ENCODINGS:
+        # grpc-go refuses an unknown grpc-encoding from the header alone, compressed message or not
+        message = f'grpc: Decompressor is not installed for grpc-encoding "{encoding.decode("latin-1")}"'
+        return RequestHead(text_path, None, encoding, content_length, (), (200, UNIMPLEMENTED, message))
     timeout_s = None
     if timeout is not None:
         try:

@@ -185,9 +185,10 @@ def test_grpc_encoding_unknown(h2c: H2Client) -> None:
 
 
 def test_grpc_encoding_unknown_but_message_uncompressed(h2c: H2Client) -> None:
-    """An unknown grpc-encoding matters only for a message with the compressed flag: this one is served."""
+    """An unknown grpc-encoding is refused from the header alone, like grpc-go, even for an uncompressed message."""
     r = h2c.unary(extra=[("grpc-encoding", "snappy")])
-    assert r.grpc_status == OK, str(r)
+    assert r.grpc_status == 12, str(r)
+    assert r.grpc_message == 'grpc: Decompressor is not installed for grpc-encoding "snappy"', str(r)
 
 
 def test_grpc_encoding_gzip(h2c: H2Client, stubs: Stubs) -> None:
