@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import click
 from click.core import ParameterSource
 
-from etcdproxy import ETCD_API_VERSION, __version__
+from etcdproxy import ETCD_API_VERSION, __version__, tls
 from etcdproxy.config import (
     GO_MAX_SEND_BYTES,
     Config,
@@ -452,7 +452,7 @@ def load(args: Sequence[str]) -> Config:
         config = build_config(args)
     except click.ClickException as exc:
         raise ConfigError([exc.format_message()]) from exc
-    check(config)
+    check(config, tls.startup_errors)
     return config
 
 
@@ -474,7 +474,7 @@ def main(args: Sequence[str] | None = None) -> None:
     except click.Abort:
         sys.exit(1)
     try:
-        check(config)
+        check(config, tls.startup_errors)
     except ConfigError as exc:
         for message in exc.messages:
             click.echo(message, err=True)

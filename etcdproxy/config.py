@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from fractions import Fraction
 from urllib.parse import urlsplit
@@ -492,16 +493,15 @@ def unimplemented(config: Config) -> list[str]:
     return messages
 
 
-def check(config: Config) -> None:
+def check(config: Config, late_checks: Callable[[Config], list[str]] | None = None) -> None:
     """Raise ConfigError unless the proxy can start with ``config``.
 
     Validation errors win over "not implemented": a flag that Go itself would reject should
-    get Go's message, not ours.
+    get Go's message, not ours. ``late_checks`` (the CLI passes tls.startup_errors, which reads the
+    certificate files) runs only when both pass; it is passed in because tls imports this module.
     """
     messages = validate(config) or unimplemented(config)
-    if not messages:
-        from etcdproxy import tls  # late: tls imports this module; it reads the certificate files
-
-        messages = tls.startup_errors(config)
+    if not messages and late_checks is not None:
+        messages = late_checks(config)
     if messages:
         raise ConfigError(messages)

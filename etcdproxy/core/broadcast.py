@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from etcdproxy.ipc.schema import WireEvent
+from etcdproxy.core.events import WireEvent
 
 HISTORY_EVENTS = 4096
 HISTORY_BYTES = 8 * 1024 * 1024

@@ -26,11 +26,10 @@ from typing import Any
 
 from etcdproxy.core import errors
 from etcdproxy.core.cache import prefix_end
+from etcdproxy.core.events import WireEvent
 from etcdproxy.etcdpb import kv_pb2, rpc_pb2, v3election_pb2, v3lock_pb2
 from etcdproxy.h2.status import StatusCode
 
-# [mod_revision, is_delete, event with prev_kv, event without prev_kv] (ipc.schema.WireEvent)
-WireEvent = tuple[int, bool, bytes, bytes]
 DOC = "docs/namespace.md"
 
 

@@ -45,7 +45,7 @@ from etcdproxy.ipc import schema as s
 from etcdproxy.upstream import interrupted
 
 if TYPE_CHECKING:
-    from etcdproxy.hub.process import Hub, WorkerState
+    from etcdproxy.hub.host import WorkerHost, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _ack_timeout(done: asyncio.Future[None]) -> None:
 
 
 class CacheHub:
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: WorkerHost) -> None:
         self.hub = hub
         self.enabled = False  # workers may serve hits: watching and auth known to be off
         self.revision = 0  # start revision of the current watch

@@ -32,7 +32,7 @@ from etcdproxy.h2 import aio
 from etcdproxy.upstream import interrupted
 
 if TYPE_CHECKING:
-    from etcdproxy.hub.process import Hub
+    from etcdproxy.hub.host import ClusterHost
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class RegistrationError(Exception):
 
 
 class ClusterHub:
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: ClusterHost) -> None:
         self.hub = hub
         config = hub.config
         self.advertise = config.advertise_client_url

@@ -31,7 +31,7 @@ from etcdproxy.h2 import aio
 from etcdproxy.ipc import schema as s
 
 if TYPE_CHECKING:
-    from etcdproxy.hub.process import Hub
+    from etcdproxy.hub.host import HttpHost
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def fetch(url: str, context: ssl.SSLContext | None = None) -> bytes:
 
 
 class MetricsServer:
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: HttpHost) -> None:
         self.hub = hub
         self.config = hub.config
         self.server: asyncio.Server | None = None

@@ -34,7 +34,7 @@ from etcdproxy.ipc import schema as s
 from etcdproxy.upstream import interrupted
 
 if TYPE_CHECKING:
-    from etcdproxy.hub.process import Hub, WorkerState
+    from etcdproxy.hub.host import WorkerHost, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class RevokeAwareForwarder:
 # Renewal times are time.monotonic(), not the loop's clock: workers compare them with their own monotonic clock
 # (core.lease.Window), and an event loop may cache its time per iteration.
 class LeaseHub:
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: WorkerHost) -> None:
         self.hub = hub
         self.book: RenewalBook[bytes] = RenewalBook(hub.config.lease_keepalive_window_s)  # waiters: worker identities
         self._outbox: asyncio.Queue[int] | None = None  # leases to write on the current stream

@@ -15,7 +15,6 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -29,6 +28,7 @@ from etcdproxy.h2.status import StatusCode
 from etcdproxy.hub.cache import CacheHub
 from etcdproxy.hub.cluster import ClusterHub
 from etcdproxy.hub.forward import OK, Forwarder, UpstreamStream
+from etcdproxy.hub.host import WorkerState
 from etcdproxy.hub.http import MetricsServer
 from etcdproxy.hub.lease import LeaseHub
 from etcdproxy.hub.watch import WatchHub
@@ -43,15 +43,6 @@ log = logging.getLogger(__name__)
 WORKER_SILENCE_S = 5.0
 MEMBER_LIST = by_name("etcdserverpb.Cluster", "MemberList")
 COMPACT = by_name("etcdserverpb.KV", "Compact")
-
-
-@dataclass(slots=True)
-class WorkerState:
-    identity: bytes
-    seq: int = 0
-    last_seen: float = 0.0
-    calls: dict[int, asyncio.Task[None]] = field(default_factory=dict)
-    streams: dict[int, UpstreamStream] = field(default_factory=dict)
 
 
 class Hub:

@@ -35,7 +35,7 @@ from etcdproxy.ipc import schema as s
 from etcdproxy.upstream import interrupted
 
 if TYPE_CHECKING:
-    from etcdproxy.hub.process import Hub, WorkerState
+    from etcdproxy.hub.host import WorkerHost, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ def with_revision(header: bytes, revision: int) -> bytes:
 
 
 class WatchHub:
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: WorkerHost) -> None:
         self.hub = hub
         self.streams: dict[Group, UpstreamStream] = {}
         self.broadcasts: dict[int, Broadcast] = {}

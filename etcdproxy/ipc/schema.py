@@ -17,6 +17,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from etcdproxy.core.events import WireEvent
+
 # Bumped whenever a message below changes shape; checked in the Hello/Pong exchange.
 SCHEMA_VERSION = 5
 
@@ -196,9 +198,7 @@ class Stale:
 
 
 # ---- watch hub (issue 4) --------------------------------------------------------------------
-# An event travels hub -> worker as [mod_revision, is_delete, bytes with prev_kv, bytes without]:
-# the serialized mvccpb.Event twice, so the worker never decodes and never re-encodes events.
-WireEvent = tuple[int, bool, bytes, bytes]
+# An event travels hub -> worker as core.events.WireEvent (imported above).
 
 
 @dataclass(frozen=True, slots=True)

@@ -158,10 +158,10 @@ def test_startup_errors(tmp_path: Path) -> None:
 def test_check_runs_the_tls_checks_last(tmp_path: Path) -> None:
     named, key = _write_cert(tmp_path, "named", "root")
     with pytest.raises(ConfigError) as exc:
-        check(Config(cacert=str(named), cert=str(named), key=str(key)))
+        check(Config(cacert=str(named), cert=str(named), key=str(key)), tls.startup_errors)
     assert exc.value.messages == [f"cert has non empty Common Name (root): {named}"]
     with pytest.raises(ConfigError) as exc:  # Go's own validation wins
-        check(Config(cert=str(named), key=str(key), resolver_ttl_s=3))
+        check(Config(cert=str(named), key=str(key), resolver_ttl_s=3), tls.startup_errors)
     assert exc.value.messages == ['invalid resolver-prefix ""']
 
 
