@@ -74,4 +74,6 @@ class HttpHost(UpstreamHost, Protocol):
     link: HubLink
     workers: dict[bytes, WorkerState]
     handlers: dict[s.Kind, Callable[[WorkerState, Any], None]]
-    watches: WatchCounts
+
+    @property
+    def watches(self) -> WatchCounts: ...

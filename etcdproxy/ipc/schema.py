@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from etcdproxy.core.events import WireEvent
+from etcdproxy.core.events import WireEvent as WireEvent  # re-exported: s.WireEvent
 
 # Bumped whenever a message below changes shape; checked in the Hello/Pong exchange.
 SCHEMA_VERSION = 5
