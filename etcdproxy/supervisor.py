@@ -81,9 +81,6 @@ def run_child(config: Config, spec: ChildSpec) -> int:
     if spec.role == HUB:
         from etcdproxy.hub.process import main
     else:
-        from etcdproxy import tls
-
-        tls.set_cipher_env(config)  # before grpc is imported: grpc core reads it once, at init
         from etcdproxy.worker.process import main
     return int(main(config, spec))
 

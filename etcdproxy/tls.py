@@ -1,7 +1,7 @@
 """TLS for both sides of the proxy: file checks, gRPC credentials, ssl contexts, --auto-tls.
 
 * Upstream (proxy -> etcd, SPEC 13.1): ``--cacert/--cert/--key`` and ``https://`` endpoints give a
-  grpc.ssl_channel_credentials channel. The client certificate must have an empty subject CN (etcd
+  ``ssl.SSLContext`` for the hub's own HTTP/2 client. The client certificate must have an empty subject CN (etcd
   would take the CN as the user of every proxied request); the check and its message are Go's.
   Unlike Go, ``--cacert`` alone works (SPEC 20.2 V).
 * Downstream (clients -> proxy, SPEC 13.2): ``--cert-file/--key-file[/--trusted-ca-file]`` or
@@ -9,8 +9,7 @@
   client certificates required; ``--tls-min-version/--tls-max-version`` bound the versions and
   ``--client-crl-file`` refuses revoked client certificates (checked on the leaf, like Go's tlsutil).
 * Cipher suites: Go names are mapped to OpenSSL names (TLS 1.2 suites; TLS 1.3 suites are fixed, as in
-  Go); unknown ones are refused with Go's message, and suites the grpcio-era list marked unavailable stay
-  refused.
+  Go); unknown ones are refused with Go's message, and weak suites (RC4, 3DES, CBC-SHA256) are refused by name.
 
 Upstream, the hub's own HTTP/2 client (etcdproxy.h2.aio) uses ``upstream_ssl_context``: --cacert (or the
 system roots), the client certificate, ALPN h2, and ``--insecure-skip-tls-verify`` (no verification, as Go).
@@ -32,15 +31,13 @@ from urllib.parse import urlsplit
 from etcdproxy.config import Config, go_quote
 
 if TYPE_CHECKING:
-    import grpc  # imported at run time only in children: the supervisor stays grpc-free
     from cryptography import x509
 
-CIPHER_SUITES_ENV = "GRPC_SSL_CIPHER_SUITES"
 AUTO_TLS_SUBDIR = os.path.join("fixtures", "proxy")
 
 # Go cipher-suite names (crypto/tls CipherSuites() + InsecureCipherSuites(), and the short
-# CHACHA20 aliases etcd's tlsutil also knows) -> OpenSSL/BoringSSL name, or None when grpc's
-# BoringSSL has no such suite (RC4, 3DES, CBC-SHA256), which we refuse rather than drop.
+# CHACHA20 aliases etcd's tlsutil also knows) -> OpenSSL name, or None for weak suites (RC4, 3DES, CBC with
+# SHA-256), refused by name rather than silently dropped.
 GO_CIPHER_SUITES: dict[str, str | None] = {
     "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA": "ECDHE-ECDSA-AES128-SHA",
     "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA": "ECDHE-ECDSA-AES256-SHA",
@@ -67,7 +64,7 @@ GO_CIPHER_SUITES: dict[str, str | None] = {
     "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256": None,
     "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256": None,
 }
-# TLS 1.3 suites: Go accepts the names but never restricts TLS 1.3 with them; neither does grpc.
+# TLS 1.3 suites: Go accepts the names but never restricts TLS 1.3 with them; neither do we.
 GO_TLS13_SUITES = frozenset({"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"})
 
 
@@ -86,7 +83,7 @@ def openssl_cipher_list(go_names: tuple[str, ...]) -> str:
         mapped = GO_CIPHER_SUITES[name]
         if mapped is None:
             raise TLSConfigError(
-                f"TLS cipher suite {name} is not available in grpcio's TLS library (BoringSSL); "
+                f"TLS cipher suite {name} is not available in etcdproxy's TLS library (OpenSSL, as configured); "
                 "choose an AES-GCM, CHACHA20 or AES-CBC-SHA suite"
             )
         if mapped not in out:
@@ -94,18 +91,9 @@ def openssl_cipher_list(go_names: tuple[str, ...]) -> str:
     if go_names and not out:
         raise TLSConfigError(
             "--listen-cipher-suites lists only TLS 1.3 suites, which cannot be restricted; "
-            "name at least one TLS 1.2 suite (grpcio would otherwise refuse every TLS 1.2 client)"
+            "name at least one TLS 1.2 suite (the listener would otherwise refuse every TLS 1.2 client)"
         )
     return ":".join(out)
-
-
-def set_cipher_env(config: Config) -> None:
-    """In a worker, after fork and before grpc is imported: grpc core reads GRPC_SSL_CIPHER_SUITES
-    once when it initialises (setting it later has no effect). The hub never gets it, so its TLS
-    to etcd keeps grpc's default list."""
-    ciphers = openssl_cipher_list(config.listen_cipher_suites)
-    if ciphers:
-        os.environ[CIPHER_SUITES_ENV] = ciphers
 
 
 # --- which side uses TLS ---------------------------------------------------------------------
@@ -356,33 +344,6 @@ def self_signed_pem(host: str, validity_years: int) -> tuple[bytes, bytes]:
 # --- credentials and contexts (children, after fork) -------------------------------------------
 
 
-def _maybe(path: str) -> bytes | None:
-    return _read(path) if path else None
-
-
-def channel_credentials(config: Config) -> grpc.ChannelCredentials:
-    """grpc credentials of the upstream channel (hub only)."""
-    import grpc
-
-    return grpc.ssl_channel_credentials(
-        root_certificates=_maybe(config.cacert),
-        private_key=_maybe(config.key),
-        certificate_chain=_maybe(config.cert),
-    )
-
-
-def server_credentials(files: ServerFiles) -> grpc.ServerCredentials:
-    """grpc credentials of the client-facing listener (workers)."""
-    import grpc
-
-    ca = _maybe(files.trusted_ca_file)
-    return grpc.ssl_server_credentials(
-        [(_read(files.key_file), _read(files.cert_file))],
-        root_certificates=ca,
-        require_client_auth=ca is not None,
-    )
-
-
 def upstream_ssl_context(config: Config) -> ssl.SSLContext:
     """The hub's TLS to etcd: --cacert as roots (the system's without it), the client certificate of
     --cert/--key, and --insecure-skip-tls-verify (no verification at all, as Go's InsecureSkipVerify)."""
@@ -403,20 +364,6 @@ def self_client_ssl_context(files: ServerFiles) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=files.trusted_ca_file or None)
     ctx.load_cert_chain(files.cert_file, files.key_file)
     return ctx
-
-
-def self_client_credentials(files: ServerFiles) -> grpc.ChannelCredentials:
-    """Credentials of /proxy/health's own client (Go: server cert as client cert, trusted CA as roots;
-    auto-TLS: skip verify, which here is pinning the self-signed certificate, exact and stricter)."""
-    import grpc
-
-    if files.auto:
-        return grpc.ssl_channel_credentials(root_certificates=_read(files.cert_file))
-    return grpc.ssl_channel_credentials(
-        root_certificates=_maybe(files.trusted_ca_file),
-        private_key=_read(files.key_file),
-        certificate_chain=_read(files.cert_file),
-    )
 
 
 def server_ssl_context(config: Config, files: ServerFiles) -> ssl.SSLContext:

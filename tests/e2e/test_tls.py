@@ -462,7 +462,7 @@ def test_cipher_suites_and_versions(pki: PKI, fresh_etcd: EtcdServer, proxy: Pro
 
     for args, message in (
         (["--listen-cipher-suites=BOGUS"], 'unexpected TLS cipher suite "BOGUS"'),
-        (["--listen-cipher-suites=TLS_RSA_WITH_RC4_128_SHA"], "not available in grpcio"),
+        (["--listen-cipher-suites=TLS_RSA_WITH_RC4_128_SHA"], "not available in etcdproxy's TLS library"),
         (["--client-crl-file=/nonexistent.crl"], "cannot load --client-crl-file"),
     ):
         result = run_proxy_expecting_exit([f"--endpoints={fresh_etcd.endpoint}", *server_args(pki), *args])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import ipaddress
-import os
 import ssl
 import sys
 from pathlib import Path
@@ -58,25 +57,14 @@ def test_every_mapped_name_is_known_to_openssl() -> None:
     [
         (("BOGUS",), 'unexpected TLS cipher suite "BOGUS"'),
         (("tls_ecdhe_rsa_with_aes_128_gcm_sha256",), "unexpected TLS cipher suite"),  # Go is case-sensitive
-        (("TLS_ECDHE_RSA_WITH_RC4_128_SHA",), "not available in grpcio's TLS library"),
-        (("TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256",), "not available in grpcio's TLS library"),
+        (("TLS_ECDHE_RSA_WITH_RC4_128_SHA",), "not available in etcdproxy's TLS library"),
+        (("TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256",), "not available in etcdproxy's TLS library"),
         (("TLS_AES_128_GCM_SHA256",), "only TLS 1.3 suites"),
     ],
 )
 def test_openssl_cipher_list_refusals(go_names: tuple[str, ...], message: str) -> None:
     with pytest.raises(tls.TLSConfigError, match=message):
         tls.openssl_cipher_list(go_names)
-
-
-def test_set_cipher_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    # setenv first so that monkeypatch restores the variable's absence afterwards: grpc in this
-    # process must never see it
-    monkeypatch.setenv(tls.CIPHER_SUITES_ENV, "unset-me")
-    monkeypatch.delenv(tls.CIPHER_SUITES_ENV)
-    tls.set_cipher_env(Config())
-    assert tls.CIPHER_SUITES_ENV not in os.environ
-    tls.set_cipher_env(Config(listen_cipher_suites=("TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",)))
-    assert os.environ[tls.CIPHER_SUITES_ENV] == "ECDHE-RSA-AES128-GCM-SHA256"
 
 
 # --- certificates made here ----------------------------------------------------------------------
