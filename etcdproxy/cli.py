@@ -63,7 +63,7 @@ class Flag:
         return flag_name(self.field)
 
 
-# Same order as `etcd grpc-proxy start` v3.7.1 (SPEC 18.1), then ours.
+# Same order as `etcd grpc-proxy start` v3.7.1 then ours.
 FLAGS: tuple[Flag, ...] = (
     Flag("listen_addr", "string", "host:port the proxy serves clients on"),
     Flag("discovery_srv", "string", "DNS domain whose SRV records list the etcd client endpoints"),

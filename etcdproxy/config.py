@@ -18,7 +18,7 @@ DEFAULT_LISTEN_ADDR = "127.0.0.1:23790"
 GRPC_OVERHEAD_BYTES = 512 * 1024
 # The Go proxy's --max-send-bytes default. --help shows it, but Config keeps 0 ("not given") so that an
 # unset flag leaves the decision to etcd: Go's 1.5 MiB makes the proxy refuse Puts etcd would answer
-# itself (SPEC 16, etcd issue 11984). An explicit --max-send-bytes, even 1572864, is applied like Go.
+# itself (etcd issue 11984). An explicit --max-send-bytes, even 1572864, is applied like Go.
 GO_MAX_SEND_BYTES = 1572864
 # gRPC-Go's default server receive limit, which the Go proxy's client port has (not configurable there).
 GO_SERVER_MAX_RECEIVE_BYTES = 4 << 20
@@ -339,7 +339,7 @@ def _trim_fraction(value: int, size: int) -> str:
 
 
 def _go_flag_errors(config: Config) -> list[str]:
-    """The checks of ``etcd grpc-proxy start`` (SPEC 18.3), same order and same words.
+    """The checks of ``etcd grpc-proxy start``, same order and same words.
 
     Go stops at the first failure; a later check may depend on an earlier one (the TLS
     version comparison needs both versions parsed), so we stop where Go's code would have.

@@ -1,11 +1,11 @@
 """``/health`` (is etcd reachable?) and ``/proxy/health`` (does a request through the proxy work?).
 
-Semantics of the Go proxy (SPEC 14.2, server/proxy/grpcproxy/health.go): one linearizable
+Semantics of the Go proxy (server/proxy/grpcproxy/health.go): one linearizable
 ``Get("a")`` with a 1 s timeout; healthy if it succeeds or etcd refuses it with
 ``etcdserver: permission denied``; else reason ``GET ERROR:<error>``. ``/proxy/health`` does the
 same Get through the proxy, then a watch on "a" whose created response must come within 3 s.
 
-Better than Go (SPEC 20.2 L): with etcd auth on, the probe carries no token and etcd answers
+Better than Go: with etcd auth on, the probe carries no token and etcd answers
 ``etcdserver: user name is empty`` (or ``invalid auth token``), so the Go proxy reports unhealthy
 forever. Any of these answers comes from etcd's auth layer after etcd received the request, which
 is what the check is about: they count as healthy here.

@@ -1,10 +1,10 @@
 """TLS for both sides of the proxy: file checks, gRPC credentials, ssl contexts, --auto-tls.
 
-* Upstream (proxy -> etcd, SPEC 13.1): ``--cacert/--cert/--key`` and ``https://`` endpoints give a
+* Upstream (proxy -> etcd): ``--cacert/--cert/--key`` and ``https://`` endpoints give a
   ``ssl.SSLContext`` for the hub's own HTTP/2 client. The client certificate must have an empty subject CN (etcd
   would take the CN as the user of every proxied request); the check and its message are Go's.
-  Unlike Go, ``--cacert`` alone works (SPEC 20.2 V).
-* Downstream (clients -> proxy, SPEC 13.2): ``--cert-file/--key-file[/--trusted-ca-file]`` or
+  Unlike Go, ``--cacert`` alone works (the Go proxy refuses to start).
+* Downstream (clients -> proxy): ``--cert-file/--key-file[/--trusted-ca-file]`` or
   ``--auto-tls`` give an ``ssl.SSLContext`` for our own transport (ALPN h2 and http/1.1); a trusted CA makes
   client certificates required; ``--tls-min-version/--tls-max-version`` bound the versions and
   ``--client-crl-file`` refuses revoked client certificates (checked on the leaf, like Go's tlsutil).

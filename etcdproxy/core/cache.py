@@ -1,6 +1,7 @@
 """RangeCache: serialized Range responses keyed by (identity, serialized request), pure logic.
 
-Rules (SPEC 3.2, with the Go proxy's defects of SPEC 20 #1-#4, C, D, E, T fixed):
+Rules (the Go proxy's cache/store.go, with its defects fixed: staleness for writes made elsewhere, no
+identity in the key, failed-but-applied writes not invalidated):
 * Key = (identity, request bytes with ``serializable=true``). identity is the auth token ("" without
   auth), so a user never gets an answer cached for another identity (#1).
 * Wire intervals: ``range_end == ""`` is the point ``key``; ``range_end == "\\x00"`` means +infinity,
@@ -82,7 +83,7 @@ class Invalidation:
 
 AUTH_READ_ONLY = frozenset({"Authenticate", "AuthStatus", "UserGet", "UserList", "RoleGet", "RoleList"})
 # Codes with which etcd certainly did not apply a write; anything else (OK, UNAVAILABLE, UNKNOWN,
-# DEADLINE_EXCEEDED, ...) may have been applied and invalidates (SPEC 20 E: failed-but-applied).
+# DEADLINE_EXCEEDED, ...) may have been applied and invalidates (failed-but-applied).
 NOT_APPLIED_CODES = frozenset({3, 5, 7, 9, 11, 16})  # INVALID_ARGUMENT NOT_FOUND PERMISSION_DENIED ...
 
 

@@ -1,4 +1,5 @@
-"""MemberList answers the proxy gives itself (SPEC 6.1 modes 2 and 3), registration values. Pure."""
+"""MemberList answers the proxy gives itself (with --advertise-client-url, as the Go proxy), registration
+values. Pure."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def proxy_member_list(members: Iterable[tuple[str, str]]) -> bytes:
     return response.SerializeToString()
 
 
-# ---- registration under --resolver-prefix (SPEC 6.2), byte-compatible with the Go proxy ------
+# ---- registration under --resolver-prefix, byte-compatible with the Go proxy ------
 
 _GO_HEX = "0123456789abcdef"
 

@@ -26,7 +26,7 @@ COMPACTED = EtcdError(StatusCode.OUT_OF_RANGE, "etcdserver: mvcc: required revis
 NO_LEADER = EtcdError(StatusCode.UNAVAILABLE, "etcdserver: no leader")
 PERMISSION_DENIED = EtcdError(StatusCode.PERMISSION_DENIED, "etcdserver: permission denied")
 
-# The Go proxy's own answer (SPEC 2): kept so scripts that match it keep working.
+# The Go proxy's own answer: kept so scripts that match it keep working.
 RANGE_STREAM_UNSUPPORTED = EtcdError(StatusCode.UNIMPLEMENTED, "RangeStream is not supported by the gRPC proxy")
 
 # Proxy-internal conditions: UNAVAILABLE tells every etcd client to retry.

@@ -1,6 +1,6 @@
 """``--namespace``: keys and ranges in the client's view <-> etcd's view, and the RPC policy. Pure.
 
-Translation (SPEC 10.1, clientv3's namespace package): ``key -> prefix + key``; ``range_end``
+Translation (clientv3's namespace package): ``key -> prefix + key``; ``range_end``
 empty stays empty (one key), ``"\\x00"`` (every key >= key) becomes ``prefix_end(prefix)``
 (``"\\x00"`` again when the prefix is all 0xff bytes: then every key >= prefix + key carries the
 prefix anyway), any other value becomes ``prefix + range_end``.

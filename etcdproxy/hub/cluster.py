@@ -1,4 +1,4 @@
-"""MemberList answers and ``--resolver-prefix`` registration/discovery (SPEC 6.1, 6.2).
+"""MemberList answers and ``--resolver-prefix`` registration/discovery, as the Go proxy's cluster.go.
 
 * Registration: a lease of ``--resolver-ttl`` seconds, kept alive every TTL/3 on a stream of our
   own, holding ``<namespace><prefix>/<advertise-client-url>`` with the Go proxy's value
@@ -11,7 +11,7 @@
 * MemberList: ``--advertise-client-url`` empty -> None (forwarded to etcd); else the registered
   proxies if ``--resolver-prefix`` is set and any are known, else this proxy alone.
 
-Proxy-originated calls carry no auth token (like Go, SPEC 12.2): with etcd auth on they fail and
+Proxy-originated calls carry no auth token (like Go): with etcd auth on they fail and
 are retried every second, and MemberList falls back to this proxy alone.
 Shared state (``members``) is mutated only from the hub's event loop.
 """

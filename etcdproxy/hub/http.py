@@ -81,7 +81,7 @@ class MetricsServer:
         self.server: asyncio.Server | None = None
         secure = tls.upstream_tls(self.config)
         self.etcd_urls = etcd_metrics_urls(self.config.endpoints, secure)
-        # etcd's /metrics over https with the upstream TLS files (SPEC 13.1)
+        # etcd's /metrics over https with the upstream TLS files, as Go
         self.etcd_context = tls.upstream_http_context(self.config) if secure else None
         self.server_files = tls.server_files(self.config)
         self.good_url = 0  # index of the etcd endpoint that answered last: tried first
@@ -225,7 +225,7 @@ class MetricsServer:
         if self.self_channel is None:
             target = self_address(self.config.listen_addr)
             if self.server_files is not None:
-                # the proxy's listener is TLS: dial it like Go's self client does (SPEC 13.2)
+                # the proxy's listener is TLS: dial it like Go's self client does
                 # the certificate names the advertised host; check it against that name, not loopback
                 advertised = urlsplit("//" + upstream.host_port(self.config.advertise_client_url)).hostname
                 host, port = upstream.split_host_port(target)
@@ -237,7 +237,7 @@ class MetricsServer:
 
     async def etcd_metrics(self) -> Response:
         """etcd's own /metrics from the first endpoint that answers, starting with the last good one
-        (Go fixes one endpoint at start-up and returns 200 whatever it got: SPEC 20.2 N)."""
+        (Go fixes one endpoint at start-up and returns 200 whatever it got)."""
         count = len(self.etcd_urls)
         errors: list[str] = []
         for i in range(count):

@@ -199,7 +199,7 @@ class Hub:
     def _on_unary(self, worker: WorkerState, message: s.Unary) -> None:
         method = METHODS[message.method]
         if method is MEMBER_LIST and self.config.advertise_client_url:
-            # SPEC 6.1 modes 2 and 3: the proxies instead of the etcd members (hub/cluster.py)
+            # with --advertise-client-url (as the Go proxy): the proxies instead of the etcd members (hub/cluster.py)
             self.reply(worker, message.req_id, OK, self.cluster.member_list() or b"")
             return
         task = self.loop.create_task(self._unary(worker, method, message))

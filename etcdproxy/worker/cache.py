@@ -14,7 +14,7 @@ down and back on (from empty) once it is re-established. After a hub restart or 
 frame the cache is flushed and off until the hub answers ``CacheSync``; while the hub is silent
 (hubclient.HUB_SILENCE_S) no hits are served.
 
-Counters for metrics (SPEC 14.3 names): ``hits`` (etcd_grpc_proxy_cache_hits_total, incl.
+Counters for metrics (the Go proxy's metric names): ``hits`` (etcd_grpc_proxy_cache_hits_total, incl.
 compaction rejections, like Go), ``misses`` (..._cache_misses_total, serializable misses only),
 ``keys`` (..._cache_keys_total, entries). State is mutated only on the worker's event loop.
 """
