@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -13,7 +16,15 @@ import pytest
 
 from etcdproxy.etcdpb import rpc_pb2, rpc_pb2_grpc
 from tests.faults import PASS, RESET, Relay
-from tests.helpers import EtcdServer, ProxyProcess, start_etcd, start_proxy, wait_until
+from tests.helpers import (
+    EtcdServer,
+    ProxyProcess,
+    WaitTimeout,
+    children_with_titles,
+    start_etcd,
+    start_proxy,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -38,6 +49,12 @@ def relayed(tmp_path: Path) -> Iterator[tuple[EtcdServer, Relay, ProxyProcess]]:
         etcd.stop()
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="watch_progress_revision: the hub answers RequestProgress with the lowest frontier of the s-watchers still "
+    "catching up on its upstream stream (61d64f1): 'progress at 1 after the event at 2'; before 61d64f1 the answer "
+    "came before the catch-up events (watch_bookmarkable)",
+)
 def test_progress_after_the_link_to_etcd_came_back_follows_the_missed_events(
     relayed: tuple[EtcdServer, Relay, ProxyProcess],
 ) -> None:
@@ -100,3 +117,91 @@ def test_progress_after_the_link_to_etcd_came_back_follows_the_missed_events(
         requests.put(None)
         channel.close()
         direct.close()
+
+
+@pytest.fixture
+def plain(tmp_path: Path) -> Iterator[tuple[EtcdServer, ProxyProcess]]:
+    etcd = start_etcd(tmp_path, name="regress-hub")
+    proxy: ProxyProcess | None = None
+    try:
+        proxy = start_proxy([etcd.endpoint], tmp_path, impl="etcdproxy")
+        yield etcd, proxy
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        etcd.stop()
+
+
+STOPPED_WORKER = (
+    "after the workers were SIGSTOPped for 2 s ('hub silent for 1.5 s; holding new requests until it answers', "
+    "then 'hub is up'), the Watch requests the client sent meanwhile were never answered: 3 creates, 3 cancels and "
+    "a RequestProgress without any response in 15 s (the test waits 8 s), the stream left open (4 of 5 runs)"
+)
+
+
+@pytest.mark.parametrize(
+    "role", ["hub", pytest.param("worker", marks=pytest.mark.xfail(strict=False, reason=STOPPED_WORKER))]
+)
+def test_watch_requests_sent_while_a_process_is_stopped_are_all_answered(
+    plain: tuple[EtcdServer, ProxyProcess], role: str
+) -> None:
+    """Creates, cancels and progress requests a client sends while the hub (or the workers) are
+    SIGSTOPped are each answered once they run again (soak seed 21: after a 2 s stop-hub a create
+    and three cancels were never answered for the 12 s left of the run; worker seed 13: a create
+    sent during a stop-worker was never answered)."""
+    _etcd, proxy = plain
+    stopped = [
+        pid for pid, title in children_with_titles(proxy.proc.pid).items() if title.startswith(f"etcdproxy: {role}")
+    ]
+    assert stopped, children_with_titles(proxy.proc.pid)
+    channel = grpc.insecure_channel(proxy.endpoint)
+    requests: queue.Queue[rpc_pb2.WatchRequest | None] = queue.Queue()
+    call = rpc_pb2_grpc.WatchStub(channel).Watch(iter(requests.get, None))
+    created: list[int] = []
+    canceled: list[int] = []
+    progress: list[int] = []
+    ended: list[str] = []
+
+    def read() -> None:
+        try:
+            for resp in call:
+                if resp.created:
+                    created.append(resp.watch_id)
+                elif resp.canceled:
+                    canceled.append(resp.watch_id)
+                elif not resp.events and resp.watch_id == -1:
+                    progress.append(resp.header.revision)
+            ended.append("OK")
+        except grpc.RpcError as exc:
+            ended.append(f"{exc.code().name}: {exc.details()}")
+
+    def create(key: bytes) -> None:
+        requests.put(rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(key=key)))
+
+    try:
+        threading.Thread(target=read, daemon=True).start()
+        for i in range(3):
+            create(b"/h/%d" % i)
+        wait_until(lambda: len(created) == 3, 10, "three watchers created")
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            for i in range(3, 6):
+                create(b"/h/%d" % i)
+            for wid in created[:3]:
+                requests.put(rpc_pb2.WatchRequest(cancel_request=rpc_pb2.WatchCancelRequest(watch_id=wid)))
+            requests.put(rpc_pb2.WatchRequest(progress_request=rpc_pb2.WatchProgressRequest()))
+            time.sleep(2.0)
+        finally:
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
+        with contextlib.suppress(WaitTimeout):
+            wait_until(lambda: len(created) == 6 and len(canceled) == 3 and progress, 8, "every answer")
+        answers = {"created": created, "canceled": canceled, "progress": progress, "stream ended": ended}
+        assert len(created) == 6 and len(canceled) == 3 and progress, (
+            f"sent 6 creates, 3 cancels, 1 progress: {answers}"
+        )
+    finally:
+        call.cancel()
+        requests.put(None)
+        channel.close()

@@ -15,12 +15,26 @@ from pathlib import Path
 import pytest
 
 from tests.robustness.harness import Result, RunConfig, run
+from tests.robustness.validators import Violation
 
 pytestmark = [pytest.mark.e2e]
 
 # etcd before 3.5.8 answers RequestProgress while a watcher from a past revision is still
 # catching up (etcd issue 15220); the etcd here is 3.5.1, and the proxy relays that answer.
 ETCD_351 = frozenset({"watch_bookmarkable_unsynced"})
+
+
+# Violations of the proxy that are known, reproducible and reported (see the reason), tolerated in
+# the scenario runs so that these keep checking everything else; each has a focused xfail test in
+# test_regressions.py that fails until it is fixed. Remove an entry with its fix.
+KNOWN_PROXY = {
+    "watch_progress_revision": (
+        "since 61d64f1 the hub answers a client's RequestProgress with the lowest frontier of any s-watcher "
+        "still catching up on the same upstream stream (other clients' included): the answer can be below "
+        "events the client already got (0 after 14; 1 after 2), and a quiet resumed s-watcher never catches "
+        "up, pinning every later answer (499 while the final revision was 527)"
+    ),
+}
 
 
 def _seed(default: int) -> int:
@@ -33,9 +47,23 @@ def _run(tmp_path: Path, name: str, seed: int, **kw: object) -> Result:
     return result
 
 
-def _assert_clean(result: Result, allowed: frozenset[str] = ETCD_351) -> None:
+# (validator, message part) of known proxy violations seen only now and then in these runs, each with its
+# reproduction as an xfail test in test_regressions.py
+KNOWN_PROXY_MESSAGES = (
+    # test_watch_requests_sent_while_a_process_is_stopped_are_all_answered[worker] (worker seed 13, soak seed 21)
+    ("watch_ids", "create request never answered"),
+)
+
+
+def _known(v: Violation) -> bool:
+    return any(v.validator == name and part in v.message for name, part in KNOWN_PROXY_MESSAGES)
+
+
+def _assert_clean(result: Result, proxy: bool = True) -> None:
+    """No violation but etcd 3.5.1's own and, through the proxy, the known ones listed above."""
     assert not result.errors, result.summary()
-    bad = [v for v in result.report.violations if v.validator not in allowed]
+    allowed = ETCD_351 | frozenset(KNOWN_PROXY if proxy else ())
+    bad = [v for v in result.report.violations if v.validator not in allowed and not (proxy and _known(v))]
     assert not bad, result.summary()
     assert result.report.operations > 50 and result.report.watch_events > 20, result.summary()
 
@@ -47,7 +75,7 @@ def _assert_applied(result: Result, faults: list[str]) -> None:
 @pytest.mark.timeout(120)
 def test_direct_etcd_positive_control(tmp_path: Path) -> None:
     """The validators accept etcd itself under the same traffic."""
-    _assert_clean(_run(tmp_path, "direct", 11, target="direct", profile="watch-heavy", duration=8.0))
+    _assert_clean(_run(tmp_path, "direct", 11, target="direct", profile="watch-heavy", duration=8.0), proxy=False)
 
 
 @pytest.mark.timeout(120)
