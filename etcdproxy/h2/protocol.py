@@ -325,9 +325,6 @@ class Server:
         for server in self.servers:
             server.close()
 
-    def open_connections(self) -> int:
-        return sum(1 for p in self.protocols if p.transport is not None and not p.transport.is_closing())
-
     def active_calls(self) -> int:
         return sum(len(p.conn.streams) for p in self.protocols if p.conn is not None)
 
