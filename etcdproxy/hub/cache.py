@@ -137,6 +137,11 @@ class CacheHub:
         self, writer: WorkerState, method: Method, request: bytes, code: int, body: bytes | str
     ) -> None:
         """Invalidate what a finished call may have changed; return once every worker applied it."""
+        if code == 0 and method.name == "AuthEnable" and method.service == "etcdserverpb.Auth" and not self._auth_on:
+            # auth enabled through us: stop hits now, before the reply leaves (the probe would take up to a second)
+            log.info("etcd auth is on (AuthEnable through the proxy): range cache paused")
+            self._auth_on = True
+            self._update_state()
         invalidation = invalidation_for(method.service, method.name, request, code)
         if invalidation is None:
             return
