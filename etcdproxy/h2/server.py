@@ -209,8 +209,11 @@ class ServerConnection:
         self.last_activity = now
         # GOAWAY state
         self.goaway_received = False
+        self._goaway_received_at = 0.0  # when the client's GOAWAY came (tick() closes an idle connection after it)
         self.draining = False  # we sent a GOAWAY: no new streams above self._goaway_last
         self._goaway_last = f.MAX_STREAM_ID
+        self._drain_ping = b""  # the PING of phase one of a graceful shutdown
+        self._drain_started = 0.0
         # our SETTINGS first (RFC 9113 3.4), and the connection window raised to ours
         s = settings
         self.out.append(
@@ -948,10 +951,7 @@ class ServerConnection:
         self._queue(f.ping(self._drain_ping))
         self._ping_sent = self._drain_ping
 
-    _drain_ping: bytes = b""
-    _drain_started: float = 0.0
 
-    _goaway_received_at = 0.0
 
     def tick(self, now: float, keepalive_interval_s: float, keepalive_timeout_s: float) -> None:
         """Timers, called by the driver about once a second: SETTINGS ack timeout, keepalive pings, drain."""
