@@ -145,6 +145,10 @@ class CWatcher:
     progress_notify: bool = False
     fragment: bool = False
     next_revision: int = 0  # 0 until the hub says where it starts
+    # highest revision a progress notification said was complete: only where to resume after a
+    # hub restart, never a filter, because etcd before 3.5.8 can send a stream's progress answer
+    # ahead of events at or below its revision (filtering on it dropped those events)
+    progress_revision: int = 0
     sw_id: int = 0
     requested_id: int = AUTO_WATCH_ID  # the client's watch_id; ``watch_id`` is -1 until released
     ready: bool = False  # the hub answered the create (created, or rejected: see ``rejection``)
@@ -180,6 +184,12 @@ class CWatcher:
             progress_notify=create.progress_notify,
             fragment=create.fragment,
         )
+
+    def resume_revision(self) -> int:
+        """Where a hub that lost this c-watcher registers it again (0: never started)."""
+        if self.next_revision <= 0:
+            return 0
+        return max(self.next_revision, self.progress_revision + 1)
 
     def accept(self, events: Iterable[Sequence[Any]]) -> int:
         """Queue the wanted events of one batch; returns how many bytes were queued.

@@ -9,7 +9,7 @@ Shared state (``by_wid``, ``by_sw``, each stream's tables) is mutated only on th
 event loop. Invariants: a client sees ``created`` before any event of a watch; answers to
 creates leave in request order and watch ids are allocated at that moment (so ids and
 rejections match etcd's exactly); after a hub restart every c-watcher the hub had created is
-re-registered from ``next_revision`` (resume=True), so clients see neither a gap, nor a
+re-registered from ``resume_revision()`` (resume=True), so clients see neither a gap, nor a
 duplicate, nor a second created response.
 """
 
@@ -182,7 +182,7 @@ class WatchService:
     def _create_message(self, epoch: int, stream: WatchStream, watcher: CWatcher) -> s.WatchCreate:
         # a c-watcher a hub already created resumes where it stands: no gap, no second created
         resume = watcher.next_revision > 0
-        start = watcher.next_revision if resume else watcher.start_revision
+        start = watcher.resume_revision() if resume else watcher.start_revision
         return s.WatchCreate(epoch, watcher.wid, watcher.key, watcher.range_end, start, stream.metadata, resume)
 
     def _release(self, stream: WatchStream) -> None:
@@ -362,7 +362,7 @@ class WatchService:
         if not events:
             revision = rpc_pb2.ResponseHeader.FromString(message.header).revision
             for stream, watcher in list(members.values()):
-                watcher.next_revision = max(watcher.next_revision, revision + 1)
+                watcher.progress_revision = max(watcher.progress_revision, revision)
                 if watcher.progress_notify and not message.progress_only:
                     self._deliver(stream, watcher, message.header, [], True)
             return
