@@ -451,14 +451,17 @@ def sweep_stale_run_dirs(parent: str, min_age_s: float = 10.0) -> list[str]:
     return removed
 
 
+BALANCE_FILE = "balance"  # the workers' accept balance (worker/balance.py)
+
+
 def clean_run_dir(path: str, created: bool) -> None:
     """Remove the run dir we created; in a run dir we were given, what the process tree put there
-    (sockets, heartbeats, the control file, the default metrics dir; the lock is Guard.release's)."""
+    (sockets, heartbeats, the control and balance files, the default metrics dir; the lock is Guard.release's)."""
     if created:
         shutil.rmtree(path, ignore_errors=True)
         return
     for name in os.listdir(path):
-        if name.startswith("heartbeat-") or name.endswith(".sock") or name == CONTROL_FILE:
+        if name.startswith("heartbeat-") or name.endswith(".sock") or name in (CONTROL_FILE, BALANCE_FILE):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(path, name))
     if metrics_dir() == os.path.join(path, "metrics"):

@@ -31,6 +31,7 @@ from etcdproxy import logs, proc
 from etcdproxy.config import LIVE_FIELDS, Config, ConfigError, flag_name
 from etcdproxy.embedded import EmbeddedEtcd, EmbeddedEtcdError
 from etcdproxy.proc import EXIT_BOOT_ERROR, HUB, WORKER, ChildSpec
+from etcdproxy.worker import balance
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ class Supervisor:
         self.next_heartbeat_check = 0.0
         self.next_start_warning = time.monotonic() + START_WARNING_S
         self.saved_handlers: dict[int, signal._HANDLER] = {}
+        self._balance: balance.Board | None = None  # the workers' accept balance (worker/balance.py)
 
     # --- life cycle ---
 
@@ -421,6 +423,8 @@ class Supervisor:
                 os.close(slot.ready_fd)
                 slot.ready_fd = -1
         proc.forget_metrics(pid)
+        if slot.role == WORKER:  # a killed worker never cleared its record of the accept balance
+            self.balance_board().clear(balance.record_of(slot.index, slot.generation), pid)
         with contextlib.suppress(OSError):
             os.unlink(slot.heartbeat_path)
         now = time.monotonic()
@@ -445,6 +449,11 @@ class Supervisor:
             log.log(
                 level, "%s pid %d exited with code %d, respawning in %.1f s%s", slot.name, pid, code, slot.delay_s, how
             )
+
+    def balance_board(self) -> balance.Board:
+        if self._balance is None:
+            self._balance = balance.Board(self.run_dir)
+        return self._balance
 
     def respawn_due(self) -> None:
         now = time.monotonic()

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from etcdproxy.h2.rpc import Dispatcher
 from etcdproxy.h2.server import ServerConnection, Settings
@@ -31,6 +32,20 @@ HTTP1_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", 
 
 # (method, path) -> (status, content type, body)
 HttpApp = Callable[[str, str], Awaitable[tuple[int, str, bytes]]]
+
+# a listening socket shared with other processes: skip a turn this long when admission says not now
+DEFER_S = 0.002
+ACCEPT_ERROR_PAUSE_S = 1.0  # out of file descriptors: stop accepting for a while (as asyncio does)
+
+
+class Admission(Protocol):
+    """Whether this process takes the next connection of a listening socket shared with others
+    (etcdproxy.worker.balance.Seat); told about each accept and the open connection count."""
+
+    def may_accept(self, now: float) -> bool: ...
+    def on_accept(self) -> None: ...
+    def publish(self, open_connections: int) -> None: ...
+    def drain(self) -> None: ...
 
 
 class ServerOptions:
@@ -77,6 +92,8 @@ class H2Protocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport
         self._born = self.loop.time()
         self.server.protocols.add(self)
+        if self.server.admission is not None:
+            self.server.admission.publish(len(self.server.protocols))
         # accepted during the drain delay: served normally (a load balancer still sends clients here until its
         # health check sees the 503); told to go away when the delay ends (Server.start_drain again)
 
@@ -106,6 +123,8 @@ class H2Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.protocols.discard(self)
+        if self.server.admission is not None:
+            self.server.admission.publish(len(self.server.protocols))
         if self.conn is not None:
             self.conn.connection_lost()
         if self._http1 is not None:
@@ -280,6 +299,11 @@ class Server:
         self.draining = False
         self.drain_everyone = False  # the drain delay is over: even connections that speak later are told
         self._ticker: asyncio.Task[None] | None = None
+        self.admission: Admission | None = None
+        # the shared listening socket served by our own accept loop (see listen(admission=...))
+        self._shared: tuple[socket.socket, ssl.SSLContext | None] | None = None
+        self._accepting = False
+        self._resume: asyncio.TimerHandle | None = None
 
     async def listen(
         self,
@@ -288,19 +312,67 @@ class Server:
         port: int | None = None,
         ssl_context: ssl.SSLContext | None = None,
         reuse_port: bool = False,
+        admission: Admission | None = None,
     ) -> None:
         kwargs: dict[str, Any] = {"ssl": ssl_context, "backlog": 4096}
         if ssl_context is not None:
             kwargs["ssl_handshake_timeout"] = PREFACE_TIMEOUT_S
-        if sock is not None:
-            server = await self.loop.create_server(lambda: H2Protocol(self), sock=sock, **kwargs)
+        if sock is not None and admission is not None:
+            # asyncio's accept loop takes every queued connection on each wake-up; this one takes one
+            # when admission agrees, so processes sharing the socket share its connections
+            sock.setblocking(False)
+            self.admission = admission
+            self._shared = (sock, ssl_context)
+            self._start_accepting()
+        elif sock is not None:
+            self.servers.append(await self.loop.create_server(lambda: H2Protocol(self), sock=sock, **kwargs))
         else:
-            server = await self.loop.create_server(
-                lambda: H2Protocol(self), host, port, reuse_port=reuse_port, **kwargs
+            self.servers.append(
+                await self.loop.create_server(lambda: H2Protocol(self), host, port, reuse_port=reuse_port, **kwargs)
             )
-        self.servers.append(server)
         if self._ticker is None:
             self._ticker = self.loop.create_task(self._tick_loop())
+
+    def _start_accepting(self) -> None:
+        self._resume = None
+        if self._shared is not None and not self._accepting:
+            self._accepting = True
+            self.loop.add_reader(self._shared[0].fileno(), self._on_listener_readable)
+
+    def _stop_accepting(self, pause_s: float) -> None:
+        if self._accepting and self._shared is not None:
+            self._accepting = False
+            self.loop.remove_reader(self._shared[0].fileno())
+        if self._resume is None and pause_s > 0:
+            self._resume = self.loop.call_later(pause_s, self._start_accepting)
+
+    def _on_listener_readable(self) -> None:
+        assert self._shared is not None and self.admission is not None
+        sock, ssl_context = self._shared
+        if not self.admission.may_accept(self.loop.time()):
+            self._stop_accepting(DEFER_S)
+            return
+        try:
+            conn, _ = sock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return  # another process took it
+        except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: keep serving who we have
+            log.warning("cannot accept a connection: %s; accepting again in %.0f s", exc, ACCEPT_ERROR_PAUSE_S)
+            self._stop_accepting(ACCEPT_ERROR_PAUSE_S)
+            return
+        self.admission.on_accept()
+        conn.setblocking(False)
+        self.loop.create_task(self._connect(conn, ssl_context))
+
+    async def _connect(self, conn: socket.socket, ssl_context: ssl.SSLContext | None) -> None:
+        kwargs: dict[str, Any] = {}
+        if ssl_context is not None:
+            kwargs = {"ssl": ssl_context, "ssl_handshake_timeout": PREFACE_TIMEOUT_S}
+        try:
+            await self.loop.connect_accepted_socket(lambda: H2Protocol(self), conn, **kwargs)
+        except (TimeoutError, OSError, ssl.SSLError) as exc:
+            log.debug("connection dropped before it was set up: %s", exc)
+            conn.close()
 
     async def _tick_loop(self) -> None:
         while True:
@@ -318,12 +390,21 @@ class Server:
         if self.draining:
             self.drain_everyone = True
         self.draining = True
+        if self.admission is not None:
+            self.admission.drain()
         for protocol in list(self.protocols):
             protocol.start_drain()
 
     def close_listeners(self) -> None:
         for server in self.servers:
             server.close()
+        if self._shared is not None:
+            self._stop_accepting(0)
+            if self._resume is not None:
+                self._resume.cancel()
+                self._resume = None
+            self._shared[0].close()
+            self._shared = None
 
     def active_calls(self) -> int:
         return sum(len(p.conn.streams) for p in self.protocols if p.conn is not None)

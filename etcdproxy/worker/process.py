@@ -2,6 +2,7 @@
 
 Workers share --listen-addr: a socket the supervisor bound and passed down (``spec.listen_fd``), or, without one,
 each worker's own SO_REUSEPORT socket (the supervisor's port guard makes sure no other program holds the port).
+On the shared socket a worker takes a connection only when it is among the least loaded (worker/balance.py).
 No grpcio in this process: the transport, handlers and status codes are etcdproxy's own.
 
 Lifecycle: fork -> main() -> serve() until SIGTERM; then drain: every connection gets a graceful GOAWAY while
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 
@@ -23,6 +25,7 @@ from etcdproxy.core import errors
 from etcdproxy.h2.protocol import Server, ServerOptions
 from etcdproxy.h2.rpc import Dispatcher
 from etcdproxy.h2.server import Settings
+from etcdproxy.worker import balance
 from etcdproxy.worker.cache import RangeService
 from etcdproxy.worker.handlers import Handlers
 from etcdproxy.worker.http import HttpRelay
@@ -71,10 +74,12 @@ async def serve(config: Config, spec: proc.ChildSpec) -> int:
     files = tls.server_files(config)
     context = None if files is None else tls.grpc_server_ssl_context(config, files)
     listen_fd = getattr(spec, "listen_fd", None)
+    seat: balance.Seat | None = None
     try:
         if listen_fd is not None:
             sock = socket.socket(fileno=listen_fd)
-            await server.listen(sock=sock, ssl_context=context)
+            seat = balance.Seat(balance.Board(spec.run_dir), spec.index, spec.generation, os.getpid())
+            await server.listen(sock=sock, ssl_context=context, admission=seat)
         else:
             host, port = _split_host_port(config.listen_addr)
             await server.listen(host=host, port=port, ssl_context=context, reuse_port=True)
@@ -97,6 +102,8 @@ async def serve(config: Config, spec: proc.ChildSpec) -> int:
     reporter.cancel()
     metrics.flush()  # what ended during the stop; calls still open are settled by the hub
     hub.close()
+    if seat is not None:
+        seat.leave()
     return 0
 
 
