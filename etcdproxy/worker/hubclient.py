@@ -97,6 +97,13 @@ class HubClient:
     def hub_alive(self) -> bool:
         return self.epoch != 0
 
+    @property
+    def last_epoch(self) -> int:
+        """The epoch of the last hub heard from, even while it is silent (0: none yet). A component
+        message tagged with it reaches that hub if it was only slow or stopped (ZeroMQ queues it);
+        a new hub drops it as addressed to its predecessor, and on_new_epoch re-sends the state."""
+        return self._adopted_epoch
+
     async def _ping_loop(self) -> None:
         while True:
             await asyncio.sleep(PING_INTERVAL_S)

@@ -169,9 +169,13 @@ class WatchService:
         stream.wake.set()
 
     def _send_when_up(self, build: Any) -> None:
-        # Without a live hub the message would be lost; on_new_epoch re-sends all state.
-        if self.hub.epoch:
-            self.hub.send(build(self.hub.epoch))
+        # While the hub is silent (it, or this worker, was stopped or slow) the message still goes
+        # to the last hub heard from: if that hub comes back with the same epoch it is answered
+        # (holding it here lost it: nothing re-sends on the same epoch); if a new hub comes up it
+        # drops the message and on_new_epoch re-sends all state. Before any hub: on_new_epoch.
+        epoch = self.hub.epoch or self.hub.last_epoch
+        if epoch:
+            self.hub.send(build(epoch))
 
     def _create(self, stream: WatchStream, create: rpc_pb2.WatchCreateRequest) -> None:
         watcher = CWatcher.from_request(next(self._wids), create)
