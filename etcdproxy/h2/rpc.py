@@ -216,6 +216,11 @@ class Dispatcher:
 
     # ---- Application ---------------------------------------------------------------------------------
 
+    # A call without a deadline whose client sends one message (unary, server-streaming) gets its Call only
+    # once that message is in, and none at all when an inline function answers it: until then ``stream.app``
+    # is None and the handler is found again from ``stream.head`` (a dict lookup costs less than the objects
+    # of a call). A deadline counts from the request's headers, so such calls get their Call at once.
+
     def request(self, conn: ServerConnection, stream: Stream, head: gw.RequestHead) -> None:
         handler = self.handlers.get(head.path)
         if handler is None:
@@ -223,19 +228,29 @@ class Dispatcher:
             text = f"unknown method {method} for service {service}" if service in self.services else _unknown(head.path)
             conn.finish_call(stream, StatusCode.UNIMPLEMENTED, text)
             return
-        loop = self.loop
-        deadline = None if head.timeout_s is None else loop.time() + head.timeout_s
-        call = Call(conn, stream, handler, Context(head.metadata, deadline, loop), loop)
-        stream.app = call
-        if handler.request_streaming:
+        if head.timeout_s is not None and not handler.request_streaming:
+            self._call(conn, stream, handler, head)
+        elif handler.request_streaming:
+            call = self._call(conn, stream, handler, head)
             call.requests = Requests(call)
             if handler.response_streaming:
                 call.start(self._stream(call, handler.behaviour(call.requests, call.context)))
             else:
                 call.start(self._unary(call, handler.behaviour(call.requests, call.context)))
 
+    def _call(self, conn: ServerConnection, stream: Stream, handler: MethodHandler, head: gw.RequestHead) -> Call:
+        loop = self.loop
+        deadline = None if head.timeout_s is None else loop.time() + head.timeout_s
+        call = Call(conn, stream, handler, Context(head.metadata, deadline, loop), loop)
+        stream.app = call
+        return call
+
     def message(self, conn: ServerConnection, stream: Stream, message: bytes) -> None:
-        call: Call = stream.app
+        call: Call | None = stream.app
+        if call is None:
+            head = stream.head
+            assert head is not None
+            call = self._call(conn, stream, self.handlers[head.path], head)
         requests = call.requests
         if requests is not None:
             requests.queue.append(message)
@@ -248,20 +263,52 @@ class Dispatcher:
         call.request = message
 
     def end(self, conn: ServerConnection, stream: Stream) -> None:
-        call: Call = stream.app
+        call: Call | None = stream.app
+        if call is None:
+            # grpc-go's words for a unary call without its message
+            conn.finish_call(stream, StatusCode.INTERNAL, "grpc: error while receiving request: EOF")
+            return
         if call.requests is not None:
             call.requests.ended = True
             call.requests.wake()
             return
         request = call.request
-        if request is None:
-            # grpc-go's words for a unary call without its message
+        if request is None:  # a call with a deadline has its Call from the start
             conn.finish_call(stream, StatusCode.INTERNAL, "grpc: error while receiving request: EOF")
             return
-        handler = call.handler
-        if handler.inline is not None:
+        self._run(conn, stream, call, request, True)
+
+    def complete(self, conn: ServerConnection, stream: Stream, message: bytes) -> None:
+        """The whole request at once (one message, then the half-close): the hot path of unary calls."""
+        call: Call | None = stream.app
+        if call is not None:  # a client-streaming call, or a second message
+            self.message(conn, stream, message)
+            if not stream.finished:
+                self.end(conn, stream)
+            return
+        head = stream.head
+        assert head is not None
+        handler = self.handlers[head.path]
+        inline = handler.inline
+        if inline is not None:  # no deadline (else the Call would exist): a context without one
             try:
-                answer = handler.inline(request, call.context)
+                answer = inline(message, Context(head.metadata, None, self.loop))
+            except Abort as abort:
+                conn.finish_call(stream, abort.code, abort.message)
+                return
+            if answer is not None:
+                conn.send_unary(stream, answer)
+                return
+        call = self._call(conn, stream, handler, head)
+        call.request = message
+        self._run(conn, stream, call, message, False)
+
+    def _run(self, conn: ServerConnection, stream: Stream, call: Call, request: bytes, try_inline: bool) -> None:
+        handler = call.handler
+        inline = handler.inline if try_inline else None
+        if inline is not None:
+            try:
+                answer = inline(request, call.context)
             except Abort as abort:
                 conn.finish_call(stream, abort.code, abort.message)
                 return

@@ -96,6 +96,7 @@ class Stream:
         "data",
         "encoding",
         "finished",
+        "head",
         "headers_sent",
         "id",
         "local_closed",
@@ -109,12 +110,13 @@ class Stream:
         "unread",
     )
 
-    def __init__(self, stream_id: int, send_window: int) -> None:
+    def __init__(self, stream_id: int, send_window: int, head: gw.RequestHead | None = None) -> None:
         self.id = stream_id
         self.app: Any = None
+        self.head = head
         self.data: bytes | bytearray = b""  # received bytes not yet split into gRPC messages
-        self.encoding = b"identity"
-        self.content_length: int | None = None
+        self.encoding = b"identity" if head is None else head.encoding
+        self.content_length = None if head is None else head.content_length
         self.received = 0  # DATA payload bytes, for content-length
         self.send_window = send_window
         self.pending: deque[bytes] | None = None  # DATA payloads waiting for flow-control window
@@ -131,7 +133,11 @@ class Stream:
 class Application(Protocol):
     """What a connection calls. ``request`` is a new call with a valid head; ``message`` a complete
     (decompressed) request message; ``end`` the client's half-close; ``reset`` the end of a call the
-    application did not finish (client RST_STREAM, connection closed)."""
+    application did not finish (client RST_STREAM, connection closed).
+
+    An application may also have ``complete(conn, stream, message)``: called instead of ``message`` then
+    ``end`` when one DATA frame holds the whole (uncompressed) request message and ends the stream, the
+    common shape of a unary call (no per-message window accounting, ``consumed`` need not be called)."""
 
     def request(self, conn: ServerConnection, stream: Stream, head: gw.RequestHead) -> None: ...
 
@@ -148,7 +154,12 @@ _HEADERS_END_HEADERS = bytes((f.HEADERS, f.END_HEADERS))
 _HEADERS_END_STREAM = bytes((f.HEADERS, f.END_HEADERS | f.END_STREAM))
 _RESPONSE_HEADERS_LEN = len(gw.RESPONSE_HEADERS).to_bytes(3, "big")
 _RESPONSE_HEAD = _RESPONSE_HEADERS_LEN + _HEADERS_END_HEADERS
-_TRAILER_OK_LEN = len(gw.TRAILER_OK).to_bytes(3, "big")
+_TRAILER_OK_HEAD = len(gw.TRAILER_OK).to_bytes(3, "big") + _HEADERS_END_STREAM
+# a whole unary answer is these two packs around the message: HEADERS (constant block) and the DATA frame's
+# head with the gRPC message prefix; then the OK trailers (a constant block)
+_pack_unary_head = struct.Struct(f">5sL{len(gw.RESPONSE_HEADERS)}sHBHLBL").pack
+_pack_trailers_ok = struct.Struct(f">5sL{len(gw.TRAILER_OK)}s").pack
+_HEADERS_FLAGS_MASK = f.END_HEADERS | f.PADDED | f.PRIORITY_FLAG
 RECENTLY_RESET = 128
 GOAWAY_LINGER_S = 1.0  # an idle connection whose client sent GOAWAY is closed this long after it
 
@@ -165,6 +176,8 @@ class ServerConnection:
         self.app = app
         self.settings = settings
         self.wakeup = wakeup  # output was queued outside receive(): the driver schedules a write
+        self._complete: Callable[[ServerConnection, Stream, bytes], None] | None = getattr(app, "complete", None)
+        self._receiving = False  # inside receive(): the driver writes when it returns, no wakeup needed
         self.out: list[bytes] = []
         self.out_bytes = 0
         self.closed = False  # no more input is processed; the driver closes after writing out
@@ -238,7 +251,7 @@ class ServerConnection:
         return data
 
     def _queue(self, data: bytes) -> None:
-        wake = not self.out
+        wake = not self.out and not self._receiving
         self.out.append(data)
         self.out_bytes += len(data)
         if wake:
@@ -254,6 +267,7 @@ class ServerConnection:
         if self._buffer:
             data = self._buffer + data
             self._buffer = b""
+        self._receiving = True
         try:
             pos = 0
             if not self._preface:
@@ -270,6 +284,8 @@ class ServerConnection:
         except ConnectionError_ as exc:
             self.terminate(exc.code, exc.debug)
             return
+        finally:
+            self._receiving = False
         self._credit_connection()
 
     def _frames(self, data: bytes, pos: int, now: float) -> None:
@@ -296,7 +312,10 @@ class ServerConnection:
                 if kind == f.DATA:
                     self._data(stream_id, flags, payload, length, now)
                 elif kind == f.HEADERS:
-                    self._headers(stream_id, flags, payload, now)
+                    if flags & _HEADERS_FLAGS_MASK == f.END_HEADERS and stream_id:  # the usual: one whole block
+                        self._header_block(stream_id, flags, payload, now, False)
+                    else:
+                        self._headers(stream_id, flags, payload, now)
                 elif kind == f.CONTINUATION:
                     self._continuation(stream_id, flags, payload, now)
                 elif kind == f.WINDOW_UPDATE:
@@ -369,11 +388,27 @@ class ServerConnection:
             raise StreamError(stream_id, f.STREAM_CLOSED)
         if not payload and not flags & f.END_STREAM:
             self._cheap(now)
-        stream.received += len(payload)
+        size = len(payload)
+        stream.received += size
         # stream flow control: what we advertised is INITIAL_WINDOW_SIZE minus what was not credited back
         stream.uncredited += length
         if stream.uncredited > self.settings.stream_window:
             raise StreamError(stream_id, f.FLOW_CONTROL_ERROR)
+        if (
+            flags & f.END_STREAM
+            and not stream.data
+            and size >= 5
+            and payload[0] == 0
+            and int.from_bytes(payload[1:5], "big") == size - 5
+            and (stream.content_length is None or stream.content_length == stream.received)
+            and size - 5 <= self.settings.max_receive_message
+            and self._complete is not None
+        ):
+            # the common unary request: exactly one uncompressed message, and the stream ends with it
+            stream.remote_closed = True
+            self._complete(self, stream, payload[5:])
+            self._maybe_close(stream)
+            return
         if payload:
             self._append(stream, payload)
             if stream_id not in self.streams:
@@ -457,7 +492,7 @@ class ServerConnection:
         if stream.uncredited and not stream.remote_closed and stream.id in self.streams:
             before = len(self.out)
             self._credit_stream(stream)
-            if len(self.out) != before and before == 0:
+            if len(self.out) != before and before == 0 and not self._receiving:
                 self.wakeup()
 
     def _credit_stream(self, stream: Stream) -> None:
@@ -556,9 +591,7 @@ class ServerConnection:
                 return
             self._queue_headers_only(stream_id, gw.trailers_only(code, message, status), flags & f.END_STREAM == 0)
             return
-        stream = Stream(stream_id, self.peer_initial_window)
-        stream.encoding = head.encoding
-        stream.content_length = head.content_length
+        stream = Stream(stream_id, self.peer_initial_window, head)
         self.streams[stream_id] = stream
         end_stream = bool(flags & f.END_STREAM)
         if end_stream:
@@ -777,8 +810,8 @@ class ServerConnection:
         if stream.finished:
             return
         stream.finished = True
-        sid = stream.id.to_bytes(4, "big")
-        n = len(message) + 5
+        size = len(message)
+        n = size + 5
         if (
             not stream.headers_sent
             and n <= self.send_window
@@ -789,27 +822,24 @@ class ServerConnection:
             self.send_window -= n
             stream.send_window -= n
             self._data_frames_sent += 1
+            sid = stream.id
             self._queue(
                 b"".join(
                     (
-                        _RESPONSE_HEADERS_LEN,
-                        _HEADERS_END_HEADERS,
-                        sid,
-                        gw.RESPONSE_HEADERS,
-                        n.to_bytes(3, "big"),
-                        _DATA_HEAD_FLAGS0,
-                        sid,
-                        b"\x00",
-                        len(message).to_bytes(4, "big"),
+                        _pack_unary_head(_RESPONSE_HEAD, sid, gw.RESPONSE_HEADERS, n >> 8, n & 0xFF, 0, sid, 0, size),
                         message,
-                        _TRAILER_OK_LEN,
-                        _HEADERS_END_STREAM,
-                        sid,
-                        gw.TRAILER_OK,
+                        _pack_trailers_ok(_TRAILER_OK_HEAD, sid, gw.TRAILER_OK),
                     )
                 )
             )
             self._reset_ping_strikes = True
+            if stream.remote_closed:  # the usual case, _local_end and _maybe_close inlined
+                stream.local_closed = True
+                if self.streams.pop(sid, None) is not None:
+                    self._closed(sid)
+                    if self.goaway_received or self.draining:
+                        self._after_stream_closed()
+                return
             self._local_end(stream)
             return
         stream.finished = False
