@@ -148,6 +148,13 @@ def _under(name: bytes) -> Invalidation:
 
 def header_revision(response: bytes) -> int:
     """``header.revision`` of any etcd response (header is field 1) without decoding the rest; 0 if absent."""
+    # etcd (Go) writes fields in number order: the header comes first and is short (one length byte)
+    if len(response) > 2 and response[0] == 0x0A and response[1] < 0x80 and len(response) >= 2 + response[1]:
+        try:
+            fast: int = rpc_pb2.ResponseHeader.FromString(response[2 : 2 + response[1]]).revision
+            return fast
+        except DecodeError:
+            return 0
     try:
         for number, wire_type, start, end in wire.fields(response):
             if number == 1 and wire_type == 2:
@@ -156,6 +163,99 @@ def header_revision(response: bytes) -> int:
     except (wire.WireError, DecodeError):
         return 0
     return 0
+
+
+# ---- what a worker may hold: the hub's view ------------------------------------------------
+
+
+class Footprint:
+    """A multiset of intervals: what a worker may hold latest-revision entries for, as the hub sees it.
+
+    The hub records the interval of every Range it forwards (only a Range's answer can fill a worker's
+    cache), so an invalidation that touches none of a worker's recorded intervals has nothing to drop
+    there and need not be sent. Once an invalidation of interval I was sent to a worker, every interval
+    overlapping I recorded before can go: the worker drops those entries, and refuses the fills of
+    Ranges it sent before the invalidation reached it (their tickets are older; see RangeCache.fill).
+    ``add``/``remove`` count, so the same structure also holds the Ranges in flight.
+    """
+
+    __slots__ = ("_points", "_ranges", "_sorted")
+
+    def __init__(self) -> None:
+        self._points: dict[bytes, int] = {}  # point key -> count
+        self._sorted: list[bytes] = []  # sorted keys of _points (range invalidations bisect it)
+        self._ranges: dict[Interval, int] = {}  # non-point interval -> count
+
+    def __len__(self) -> int:
+        return len(self._points) + len(self._ranges)
+
+    def add(self, interval: Interval) -> None:
+        start, end = interval
+        if end is not None and end == start + b"\x00":
+            count = self._points.get(start)
+            if count is None:
+                self._points[start] = 1
+                bisect.insort(self._sorted, start)
+            else:
+                self._points[start] = count + 1
+        else:
+            self._ranges[interval] = self._ranges.get(interval, 0) + 1
+
+    def remove(self, interval: Interval) -> None:
+        """Forget one ``add`` of ``interval`` (no-op if it is not there)."""
+        start, end = interval
+        if end is not None and end == start + b"\x00":
+            count = self._points.get(start)
+            if count is None:
+                return
+            if count > 1:
+                self._points[start] = count - 1
+            else:
+                del self._points[start]
+                del self._sorted[bisect.bisect_left(self._sorted, start)]
+        else:
+            count = self._ranges.get(interval)
+            if count is None:
+                return
+            if count > 1:
+                self._ranges[interval] = count - 1
+            else:
+                del self._ranges[interval]
+
+    def touches(self, interval: Interval) -> bool:
+        """Does any recorded interval overlap ``interval``?"""
+        if not self._points and not self._ranges:
+            return False
+        start, end = interval
+        if end is not None and end == start + b"\x00":
+            if start in self._points:
+                return True
+        else:
+            at = bisect.bisect_left(self._sorted, start)
+            if at < len(self._sorted) and (end is None or self._sorted[at] < end):
+                return True
+        return any(overlaps(recorded, interval) for recorded in self._ranges)
+
+    def drop(self, interval: Interval) -> None:
+        """Forget every recorded interval overlapping ``interval`` (an invalidation of it was sent)."""
+        start, end = interval
+        if end is not None and end == start + b"\x00":
+            if self._points.pop(start, None) is not None:
+                del self._sorted[bisect.bisect_left(self._sorted, start)]
+        else:
+            lo = bisect.bisect_left(self._sorted, start)
+            hi = len(self._sorted) if end is None else bisect.bisect_left(self._sorted, end)
+            for point in self._sorted[lo:hi]:
+                del self._points[point]
+            del self._sorted[lo:hi]
+        if self._ranges:
+            for recorded in [r for r in self._ranges if overlaps(r, interval)]:
+                del self._ranges[recorded]
+
+    def clear(self) -> None:
+        self._points.clear()
+        self._sorted.clear()
+        self._ranges.clear()
 
 
 # ---- the cache -----------------------------------------------------------------------------

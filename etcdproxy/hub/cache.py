@@ -9,6 +9,13 @@ upstream watch, so it tells all workers what became stale:
   ordered link, before the reply). So once a client has its answer, no worker serves the old
   value: read-your-writes holds across connections and workers. A worker that does not ack
   within ``ACK_TIMEOUT_S`` is logged and the reply goes out anyway.
+* Only workers that may hold something a write touches get its invalidation: a worker's cache fills
+  only from Range answers the hub forwarded, so the hub keeps each worker's ``Footprint`` (the
+  intervals of its Ranges since it last flushed) plus the Ranges still in flight (worker not known
+  until they end; an invalidation touching one goes to every worker). A write touching nothing a
+  worker may cache costs that worker no message and the writer no ack wait. The newest invalidated
+  revision (``floor``) travels in ``CacheState`` instead, so a worker enabled after a failover still
+  refuses answers of a lagging member older than writes it was never told about.
 * Writes made elsewhere (direct clients, other proxies, lease expiry): one upstream watch on the
   whole keyspace; each event batch becomes a ``CacheInvalidate`` of its keys. Staleness of a
   cached serializable read is bounded by the watch latency. While the watch is not established
@@ -31,12 +38,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from etcdproxy.core.cache import Invalidation, header_revision, invalidation_for
+from etcdproxy.core.cache import Footprint, Interval, Invalidation, header_revision, invalidation_for, to_interval
 from etcdproxy.core.methods import Method, by_name
 from etcdproxy.etcdpb import rpc_pb2
 from etcdproxy.h2 import aio
@@ -66,11 +74,17 @@ AUTH_CODES = (StatusCode.INVALID_ARGUMENT, StatusCode.UNAUTHENTICATED, StatusCod
 PROGRESS = rpc_pb2.WatchRequest(progress_request=rpc_pb2.WatchProgressRequest()).SerializeToString()
 
 
-def _serializable(request: bytes) -> bool:
+def _range_of(request: bytes) -> tuple[Interval | None, bool]:
+    """(the interval a worker may cache the answer under, or None: nothing; serializable) of a RangeRequest."""
     try:
-        return bool(rpc_pb2.RangeRequest.FromString(request).serializable)
+        req = rpc_pb2.RangeRequest.FromString(request)
     except Exception:
-        return True  # not ours to share; etcd will reject it
+        return None, True  # not ours to share or record; etcd will reject it
+    # a fixed revision is an immutable snapshot: never invalidated by intervals (flush/compact reach everyone)
+    return (to_interval(req.key, req.range_end) if req.revision == 0 else None), req.serializable
+
+
+Answer = tuple[int, bytes | str]
 
 
 @dataclass(slots=True)
@@ -80,6 +94,10 @@ class SharedRange:
     done: asyncio.Future[tuple[int, bytes | str]]
     timeouts: list[float | None]
     task: asyncio.Task[tuple[int, bytes | str]] | None = None
+
+
+def _touched(footprint: Footprint, intervals: list[Interval]) -> bool:
+    return bool(len(footprint)) and any(footprint.touches(interval) for interval in intervals)
 
 
 def _ack_timeout(done: asyncio.Future[None]) -> None:
@@ -103,6 +121,14 @@ class CacheHub:
         self.invalidations_sent = 0  # CacheInvalidate broadcasts (tests and logs)
         self._linear: dict[tuple[bytes, tuple[tuple[str, str], ...]], SharedRange] = {}
         self.linear_shared = 0  # linearizable Ranges answered by another call's upstream request
+        # identity -> intervals the worker may cache entries for; no entry: unknown, it gets every invalidation
+        # (until its CacheSync: it flushed, so from then on only Ranges the hub sees can fill it)
+        self._footprints: dict[bytes, Footprint] = {}
+        self._footprint_limit = max(4 * hub.config.cache_max_entries, 1024)
+        self._in_flight = Footprint()  # Ranges forwarded and not yet answered (their worker is not known here)
+        self._in_flight_by: dict[bytes, tuple[Interval, int]] = {}  # request bytes -> (interval, count)
+        self.floor = 0  # newest revision any invalidation carried (sent or not)
+        self.invalidations_skipped = 0  # worker messages not needed: nothing there the write touches
         hub.register(s.Kind.CACHE_SYNC, self._on_sync)
         hub.register(s.Kind.CACHE_ACK, self._on_ack)
         hub.worker_gone.append(self._on_worker_gone)
@@ -113,13 +139,20 @@ class CacheHub:
     # ---- worker messages -----------------------------------------------------------------
 
     def _on_sync(self, worker: WorkerState, message: s.CacheSync) -> None:
+        # the worker flushed before sending this, and refuses fills of Ranges it sent earlier: start tracking
+        self._footprints[worker.identity] = Footprint()
         hub = self.hub
-        hub.send(worker, s.CacheState(hub.epoch, hub.next_seq(worker), self.enabled, self.revision))
+        hub.send(worker, s.CacheState(hub.epoch, hub.next_seq(worker), self.enabled, self._state_revision()))
+
+    def _state_revision(self) -> int:
+        # the floor too: a worker skipped by invalidations must still refuse older answers of a lagging member
+        return max(self.revision, self.floor) if self.enabled else self.revision
 
     def _on_ack(self, worker: WorkerState, message: s.CacheAck) -> None:
         self._acked(message.ack_id, worker.identity)
 
     def _on_worker_gone(self, worker: WorkerState) -> None:
+        self._footprints.pop(worker.identity, None)
         for ack_id in list(self._waiting):
             self._acked(ack_id, worker.identity)
 
@@ -137,6 +170,9 @@ class CacheHub:
         self, writer: WorkerState, method: Method, request: bytes, code: int, body: bytes | str
     ) -> None:
         """Invalidate what a finished call may have changed; return once every worker applied it."""
+        if method is RANGE:
+            self._range_done(writer, request, code)
+            return
         if code == 0 and method.name == "AuthEnable" and method.service == "etcdserverpb.Auth" and not self._auth_on:
             # auth enabled through us: stop hits now, before the reply leaves (the probe would take up to a second)
             log.info("etcd auth is on (AuthEnable through the proxy): range cache paused")
@@ -156,6 +192,36 @@ class CacheHub:
         finally:
             timer.cancel()
 
+    def _range_done(self, worker: WorkerState, request: bytes, code: int) -> None:
+        """A forwarded Range ended: its interval moves from in flight to the worker's footprint (if answered)."""
+        recorded = self._in_flight_by.get(request)
+        if recorded is None:
+            return
+        interval = self._forget_in_flight(request, recorded)
+        if code != 0:
+            return  # nothing to fill
+        footprint = self._footprints.get(worker.identity)
+        if footprint is None:
+            return  # not tracked: gets everything anyway
+        footprint.add(interval)
+        if len(footprint) > self._footprint_limit:
+            # the hub never learns of the worker's LRU evictions: flush it now and then instead of tracking forever
+            self._send_flush(worker, footprint)
+
+    def _forget_in_flight(self, request: bytes, recorded: tuple[Interval, int]) -> Interval:
+        interval, count = recorded
+        if count > 1:
+            self._in_flight_by[request] = (interval, count - 1)
+        else:
+            del self._in_flight_by[request]
+        self._in_flight.remove(interval)
+        return interval
+
+    def _send_flush(self, worker: WorkerState, footprint: Footprint) -> None:
+        hub = self.hub
+        hub.send(worker, s.CacheInvalidate(hub.epoch, hub.next_seq(worker), 0, [], True, 0, 0))
+        footprint.clear()
+
     def after_cancel(self, method: Method, request: bytes) -> None:
         """The client gave up on a call that may still have been applied: invalidate, no waiting."""
         invalidation = invalidation_for(method.service, method.name, request, UNKNOWN)
@@ -165,22 +231,47 @@ class CacheHub:
     def broadcast(
         self, invalidation: Invalidation, revision: int, writer: WorkerState | None
     ) -> asyncio.Future[None] | None:
-        """Send ``invalidation`` to every worker; a future of the acks of all but ``writer`` (None: none due)."""
+        """Send ``invalidation`` to every worker that may hold something it touches; a future of the acks of
+        all of them but ``writer`` (None: none due)."""
         hub = self.hub
-        others = {identity for identity, worker in hub.workers.items() if worker is not writer}
+        if revision > self.floor:
+            self.floor = revision
+        wire_intervals = invalidation.intervals
+        # a compaction or a flush reaches everyone (snapshots at fixed revisions are not in footprints)
+        everyone = invalidation.flush or bool(invalidation.compact_revision)
+        intervals = [to_interval(key, range_end) for key, range_end in wire_intervals]
+        if not everyone:
+            everyone = _touched(self._in_flight, intervals)
+        targets: list[WorkerState] = []
+        for identity, worker in hub.workers.items():
+            footprint = self._footprints.get(identity)
+            if everyone or footprint is None or _touched(footprint, intervals):
+                targets.append(worker)
+            else:
+                self.invalidations_skipped += 1
+        if not targets:
+            return None
+        others = {worker.identity for worker in targets if worker is not writer}
         ack_id = next(self._ack_ids) if others and writer is not None else 0
-        intervals = list(invalidation.intervals)
-        for worker in list(hub.workers.values()):
+        message_intervals = list(wire_intervals)
+        for worker in targets:
             message = s.CacheInvalidate(
                 hub.epoch,
                 hub.next_seq(worker),
                 0 if worker is writer else ack_id,
-                intervals,
+                message_intervals,
                 invalidation.flush,
                 invalidation.compact_revision,
                 revision,
             )
             hub.send(worker, message)
+            footprint = self._footprints.get(worker.identity)
+            if footprint is not None:
+                if invalidation.flush:
+                    footprint.clear()
+                else:
+                    for interval in intervals:
+                        footprint.drop(interval)
         self.invalidations_sent += 1
         if not ack_id:
             return None
@@ -188,6 +279,17 @@ class CacheHub:
         self._waiting[ack_id] = (others, done)
         done.add_done_callback(lambda _: self._waiting.pop(ack_id, None))
         return done
+
+    def _quiet(self) -> bool:
+        """No worker may cache anything: every one tracked with an empty footprint, no Range in flight."""
+        if len(self._in_flight):
+            return False
+        footprints = self._footprints
+        for identity in self.hub.workers:
+            footprint = footprints.get(identity)
+            if footprint is None or len(footprint):
+                return False
+        return True
 
     # ---- identical linearizable Ranges -------------------------------------------------------
 
@@ -201,31 +303,47 @@ class CacheHub:
         if not self._auth_on and any(key == "token" for key, _ in message.metadata):
             self._probe_now.set()  # a client with a token: auth may have been enabled elsewhere
         forwarder = self.hub.forwarder
-        if method is not RANGE or _serializable(message.payload):
+        if method is not RANGE:
             return await forwarder.unary(method, message.payload, message.metadata, message.timeout_s)
-        key = (message.payload, tuple(message.metadata))
-        shared = self._linear.get(key)
-        if shared is not None and shared.task is None:
-            shared.timeouts.append(message.timeout_s)
-            self.linear_shared += 1
+        payload = message.payload
+        interval, serializable = _range_of(payload)
+        if interval is not None:
+            # in flight until after_call moves it to the worker's footprint: an invalidation meanwhile goes to all
+            recorded = self._in_flight_by.get(payload)
+            self._in_flight_by[payload] = (interval, 1) if recorded is None else (interval, recorded[1] + 1)
+            self._in_flight.add(interval)
+        try:
+            if serializable:
+                return await forwarder.unary(method, payload, message.metadata, message.timeout_s)
+            key = (payload, tuple(message.metadata))
+            shared = self._linear.get(key)
+            if shared is not None and shared.task is None:
+                shared.timeouts.append(message.timeout_s)
+                self.linear_shared += 1
+                return await asyncio.shield(shared.done)
+            shared = self._linear[key] = SharedRange(self.hub.loop.create_future(), [message.timeout_s])
+            await asyncio.sleep(0)  # calls already received get to join
+            timeout = None if None in shared.timeouts else max(t for t in shared.timeouts if t is not None)
+            shared.task = self.hub.loop.create_task(forwarder.unary(method, payload, message.metadata, timeout))
+            shared.task.add_done_callback(functools.partial(self._shared_done, key, shared))
             return await asyncio.shield(shared.done)
-        shared = self._linear[key] = SharedRange(self.hub.loop.create_future(), [message.timeout_s])
-        await asyncio.sleep(0)  # calls already received get to join
-        timeout = None if None in shared.timeouts else max(t for t in shared.timeouts if t is not None)
-        shared.task = self.hub.loop.create_task(forwarder.unary(method, message.payload, message.metadata, timeout))
+        except BaseException:
+            recorded = self._in_flight_by.get(payload) if interval is not None else None
+            if recorded is not None:
+                self._forget_in_flight(payload, recorded)
+            raise
 
-        def finished(task: asyncio.Task[tuple[int, bytes | str]]) -> None:
-            if self._linear.get(key) is shared:
-                del self._linear[key]
-            if task.cancelled():
-                shared.done.set_result((CANCELLED, "context canceled"))
-            elif task.exception() is not None:
-                shared.done.set_result((UNKNOWN, f"etcdproxy: {task.exception()}"))
-            else:
-                shared.done.set_result(task.result())
-
-        shared.task.add_done_callback(finished)
-        return await asyncio.shield(shared.done)
+    def _shared_done(
+        self, key: tuple[bytes, tuple[tuple[str, str], ...]], shared: SharedRange, task: asyncio.Task[Answer]
+    ) -> None:
+        if self._linear.get(key) is shared:
+            del self._linear[key]
+        if task.cancelled():
+            shared.done.set_result((CANCELLED, "context canceled"))
+        elif task.exception() is not None:
+            shared.done.set_result((UNKNOWN, f"etcdproxy: {task.exception()}"))
+        else:
+            shared.done.set_result(task.result())
 
     # ---- writes made elsewhere: the invalidation watch ---------------------------------------
 
@@ -238,8 +356,11 @@ class CacheHub:
         self.enabled, self.revision = enabled, revision
         log.info("range cache %s", f"serving (watch from revision {revision})" if enabled else "paused (no watch)")
         hub = self.hub
+        state_revision = self._state_revision()
         for worker in list(hub.workers.values()):
-            hub.send(worker, s.CacheState(hub.epoch, hub.next_seq(worker), enabled, revision))
+            hub.send(worker, s.CacheState(hub.epoch, hub.next_seq(worker), enabled, state_revision))
+        for footprint in self._footprints.values():
+            footprint.clear()  # every worker flushes on CacheState
 
     async def _watch_loop(self) -> None:
         backoff = BACKOFF_S[0]
@@ -306,7 +427,9 @@ class CacheHub:
                 if response.canceled:
                     log.warning("cache invalidation watch cancelled by etcd: %s", response.cancel_reason)
                     return True
-                if response.events:
+                if response.header.revision > self.floor:
+                    self.floor = response.header.revision
+                if response.events and not self._quiet():
                     keys = list(dict.fromkeys(event.kv.key for event in response.events))
                     self.broadcast(Invalidation(tuple((key, b"") for key in keys)), response.header.revision, None)
         except asyncio.CancelledError:

@@ -6,6 +6,7 @@ import pytest
 
 from etcdproxy.core import errors
 from etcdproxy.core.cache import (
+    Footprint,
     Invalidation,
     RangeCache,
     header_revision,
@@ -366,3 +367,100 @@ def test_header_revision() -> None:
     assert header_revision(put) == 7
     assert header_revision(b"") == 0
     assert header_revision(b"\xff") == 0
+
+
+# ---- Footprint: the hub's view of what a worker may cache ----------------------------------------
+
+
+def iv(key: bytes, range_end: bytes = b"") -> tuple[bytes, bytes | None]:
+    return to_interval(key, range_end)
+
+
+@pytest.mark.parametrize(
+    ("recorded", "written", "touched"),
+    [
+        ((b"a", b""), (b"a", b""), True),  # the same point
+        ((b"a", b""), (b"b", b""), False),
+        ((b"a", b""), (b"a\x00", b""), False),  # the next key is another point
+        ((b"a", b""), (b"", b""), False),  # the point "" is not the whole keyspace
+        ((b"a", b""), (b"\x00", b"\x00"), True),  # whole keyspace
+        ((b"a", b""), (b"a", b"b"), True),  # a range holding the point
+        ((b"b", b""), (b"a", b"b"), False),  # range end is exclusive
+        ((b"c", b""), (b"b", b"\x00"), True),  # from-key
+        ((b"a", b""), (b"b", b"\x00"), False),
+        ((b"p/", b"p0"), (b"p/x", b""), True),  # a prefix read, a write under it
+        ((b"p/", b"p0"), (b"q", b""), False),
+        ((b"p/", b"p0"), (b"a", b"p/"), False),  # adjacent ranges do not overlap
+        ((b"p/", b"p0"), (b"a", b"p/\x00"), True),
+        ((b"\x00", b"\x00"), (b"anything", b""), True),  # a whole-keyspace read
+        ((b"b", b"a"), (b"a", b"\x00"), False),  # an empty (inverted) read holds nothing
+    ],
+)
+def test_footprint_touches(recorded: tuple[bytes, bytes], written: tuple[bytes, bytes], touched: bool) -> None:
+    footprint = Footprint()
+    assert not footprint.touches(iv(*written))
+    footprint.add(iv(*recorded))
+    assert footprint.touches(iv(*written)) is touched
+    # touches agrees with the cache's own overlap test
+    assert overlaps(iv(*recorded), iv(*written)) is touched
+
+
+def test_footprint_drop_forgets_everything_overlapping() -> None:
+    footprint = Footprint()
+    for key in (b"a", b"b", b"c", b"d"):
+        footprint.add(iv(key))
+    footprint.add(iv(b"p/", b"p0"))
+    footprint.add(iv(b"x", b"\x00"))
+    footprint.drop(iv(b"b", b"d"))  # b and c
+    assert len(footprint) == 4
+    assert not footprint.touches(iv(b"b")) and not footprint.touches(iv(b"c"))
+    assert footprint.touches(iv(b"a")) and footprint.touches(iv(b"d"))
+    footprint.drop(iv(b"p/k"))  # a point write under the prefix drops the prefix read
+    assert not footprint.touches(iv(b"p/z"))
+    footprint.drop(iv(b"z"))  # from-key x
+    assert not footprint.touches(iv(b"zz"))
+    footprint.drop(iv(b"\x00", b"\x00"))
+    assert len(footprint) == 0 and not footprint.touches(iv(b"\x00", b"\x00"))
+    footprint.drop(iv(b"nothing"))  # dropping what is not there is harmless
+
+
+def test_footprint_counts_for_ranges_in_flight() -> None:
+    footprint = Footprint()
+    footprint.add(iv(b"k"))
+    footprint.add(iv(b"k"))
+    footprint.add(iv(b"p/", b"p0"))
+    footprint.remove(iv(b"k"))
+    assert footprint.touches(iv(b"k"))  # one still in flight
+    footprint.remove(iv(b"k"))
+    assert not footprint.touches(iv(b"k"))
+    assert footprint.touches(iv(b"a", b"\x00"))  # the range is still there
+    footprint.remove(iv(b"p/", b"p0"))
+    footprint.remove(iv(b"p/", b"p0"))  # one remove too many: a no-op
+    footprint.remove(iv(b"never"))
+    assert len(footprint) == 0
+    footprint.add(iv(b"k"))
+    footprint.clear()
+    assert not footprint.touches(iv(b"\x00", b"\x00"))
+
+
+def test_footprint_random_against_overlaps() -> None:
+    """Random adds/drops: touches() is exactly 'some recorded interval overlaps' (a naive list as the model)."""
+    import random
+
+    rng = random.Random(7)
+    keys = [b"", b"a", b"a\x00", b"ab", b"b", b"c", b"\xff", b"\xff\xff"]
+
+    def wire() -> tuple[bytes, bytes]:
+        return rng.choice(keys), rng.choice([b"", b"", b"\x00", *keys])
+
+    footprint, model = Footprint(), []
+    for _ in range(3000):
+        interval = iv(*wire())
+        if rng.random() < 0.5:
+            footprint.add(interval)
+            model.append(interval)
+        else:
+            footprint.drop(interval)
+            model = [m for m in model if not overlaps(m, interval)]
+        probe = iv(*wire())
+        assert footprint.touches(probe) is any(overlaps(m, probe) for m in model)
