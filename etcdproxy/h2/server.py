@@ -404,10 +404,10 @@ class ServerConnection:
             and size - 5 <= self.settings.max_receive_message
             and self._complete is not None
         ):
-            # the common unary request: exactly one uncompressed message, and the stream ends with it
+            # the common unary request: exactly one uncompressed message, and the stream ends with it (no
+            # _maybe_close after it: an answer closes the stream through _local_end, which checks both sides)
             stream.remote_closed = True
             self._complete(self, stream, payload[5:])
-            self._maybe_close(stream)
             return
         if payload:
             self._append(stream, payload)
@@ -836,7 +836,10 @@ class ServerConnection:
             if stream.remote_closed:  # the usual case, _local_end and _maybe_close inlined
                 stream.local_closed = True
                 if self.streams.pop(sid, None) is not None:
-                    self._closed(sid)
+                    ids = self._closed_ids  # _closed() inlined
+                    if len(ids) >= RECENTLY_RESET:
+                        ids.clear()
+                    ids.add(sid)
                     if self.goaway_received or self.draining:
                         self._after_stream_closed()
                 return
