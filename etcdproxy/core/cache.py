@@ -189,6 +189,10 @@ class Footprint:
     def __len__(self) -> int:
         return len(self._points) + len(self._ranges)
 
+    @property
+    def empty(self) -> bool:
+        return not self._points and not self._ranges
+
     def add(self, interval: Interval) -> None:
         start, end = interval
         if end is not None and end == start + b"\x00":
@@ -235,6 +239,23 @@ class Footprint:
             if at < len(self._sorted) and (end is None or self._sorted[at] < end):
                 return True
         return any(overlaps(recorded, interval) for recorded in self._ranges)
+
+    def touches_any(self, intervals: list[Interval]) -> bool:
+        if not self._points and not self._ranges:
+            return False
+        for interval in intervals:  # noqa: SIM110 (a plain loop: no generator on the hub's per-write path)
+            if self.touches(interval):
+                return True
+        return False
+
+    def touches_key(self, key: bytes) -> bool:
+        """touches() for the point ``key`` (the invalidation watch's events)."""
+        if key in self._points:
+            return True
+        if not self._ranges:
+            return False
+        point = (key, key + b"\x00")
+        return any(overlaps(recorded, point) for recorded in self._ranges)
 
     def drop(self, interval: Interval) -> None:
         """Forget every recorded interval overlapping ``interval`` (an invalidation of it was sent)."""

@@ -41,6 +41,7 @@ import contextlib
 import functools
 import itertools
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,20 @@ BACKOFF_S = (0.1, 5.0)
 UNKNOWN = int(StatusCode.UNKNOWN)
 CANCELLED = int(StatusCode.CANCELLED)
 RANGE = by_name("etcdserverpb.KV", "Range")
+# writes whose invalidation is intervals only (no flush, no compaction): skipped whole when nobody may cache
+POINTWISE = frozenset(
+    by_name(service, name).index
+    for service, name in (
+        ("etcdserverpb.KV", "Put"),
+        ("etcdserverpb.KV", "DeleteRange"),
+        ("etcdserverpb.KV", "Txn"),
+        ("v3electionpb.Election", "Campaign"),
+        ("v3electionpb.Election", "Proclaim"),
+        ("v3electionpb.Election", "Resign"),
+        ("v3lockpb.Lock", "Lock"),
+        ("v3lockpb.Lock", "Unlock"),
+    )
+)
 WHOLE_KEYSPACE = rpc_pb2.WatchRequest(
     create_request=rpc_pb2.WatchCreateRequest(key=b"\x00", range_end=b"\x00")
 ).SerializeToString()
@@ -94,10 +109,6 @@ class SharedRange:
     done: asyncio.Future[tuple[int, bytes | str]]
     timeouts: list[float | None]
     task: asyncio.Task[tuple[int, bytes | str]] | None = None
-
-
-def _touched(footprint: Footprint, intervals: list[Interval]) -> bool:
-    return bool(len(footprint)) and any(footprint.touches(interval) for interval in intervals)
 
 
 def _ack_timeout(done: asyncio.Future[None]) -> None:
@@ -178,6 +189,13 @@ class CacheHub:
             log.info("etcd auth is on (AuthEnable through the proxy): range cache paused")
             self._auth_on = True
             self._update_state()
+        if method.index in POINTWISE and self._quiet():
+            # no worker may cache anything (e.g. a write-only load): no request decode, no message, no ack
+            if code == 0 and isinstance(body, bytes):
+                revision = header_revision(body)
+                if revision > self.floor:
+                    self.floor = revision
+            return
         invalidation = invalidation_for(method.service, method.name, request, code)
         if invalidation is None:
             return
@@ -241,11 +259,11 @@ class CacheHub:
         everyone = invalidation.flush or bool(invalidation.compact_revision)
         intervals = [to_interval(key, range_end) for key, range_end in wire_intervals]
         if not everyone:
-            everyone = _touched(self._in_flight, intervals)
+            everyone = self._in_flight.touches_any(intervals)
         targets: list[WorkerState] = []
         for identity, worker in hub.workers.items():
             footprint = self._footprints.get(identity)
-            if everyone or footprint is None or _touched(footprint, intervals):
+            if everyone or footprint is None or footprint.touches_any(intervals):
                 targets.append(worker)
             else:
                 self.invalidations_skipped += 1
@@ -280,31 +298,48 @@ class CacheHub:
         done.add_done_callback(lambda _: self._waiting.pop(ack_id, None))
         return done
 
+    def _any_touches(self, keys: list[bytes]) -> bool:
+        """May some worker hold one of these keys (the watch's events; most touch nothing cached)?"""
+        in_flight = self._in_flight
+        footprints = self._footprints
+        for identity in self.hub.workers:
+            footprint = footprints.get(identity)
+            if footprint is None:
+                return True
+            for key in keys:
+                if footprint.touches_key(key):
+                    return True
+        return any(in_flight.touches_key(key) for key in keys)
+
     def _quiet(self) -> bool:
         """No worker may cache anything: every one tracked with an empty footprint, no Range in flight."""
-        if len(self._in_flight):
+        if not self._in_flight.empty:
             return False
         footprints = self._footprints
         for identity in self.hub.workers:
             footprint = footprints.get(identity)
-            if footprint is None or len(footprint):
+            if footprint is None or not footprint.empty:
                 return False
         return True
 
     # ---- identical linearizable Ranges -------------------------------------------------------
 
-    async def forward(self, method: Method, message: s.Unary) -> tuple[int, bytes | str]:
-        """Forward a unary call; identical linearizable Ranges share one upstream request.
+    def forward(self, method: Method, message: s.Unary) -> Awaitable[Answer]:
+        """Forward a unary call (a Range: recorded while in flight); no coroutine of its own for the others."""
+        if not self._auth_on and any(key == "token" for key, _ in message.metadata):
+            self._probe_now.set()  # a client with a token: auth may have been enabled elsewhere
+        if method is not RANGE:
+            return self.hub.forwarder.unary(method, message.payload, message.metadata, message.timeout_s)
+        return self._forward_range(method, message)
+
+    async def _forward_range(self, method: Method, message: s.Unary) -> Answer:
+        """A Range; identical linearizable Ranges share one upstream request.
 
         Joining is allowed only until the shared request starts, and it starts only after the
         leader yielded once (letting every call already received join): so the request etcd
         serves was sent after each caller's request arrived, and every answer is linearizable.
         """
-        if not self._auth_on and any(key == "token" for key, _ in message.metadata):
-            self._probe_now.set()  # a client with a token: auth may have been enabled elsewhere
         forwarder = self.hub.forwarder
-        if method is not RANGE:
-            return await forwarder.unary(method, message.payload, message.metadata, message.timeout_s)
         payload = message.payload
         interval, serializable = _range_of(payload)
         if interval is not None:
@@ -431,7 +466,8 @@ class CacheHub:
                     self.floor = response.header.revision
                 if response.events and not self._quiet():
                     keys = list(dict.fromkeys(event.kv.key for event in response.events))
-                    self.broadcast(Invalidation(tuple((key, b"") for key in keys)), response.header.revision, None)
+                    if self._any_touches(keys):
+                        self.broadcast(Invalidation(tuple((key, b"") for key in keys)), response.header.revision, None)
         except asyncio.CancelledError:
             if pinger.done():  # cancelled by keep_alive (stall), not by the hub stopping
                 return True

@@ -63,7 +63,7 @@ class Forwarder:
         while True:
             attempt += 1
             channel = self.upstream.channel
-            if not method.idempotent:
+            if not method.idempotent and channel.get_state(try_to_connect=True) is not aio.ChannelConnectivity.READY:
                 # A mutation waits for a connection here, not inside the channel (wait_for_ready): one
                 # that never left can then follow a failover to the next endpoint instead of
                 # failing with the channel it was queued on.

@@ -7,6 +7,7 @@ format), so a sender can batch everything it produced in one event-loop tick int
 from __future__ import annotations
 
 from dataclasses import fields
+from operator import attrgetter
 from typing import Any
 
 import msgpack
@@ -19,16 +20,38 @@ _FIELDS: dict[Kind, tuple[str, ...]] = {
 }
 
 
+def _one(name: str) -> Any:
+    getter = attrgetter(name)
+    return lambda message: (getter(message),)
+
+
 _METADATA_AT: dict[Kind, int] = {k: names.index("metadata") for k, names in _FIELDS.items() if "metadata" in names}
+
+
+# kind as a plain int -> (class, field count, index of its metadata field or None); no Kind() per message
+_DECODERS: dict[int, tuple[type[Message], int, int | None]] = {
+    int(kind): (cls, len(_FIELDS[kind]), _METADATA_AT.get(kind)) for kind, cls in CLASSES.items()
+}
 
 
 class CodecError(ValueError):
     """A frame that is not a message of this schema."""
 
 
+# Per class: the kind's plain int and a getter of its fields in order (always a tuple).
+_ENCODERS: dict[type[Message], tuple[int, Any]] = {
+    cls: (int(kind), attrgetter(*_FIELDS[kind]) if len(_FIELDS[kind]) > 1 else _one(_FIELDS[kind][0]))
+    for kind, cls in CLASSES.items()
+}
+# One Packer per process (the hub and each worker run one event loop and no other thread encoding):
+# msgpack.packb builds a new Packer for every call.
+_PACKER = msgpack.Packer(use_bin_type=True)
+
+
 def encode(message: Message) -> bytes:
-    names = _FIELDS[message.kind]
-    return msgpack.packb([int(message.kind), *(getattr(message, n) for n in names)], use_bin_type=True)
+    kind, fields_of = _ENCODERS[type(message)]
+    data: bytes = _PACKER.pack([kind, *fields_of(message)])
+    return data
 
 
 def decode(data: bytes) -> Message:
@@ -70,13 +93,12 @@ def _build(items: Any) -> Message:
     if not isinstance(items, list) or not items:
         raise CodecError("frame is not a non-empty array")
     try:
-        kind = Kind(items[0])
-    except ValueError as exc:
+        cls, count, meta_at = _DECODERS[items[0]]
+    except (KeyError, TypeError) as exc:
         raise CodecError(f"unknown message kind {items[0]!r}") from exc
     args = items[1:]
-    if len(args) != len(_FIELDS[kind]):
-        raise CodecError(f"{kind.name}: expected {len(_FIELDS[kind])} fields, got {len(args)}")
-    meta_at = _METADATA_AT.get(kind)
+    if len(args) != count:
+        raise CodecError(f"{Kind(items[0]).name}: expected {count} fields, got {len(args)}")
     if meta_at is not None:  # msgpack has no tuples: metadata pairs come back as lists
         args[meta_at] = [tuple(pair) for pair in args[meta_at]]
-    return CLASSES[kind](*args)
+    return cls(*args)

@@ -464,3 +464,7 @@ def test_footprint_random_against_overlaps() -> None:
             model = [m for m in model if not overlaps(m, interval)]
         probe = iv(*wire())
         assert footprint.touches(probe) is any(overlaps(m, probe) for m in model)
+        key = rng.choice(keys)
+        assert footprint.touches_key(key) is any(overlaps(m, iv(key)) for m in model)
+        assert footprint.touches_any([iv(key), probe]) is any(overlaps(m, p) for m in model for p in (iv(key), probe))
+        assert footprint.empty is (not model)
