@@ -149,7 +149,6 @@ class Application(Protocol):
 
 
 _unpack_head = f.HEADER.unpack_from
-_DATA_HEAD_FLAGS0 = b"\x00\x00"  # type DATA, no flags
 _HEADERS_END_HEADERS = bytes((f.HEADERS, f.END_HEADERS))
 _HEADERS_END_STREAM = bytes((f.HEADERS, f.END_HEADERS | f.END_STREAM))
 _RESPONSE_HEADERS_LEN = len(gw.RESPONSE_HEADERS).to_bytes(3, "big")
@@ -159,6 +158,7 @@ _TRAILER_OK_HEAD = len(gw.TRAILER_OK).to_bytes(3, "big") + _HEADERS_END_STREAM
 # head with the gRPC message prefix; then the OK trailers (a constant block)
 _pack_unary_head = struct.Struct(f">5sL{len(gw.RESPONSE_HEADERS)}sHBHLBL").pack
 _pack_trailers_ok = struct.Struct(f">5sL{len(gw.TRAILER_OK)}s").pack
+_pack_data_head = struct.Struct(">HBHLBL").pack  # DATA frame head (type 0, no flags) + gRPC message prefix
 _HEADERS_FLAGS_MASK = f.END_HEADERS | f.PADDED | f.PRIORITY_FLAG
 RECENTLY_RESET = 128
 GOAWAY_LINGER_S = 1.0  # an idle connection whose client sent GOAWAY is closed this long after it
@@ -857,14 +857,15 @@ class ServerConnection:
             stream.headers_sent = True
             self._queue(_RESPONSE_HEAD + stream.id.to_bytes(4, "big") + gw.RESPONSE_HEADERS)
         self._reset_ping_strikes = True
-        n = len(message) + 5
-        prefix = b"\x00" + len(message).to_bytes(4, "big")
+        size = len(message)
+        n = size + 5
         if stream.pending is None and n <= self.send_window and n <= stream.send_window and n <= self.peer_max_frame:
             self.send_window -= n
             stream.send_window -= n
             self._data_frames_sent += 1
-            self._queue(n.to_bytes(3, "big") + _DATA_HEAD_FLAGS0 + stream.id.to_bytes(4, "big") + prefix + message)
+            self._queue(_pack_data_head(n >> 8, n & 0xFF, 0, stream.id, 0, size) + message)
             return
+        prefix = b"\x00" + size.to_bytes(4, "big")
         if stream.pending is None:
             stream.pending = deque()
         stream.pending.append(prefix + message)
