@@ -111,6 +111,11 @@ class SharedRange:
     task: asyncio.Task[tuple[int, bytes | str]] | None = None
 
 
+def footprint_limit(cache_max_entries: int) -> int:
+    """Intervals the hub tracks per worker before it flushes that worker (it never sees LRU evictions)."""
+    return max(4 * cache_max_entries, 1024)
+
+
 def _ack_timeout(done: asyncio.Future[None]) -> None:
     if not done.done():
         log.warning("cache invalidation not acknowledged by every worker within %.1f s", ACK_TIMEOUT_S)
@@ -135,7 +140,7 @@ class CacheHub:
         # identity -> intervals the worker may cache entries for; no entry: unknown, it gets every invalidation
         # (until its CacheSync: it flushed, so from then on only Ranges the hub sees can fill it)
         self._footprints: dict[bytes, Footprint] = {}
-        self._footprint_limit = max(4 * hub.config.cache_max_entries, 1024)
+        self._footprint_limit = footprint_limit(hub.config.cache_max_entries)
         self._in_flight = Footprint()  # Ranges forwarded and not yet answered (their worker is not known here)
         self._in_flight_by: dict[bytes, tuple[Interval, int]] = {}  # request bytes -> (interval, count)
         self.floor = 0  # newest revision any invalidation carried (sent or not)

@@ -21,6 +21,7 @@ import grpc
 import pytest
 
 from etcdproxy.etcdpb import auth_pb2, rpc_pb2
+from etcdproxy.hub.cache import footprint_limit
 from tests.helpers import (
     EtcdServer,
     ProxyProcess,
@@ -274,6 +275,35 @@ def test_read_your_writes_with_reads_in_flight_and_unrelated_writes(conns: list[
     assert len(seen) == 40 and all(n > 0 for n in reads)
     for r in readers:  # the unrelated keys are right too (never cached, so never invalidated: still correct)
         assert values(sread(r, p + b"other39")) == [(p + b"other39", b"x")]
+
+
+def test_worker_flushed_when_its_footprint_overflows(proxy: Callable[..., ProxyProcess]) -> None:
+    """The hub tracks at most footprint_limit() intervals per worker, then flushes that worker and forgets
+    them; a write right after must not find an old entry the hub no longer knows about."""
+    max_entries = 300
+    p = proxy(workers=2, extra_args=(f"--cache-max-entries={max_entries}",))
+    conns = [stubs_on_own_connection(p.endpoint, i) for i in range(READERS + 1)]
+    try:
+        readers, writer = conns[:-1], conns[-1]
+        base = prefix()
+        hot = base + b"hot"
+        writer.kv.Put(Put(key=hot, value=b"old"), timeout=T)
+        for r in readers:
+            assert values(sread(r, hot)) == [(hot, b"old")]
+        # one interval (hot) is in reader 0's worker's footprint; the limit-th distinct key overflows it
+        limit = footprint_limit(max_entries)
+        for i in range(limit):
+            sread(readers[0], base + b"d%05d" % i)  # misses: each one recorded by the hub
+            if i % 10 == 0 and i < limit - 10:
+                assert values(sread(readers[0], hot)) == [(hot, b"old")]  # hits: hot stays in the LRU
+        writer.kv.Put(Put(key=hot, value=b"new"), timeout=T)
+        for r in readers:
+            assert values(sread(r, hot)) == [(hot, b"new")], "a worker kept an entry the hub stopped tracking"
+        writer.kv.Put(Put(key=base + b"d%05d" % (limit - 1), value=b"x"), timeout=T)
+        assert values(sread(readers[0], base + b"d%05d" % (limit - 1))) == [(base + b"d%05d" % (limit - 1), b"x")]
+    finally:
+        for c in conns:
+            c.close()
 
 
 # ---- scenario 14-16: answers identical to etcd, also when they come from the cache ----------------
