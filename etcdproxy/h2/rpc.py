@@ -272,6 +272,8 @@ class Dispatcher:
             call.requests.ended = True
             call.requests.wake()
             return
+        if stream.finished:  # answered already (a refused second message): never run the handler after it
+            return
         request = call.request
         if request is None:  # a call with a deadline has its Call from the start
             conn.finish_call(stream, StatusCode.INTERNAL, "grpc: error while receiving request: EOF")

@@ -407,6 +407,7 @@ class ServerConnection:
             # the common unary request: exactly one uncompressed message, and the stream ends with it (no
             # _maybe_close after it: an answer closes the stream through _local_end, which checks both sides)
             stream.remote_closed = True
+            stream.unread += size - 5  # as _append counts it: an application that calls consumed() stays exact
             self._complete(self, stream, payload[5:])
             return
         if payload:
