@@ -45,7 +45,15 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from etcdproxy.core.cache import Footprint, Interval, Invalidation, header_revision, invalidation_for, to_interval
+from etcdproxy.core.cache import (
+    NOT_APPLIED_CODES,
+    Footprint,
+    Interval,
+    Invalidation,
+    header_revision,
+    invalidation_for,
+    to_interval,
+)
 from etcdproxy.core.methods import Method, by_name
 from etcdproxy.etcdpb import rpc_pb2
 from etcdproxy.h2 import aio
@@ -66,6 +74,7 @@ BACKOFF_S = (0.1, 5.0)
 UNKNOWN = int(StatusCode.UNKNOWN)
 CANCELLED = int(StatusCode.CANCELLED)
 RANGE = by_name("etcdserverpb.KV", "Range")
+PUT = by_name("etcdserverpb.KV", "Put")
 # writes whose invalidation is intervals only (no flush, no compaction): skipped whole when nobody may cache
 POINTWISE = frozenset(
     by_name(service, name).index
@@ -194,8 +203,10 @@ class CacheHub:
             log.info("etcd auth is on (AuthEnable through the proxy): range cache paused")
             self._auth_on = True
             self._update_state()
-        if method.index in POINTWISE and self._quiet():
-            # no worker may cache anything (e.g. a write-only load): no request decode, no message, no ack
+        if method.index in POINTWISE and (
+            self._quiet() or (method is PUT and code not in NOT_APPLIED_CODES and not self._put_touches(request))
+        ):
+            # no worker may hold anything this write touches: no message, no ack (quiet: not even a decode)
             if code == 0 and isinstance(body, bytes):
                 revision = header_revision(body)
                 if revision > self.floor:
@@ -302,6 +313,13 @@ class CacheHub:
         self._waiting[ack_id] = (others, done)
         done.add_done_callback(lambda _: self._waiting.pop(ack_id, None))
         return done
+
+    def _put_touches(self, request: bytes) -> bool:
+        try:
+            key: bytes = rpc_pb2.PutRequest.FromString(request).key
+        except Exception:
+            return True  # the general path decides (it flushes on undecodable writes)
+        return self._any_touches([key])
 
     def _any_touches(self, keys: list[bytes]) -> bool:
         """May some worker hold one of these keys (the watch's events; most touch nothing cached)?"""
