@@ -18,10 +18,17 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from etcdproxy.core.events import WireEvent
 
 HISTORY_EVENTS = 4096
+# etcd moves an unsynced watcher to its synced group within its sync loop (every 100 ms, up to
+# 512 watchers a round); a quiet range sends nothing to say so, so past this long after its
+# created answer an s-watcher counts as caught up for progress answers (never for its frontier)
+CATCH_UP_S = 1.0
+
+W = TypeVar("W")
 HISTORY_BYTES = 8 * 1024 * 1024
 # All broadcasts together: with 10,000 ranges the per-broadcast bounds alone would allow
 # far more memory than a proxy should hold.
@@ -59,6 +66,7 @@ class Broadcast:
     # store revision when etcd created the upstream watch: until the frontier reaches it the
     # watch may be catching up (unsynced), and stream-wide progress must not move it
     created_revision: int = 0
+    created_at: float = 0.0  # monotonic time of the (latest) created answer
 
     def __post_init__(self) -> None:
         if self.start_revision > 0:
@@ -91,10 +99,11 @@ class Broadcast:
 
     # ---- upstream responses --------------------------------------------------------------
 
-    def on_created(self, header_revision: int) -> None:
+    def on_created(self, header_revision: int, now: float = 0.0) -> None:
         """Upstream created: a rev-0 watch starts after the store revision in its header."""
         self.live = True
         self.created_revision = header_revision
+        self.created_at = now
         if self.frontier is None:
             self.frontier = header_revision
             self.floor = header_revision + 1
@@ -136,6 +145,10 @@ class Broadcast:
         so only caught-up broadcasts take their frontier from such an answer."""
         return self.live and self.frontier is not None and self.frontier >= self.created_revision
 
+    def settled(self, now: float) -> bool:
+        """Caught up, or created long enough ago that etcd has certainly synced it (CATCH_UP_S)."""
+        return self.live and (self.caught_up() or now - self.created_at >= CATCH_UP_S)
+
     def resume_revision(self) -> int:
         """Where to re-create the upstream watch after the stream broke: no gap, no duplicate."""
         return 0 if self.frontier is None else self.frontier + 1
@@ -165,3 +178,45 @@ class HistoryBudget:
             if owner.history and owner.history[0] is oldest and not owner.dead:
                 live_bytes -= owner.evict_oldest()
         return live_bytes
+
+
+# longest a client's RequestProgress waits for the stream's s-watchers to settle (new ones keep
+# arriving under churn); then it is answered anyway
+MAX_PROGRESS_HOLD_S = 3.0
+
+
+class ProgressGate(Generic[W]):
+    """Clients' RequestProgress answers on one upstream stream. Pure.
+
+    etcd (before 3.5.8) answers a stream's RequestProgress at once, with its current revision R,
+    even while watchers it is re-syncing (a resumed s-watcher, one from a past revision) still have
+    events <= R to send: relayed as is, a client would hear "everything up to R was sent" before
+    those events. So an answer goes to the clients waiting for one only when every s-watcher of
+    the stream has settled (Broadcast.settled); until then they are parked and the hub asks again.
+    The revision answered is also never below the newest event already passed on from the stream
+    (etcd's send loop may put a later event ahead of the answer), so a client never hears a
+    progress below an event it already has.
+    """
+
+    def __init__(self, max_hold_s: float = MAX_PROGRESS_HOLD_S) -> None:
+        self.max_hold_s = max_hold_s
+        self.parked: list[tuple[W, float]] = []
+
+    def on_answer(
+        self, revision: int, newest_event: int, waiter: W | None, settled: bool, now: float
+    ) -> tuple[list[W], int]:
+        """One upstream answer (``waiter``: the client it was asked for, if any); returns the
+        clients to answer now and the revision to tell them."""
+        if waiter is not None:
+            self.parked.append((waiter, now))
+        if settled:
+            ready, self.parked = [w for w, _ in self.parked], []
+        else:
+            ready = [w for w, at in self.parked if now - at >= self.max_hold_s]
+            self.parked = [(w, at) for w, at in self.parked if now - at < self.max_hold_s]
+        return ready, max(revision, newest_event)
+
+    def take_all(self) -> list[W]:
+        """The stream failed: everyone parked gets its last header."""
+        ready, self.parked = [w for w, _ in self.parked], []
+        return ready

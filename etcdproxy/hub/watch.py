@@ -21,12 +21,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from etcdproxy import metrics
-from etcdproxy.core.broadcast import Broadcast, HistoryBudget
+from etcdproxy.core.broadcast import Broadcast, HistoryBudget, ProgressGate
 from etcdproxy.core.methods import by_name
 from etcdproxy.etcdpb import kv_pb2, rpc_pb2
 from etcdproxy.h2 import aio
@@ -46,6 +47,8 @@ NO_LEADER = "etcdserver: no leader"
 # How often the hub asks etcd for progress on each upstream stream, so that frontiers of
 # quiet ranges advance (a restarted hub re-creates watches from there).
 PROGRESS_INTERVAL_S = 30.0
+# while clients' progress answers are parked (core/broadcast.py ProgressGate), ask etcd again this often
+PROGRESS_RECHECK_S = 0.25
 REOPEN_BACKOFF_S = (0.05, 2.0)
 
 Group = tuple[str, bool]  # (auth token, require leader)
@@ -95,6 +98,9 @@ class UpstreamStream:
         self.from_upstream: dict[int, int] = {}
         self.to_upstream: dict[int, int] = {}
         self.progress_waiters: deque[tuple[WorkerState, int] | None] = deque()
+        self.gate: ProgressGate[tuple[WorkerState, int]] = ProgressGate()
+        self.recheck: asyncio.TimerHandle | None = None
+        self.newest_event = 0  # revision of the newest event received on this stream
         self.fragments: dict[int, list[Any]] = {}
         self.last_header = b""
         self.call: Any = None
@@ -226,12 +232,27 @@ class UpstreamStream:
         if sw_id in self.fragments:
             events = self.fragments.pop(sw_id) + events
         if events:
+            last = events[-1].kv.mod_revision
+            if last > self.newest_event:
+                self.newest_event = last
             self.watch_hub.on_events(broadcast, header, wire_events(events))
         else:
             self.watch_hub.on_progress(broadcast, response.header.revision, header, requested=False)
 
+    def recheck_later(self) -> None:
+        """Ask etcd for progress again soon (clients' answers are parked until the stream settles)."""
+        if self.recheck is None and not self.closed:
+            self.recheck = asyncio.get_running_loop().call_later(PROGRESS_RECHECK_S, self._recheck)
+
+    def _recheck(self) -> None:
+        self.recheck = None
+        if not self.closed:
+            self.request_progress(None)
+
     def close(self) -> None:
         self.closed = True
+        if self.recheck is not None:
+            self.recheck.cancel()
         if self.call is not None:
             self.call.cancel()
         if self.task is not None:
@@ -478,7 +499,7 @@ class WatchHub:
                         ),
                     )
             return
-        broadcast.on_created(response.header.revision)
+        broadcast.on_created(response.header.revision, time.monotonic())
         waiting, broadcast.waiting = broadcast.waiting, []
         join_headers, broadcast.join_headers = broadcast.join_headers, {}
         floor = broadcast.floor or 0
@@ -530,21 +551,23 @@ class WatchHub:
     def on_stream_progress(
         self, stream: UpstreamStream, revision: int, header: bytes, waiter: tuple[WorkerState, int] | None
     ) -> None:
-        floor = revision
-        for broadcast in list(stream.broadcasts.values()):
-            if broadcast.caught_up():
+        now = time.monotonic()
+        pending = set(stream.creates)  # (re-)creates not answered yet: their catch-up has not begun
+        settled = True
+        for broadcast in stream.broadcasts.values():
+            if broadcast.caught_up() and broadcast.sw_id not in pending:
                 if revision > broadcast.frontier:  # type: ignore[operator]
                     self.on_progress(broadcast, revision, header, requested=True)
-            elif broadcast.frontier is not None:
-                floor = min(floor, broadcast.frontier)
-        if waiter is not None:
-            # etcd 3.5 answers a stream's RequestProgress with its current revision even while some watchers are
-            # still catching up (etcd #15220; here after a resume from frontier + 1): a client must then hear a
-            # revision no higher than every event it has been sent, so the answer is the lowest such frontier
-            if floor < revision:
-                header = with_revision(header, floor)
-            worker, req_id = waiter
-            self._send(worker.identity, lambda e, q: s.WatchProgress(e, q, req_id, header))
+            elif broadcast.sw_id in pending or not broadcast.settled(now):
+                settled = False
+        ready, answer = stream.gate.on_answer(revision, stream.newest_event, waiter, settled, now)
+        if stream.gate.parked:
+            stream.recheck_later()
+        if ready:
+            if answer != revision:
+                header = with_revision(header, answer)
+            for worker, req_id in ready:
+                self._send(worker.identity, lambda e, q, r=req_id: s.WatchProgress(e, q, r, header))
 
     def on_canceled(self, broadcast: Broadcast, header: bytes, compact_revision: int, reason: str) -> None:
         """etcd ended an s-watcher (compaction, or a cancel with a reason): tell every c-watcher."""
@@ -566,10 +589,9 @@ class WatchHub:
         for broadcast in list(stream.broadcasts.values()):
             self.on_canceled(broadcast, stream.last_header, 0, reason)
         stream.broadcasts.clear()
-        for waiter in stream.progress_waiters:
-            if waiter is not None:
-                worker, req_id = waiter
-                self._send(worker.identity, lambda e, q, r=req_id: s.WatchProgress(e, q, r, stream.last_header))
+        waiters = [w for w in stream.progress_waiters if w is not None] + stream.gate.take_all()
+        for worker, req_id in waiters:
+            self._send(worker.identity, lambda e, q, r=req_id: s.WatchProgress(e, q, r, stream.last_header))
 
     async def _progress_loop(self) -> None:
         while True:

@@ -57,6 +57,15 @@ class CancelAck:
 
 
 @dataclass(slots=True, eq=False)
+class ProgressAsk:
+    """A client's RequestProgress, answered in request order: etcd handles a stream's requests one
+    after another, so a cancel sent after it must not stop its watcher before the answer (whose
+    revision covers that watcher's events), and the answer never overtakes an earlier create."""
+
+    header: bytes | None = None
+
+
+@dataclass(slots=True, eq=False)
 class WatchStream:
     metadata: s.Metadata
     require_leader: bool
@@ -69,7 +78,7 @@ class WatchStream:
     end: errors.EtcdError | None = None
     # creates (CWatcher) and cancels (watch id) in request order: etcd answers creates in
     # order and numbers auto ids in order, so answers are released from the head only
-    fifo: deque[CWatcher | CancelAck] = field(default_factory=deque)
+    fifo: deque[CWatcher | CancelAck | ProgressAsk] = field(default_factory=deque)
 
     def allocate_id(self, requested: int) -> int | None:
         """etcd's rule: 0 picks the next free id, any other id is used unless taken."""
@@ -101,7 +110,7 @@ class WatchService:
         self.by_sw: dict[int, dict[int, tuple[WatchStream, CWatcher]]] = {}
         # progress requests in flight: req_id -> (stream, the cancel to acknowledge with the
         # fresh header, or None for a client's RequestProgress)
-        self.progress_waiters: dict[int, tuple[WatchStream, CancelAck | None]] = {}
+        self.progress_waiters: dict[int, tuple[WatchStream, CancelAck | ProgressAsk]] = {}
         self._progress_ids = itertools.count(1)
         self.last_header = b""
         hub.handlers[s.Kind.WATCH_CREATED] = self.on_created
@@ -161,7 +170,9 @@ class WatchService:
                 self._cancel(stream, request.cancel_request.watch_id)
             elif which == "progress_request":
                 req_id = next(self._progress_ids)
-                self.progress_waiters[req_id] = (stream, None)
+                ask = ProgressAsk()
+                stream.fifo.append(ask)
+                self.progress_waiters[req_id] = (stream, ask)
                 self._send_when_up(lambda e, r=req_id: s.WatchProgressRequest(e, r, stream.metadata))
 
     def _end(self, stream: WatchStream, error: errors.EtcdError) -> None:
@@ -203,6 +214,21 @@ class WatchService:
                     return
                 stream.fifo.popleft()
                 stream.push(encode_response(head.watch_id, head.header, canceled=True))
+                continue
+            if isinstance(head, ProgressAsk):
+                if head.header is None:
+                    return
+                stream.fifo.popleft()
+                for watcher in list(stream.dirty.values()):
+                    stream.flush(watcher)
+                # the client now holds everything up to it: a hub restart must not resume its
+                # watchers from below (a compaction since would cancel them though they were past it)
+                revision = rpc_pb2.ResponseHeader.FromString(head.header).revision
+                for watcher in stream.watchers.values():
+                    if revision > watcher.progress_revision:
+                        watcher.progress_revision = revision
+                # etcd answers RequestProgress with watch id -1: every event up to the revision was sent
+                stream.push(encode_response(INVALID_WATCH_ID, head.header))
                 continue
             if not head.ready:
                 return
@@ -387,14 +413,9 @@ class WatchService:
         if message.header:
             self.last_header = message.header
         header = message.header or self.last_header
-        if ack is not None:  # the acknowledgement of a client cancel, released in order
-            ack.header = header
-            self._release(stream)
-            return
-        for watcher in list(stream.dirty.values()):
-            stream.flush(watcher)
-        # etcd answers RequestProgress with watch id -1: every event up to the revision was sent
-        stream.push(encode_response(INVALID_WATCH_ID, header))
+        # a client's RequestProgress, or the acknowledgement of a client cancel: released in order
+        ack.header = header
+        self._release(stream)
 
     def _cancel_slow(self, stream: WatchStream) -> None:
         reason = SLOW_REASON.format(SLOW_STREAM_BYTES)

@@ -49,19 +49,15 @@ def relayed(tmp_path: Path) -> Iterator[tuple[EtcdServer, Relay, ProxyProcess]]:
         etcd.stop()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="watch_progress_revision: the hub answers RequestProgress with the lowest frontier of the s-watchers still "
-    "catching up on its upstream stream (61d64f1): 'progress at 1 after the event at 2'; before 61d64f1 the answer "
-    "came before the catch-up events (watch_bookmarkable)",
-)
 def test_progress_after_the_link_to_etcd_came_back_follows_the_missed_events(
     relayed: tuple[EtcdServer, Relay, ProxyProcess],
 ) -> None:
     """A watcher in sync; the hub's link to etcd is reset while 20 keys are written; the client
     asks for progress meanwhile. Once the link is back, the progress answer (revision R) must
     come after every event <= R (etcd's 'bookmarkable' guarantee): the robustness runs saw it
-    come first (link-proxy-seed15: progress at 77 at 12.81 s, events 66-77 at 12.88 s)."""
+    come first (link-proxy-seed15: progress at 77 at 12.81 s, events 66-77 at 12.88 s), and later
+    (61d64f1 answered the lowest frontier of the catching-up s-watchers) below an event already
+    sent. Now held until the stream's s-watchers settled (core/broadcast.py ProgressGate)."""
     etcd, relay, proxy = relayed
     direct = grpc.insecure_channel(etcd.endpoint)
     kv = rpc_pb2_grpc.KVStub(direct)

@@ -27,14 +27,7 @@ ETCD_351 = frozenset({"watch_bookmarkable_unsynced"})
 # Violations of the proxy that are known, reproducible and reported (see the reason), tolerated in
 # the scenario runs so that these keep checking everything else; each has a focused xfail test in
 # test_regressions.py that fails until it is fixed. Remove an entry with its fix.
-KNOWN_PROXY = {
-    "watch_progress_revision": (
-        "since 61d64f1 the hub answers a client's RequestProgress with the lowest frontier of any s-watcher "
-        "still catching up on the same upstream stream (other clients' included): the answer can be below "
-        "events the client already got (0 after 14; 1 after 2), and a quiet resumed s-watcher never catches "
-        "up, pinning every later answer (499 while the final revision was 527)"
-    ),
-}
+KNOWN_PROXY: dict[str, str] = {}  # none at the moment (watch_progress_revision: fixed with ProgressGate)
 
 
 def _seed(default: int) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from etcdproxy.core.broadcast import HISTORY_EVENTS, Broadcast, HistoryBudget
+from etcdproxy.core.broadcast import CATCH_UP_S, HISTORY_EVENTS, Broadcast, HistoryBudget, ProgressGate
 from etcdproxy.core.watch import CWatcher, encode_response, event_field, fragments, prepare, valid_range, varint
 from etcdproxy.etcdpb import kv_pb2, rpc_pb2
 
@@ -213,3 +213,54 @@ def test_stream_progress_only_for_caught_up_broadcasts() -> None:
     from_now = Broadcast(2, b"k", b"", start_revision=0)
     from_now.on_created(20)
     assert from_now.caught_up()
+
+
+def test_settled_after_catch_up_or_after_the_sync_loop_had_its_time() -> None:
+    resumed = Broadcast(1, b"k", b"", start_revision=5)  # quiet range: no event will say it caught up
+    assert not resumed.settled(100.0)  # no created answer yet
+    resumed.on_created(20, now=100.0)
+    assert not resumed.settled(100.0 + CATCH_UP_S / 2)
+    assert resumed.settled(100.0 + CATCH_UP_S)
+    assert resumed.frontier == 4  # settling never moves the frontier (where a broken watch resumes from)
+    busy = Broadcast(2, b"k", b"", start_revision=5)
+    busy.on_created(20, now=100.0)
+    busy.on_events([event(20)])
+    assert busy.settled(100.0)
+
+
+# (revision, newest event, waiter, settled, seconds) per upstream answer -> (answered waiters, revision told)
+GATE_CASES = [
+    # settled at once: answered with etcd's revision
+    ([(30, 30, "a", True, 0.0)], [(["a"], 30)]),
+    # etcd's send loop put a later event first: never below an event the client may have
+    ([(30, 31, "a", True, 0.0)], [(["a"], 31)]),
+    # parked while a resumed s-watcher catches up, answered by a later answer after it settled
+    (
+        [(30, 12, "a", False, 0.0), (30, 30, None, False, 0.25), (31, 30, "b", True, 0.5)],
+        [([], 30), ([], 30), (["a", "b"], 31)],
+    ),
+    # churn never lets the stream settle: answered anyway after the hold limit
+    (
+        [(30, 0, "a", False, 0.0), (31, 0, None, False, 2.9), (32, 0, None, False, 3.0)],
+        [([], 30), ([], 31), (["a"], 32)],
+    ),
+    # an answer asked by the hub itself (no waiter) with nobody parked answers nobody
+    ([(30, 0, None, True, 0.0)], [([], 30)]),
+]
+
+
+@pytest.mark.parametrize(("answers", "expected"), GATE_CASES)
+def test_progress_gate(
+    answers: list[tuple[int, int, str | None, bool, float]], expected: list[tuple[list[str], int]]
+) -> None:
+    gate: ProgressGate[str] = ProgressGate(max_hold_s=3.0)
+    got = [gate.on_answer(*answer) for answer in answers]
+    assert got == expected
+    assert gate.parked == []
+
+
+def test_progress_gate_hands_back_everyone_parked_when_the_stream_fails() -> None:
+    gate: ProgressGate[str] = ProgressGate()
+    gate.on_answer(30, 0, "a", False, 0.0)
+    gate.on_answer(30, 0, "b", False, 0.1)
+    assert gate.take_all() == ["a", "b"] and gate.parked == []
