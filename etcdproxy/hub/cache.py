@@ -154,6 +154,8 @@ class CacheHub:
         self._in_flight_by: dict[bytes, tuple[Interval, int]] = {}  # request bytes -> (interval, count)
         self.floor = 0  # newest revision any invalidation carried (sent or not)
         self.invalidations_skipped = 0  # worker messages not needed: nothing there the write touches
+        self._settled: asyncio.Future[None] = hub.loop.create_future()  # after_call's "nothing to wait for"
+        self._settled.set_result(None)
         hub.register(s.Kind.CACHE_SYNC, self._on_sync)
         hub.register(s.Kind.CACHE_ACK, self._on_ack)
         hub.worker_gone.append(self._on_worker_gone)
@@ -191,13 +193,16 @@ class CacheHub:
 
     # ---- writes through the proxy ----------------------------------------------------------
 
-    async def after_call(
+    def after_call(
         self, writer: WorkerState, method: Method, request: bytes, code: int, body: bytes | str
-    ) -> None:
-        """Invalidate what a finished call may have changed; return once every worker applied it."""
+    ) -> Awaitable[None]:
+        """Invalidate what a finished call may have changed; the awaitable ends once every worker applied it.
+
+        A plain function: most calls have nothing to wait for and get an already-done future (no coroutine).
+        """
         if method is RANGE:
             self._range_done(writer, request, code)
-            return
+            return self._settled
         if code == 0 and method.name == "AuthEnable" and method.service == "etcdserverpb.Auth" and not self._auth_on:
             # auth enabled through us: stop hits now, before the reply leaves (the probe would take up to a second)
             log.info("etcd auth is on (AuthEnable through the proxy): range cache paused")
@@ -211,20 +216,18 @@ class CacheHub:
                 revision = header_revision(body)
                 if revision > self.floor:
                     self.floor = revision
-            return
+            return self._settled
         invalidation = invalidation_for(method.service, method.name, request, code)
         if invalidation is None:
-            return
+            return self._settled
         revision = header_revision(body) if code == 0 and isinstance(body, bytes) else 0
         done = self.broadcast(invalidation, revision, writer)
         if done is None or done.done():
-            return
+            return self._settled
         # one timer, no Task: wait_for(shield(...)) cost two Tasks and a timer per write
         timer = self.hub.loop.call_later(ACK_TIMEOUT_S, _ack_timeout, done)
-        try:
-            await done
-        finally:
-            timer.cancel()
+        done.add_done_callback(lambda _: timer.cancel())
+        return done  # a caller cancelled while waiting cancels it: the acks are then not waited for
 
     def _range_done(self, worker: WorkerState, request: bytes, code: int) -> None:
         """A forwarded Range ended: its interval moves from in flight to the worker's footprint (if answered)."""
