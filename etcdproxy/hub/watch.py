@@ -543,7 +543,8 @@ class WatchHub:
 
     def _fan_out(self, broadcast: Broadcast, header: bytes, events: list[s.WireEvent], progress_only: bool) -> None:
         sw_id = broadcast.sw_id
-        if len(broadcast.receivers) > 1:  # Go: += receivers - 1 per upstream response
+        # Go: += receivers - 1 per upstream response of the watcher (not our stream-wide progress fan-out)
+        if len(broadcast.receivers) > 1 and not progress_only:
             metrics.EVENTS_COALESCING.inc(len(broadcast.receivers) - 1)
         for identity in broadcast.workers():
             self._send(identity, lambda e, q: s.WatchEvents(e, q, sw_id, header, events, progress_only))

@@ -207,10 +207,17 @@ def test_two_instances_on_one_host_each_probe_themselves(tmp_path: Path, etcd_se
 def test_nothing_left_in_the_run_dir_after_a_stop(tmp_path: Path, etcd_server: EtcdServer) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir(mode=0o700)  # an operator's dir (e.g. systemd's RuntimeDirectory=): kept, emptied
+    started = time.time()
     proxy = start_proxy([etcd_server.endpoint], tmp_path, workers=2, extra_args=[f"--run-dir={run_dir}"])
     # older versions left /run/etcdproxy-<host>-<port>.lock behind; the supervisor's bind guards the address now
-    lock_names = {f"etcdproxy-{LOCALHOST}-{proxy.port}.lock"}
-    locks = [d for d in ("/run", "/tmp") if os.path.isdir(d) and lock_names & set(os.listdir(d))]
+    # (a file an older version left for the same port number earlier on this machine is not ours)
+    lock_name = f"etcdproxy-{LOCALHOST}-{proxy.port}.lock"
+
+    def new_locks() -> list[str]:
+        paths = [os.path.join(d, lock_name) for d in ("/run", "/tmp")]
+        return [p for p in paths if os.path.exists(p) and os.stat(p).st_mtime >= started - 1]
+
+    locks = new_locks()
     try:
         present = set(os.listdir(run_dir))
         assert {"hub.sock", "supervisor.lock", "metrics"} <= present, present
@@ -220,7 +227,7 @@ def test_nothing_left_in_the_run_dir_after_a_stop(tmp_path: Path, etcd_server: E
     assert code == 0
     assert os.listdir(run_dir) == []
     assert locks == []
-    assert not [d for d in ("/run", "/tmp") if os.path.isdir(d) and lock_names & set(os.listdir(d))]
+    assert new_locks() == []
 
 
 # --- item 1, supervisor side: drain on SIGTERM ---
