@@ -13,7 +13,10 @@ upstream watch, so it tells all workers what became stale:
   only from Range answers the hub forwarded, so the hub keeps each worker's ``Footprint`` (the
   intervals of its Ranges since it last flushed) plus the Ranges still in flight (worker not known
   until they end; an invalidation touching one goes to every worker). A write touching nothing a
-  worker may cache costs that worker no message and the writer no ack wait. The newest invalidated
+  worker may cache costs that worker no message and the writer no ack wait. Intervals leave a
+  footprint when their invalidation is sent, but the worker may serve them until it has processed
+  it: so every message that drops entries asks for an ack (the writer's own worker's too, though the
+  writer does not wait for it), and a worker with one unacknowledged is never skipped. The newest invalidated
   revision (``floor``) travels in ``CacheState`` instead, so a worker enabled after a failover still
   refuses answers of a lagging member older than writes it was never told about.
 * Writes made elsewhere (direct clients, other proxies, lease expiry): one upstream watch on the
@@ -149,6 +152,9 @@ class CacheHub:
         # identity -> intervals the worker may cache entries for; no entry: unknown, it gets every invalidation
         # (until its CacheSync: it flushed, so from then on only Ranges the hub sees can fill it)
         self._footprints: dict[bytes, Footprint] = {}
+        # identity -> ack ids of messages that drop entries there and are not acknowledged yet: until they are,
+        # the worker may still serve what they drop, so it is not skipped (every such message asks for an ack)
+        self._unconfirmed: dict[bytes, set[int]] = {}
         self._footprint_limit = footprint_limit(hub.config.cache_max_entries)
         self._in_flight = Footprint()  # Ranges forwarded and not yet answered (their worker is not known here)
         self._in_flight_by: dict[bytes, tuple[Interval, int]] = {}  # request bytes -> (interval, count)
@@ -168,6 +174,7 @@ class CacheHub:
     def _on_sync(self, worker: WorkerState, message: s.CacheSync) -> None:
         # the worker flushed before sending this, and refuses fills of Ranges it sent earlier: start tracking
         self._footprints[worker.identity] = Footprint()
+        self._unconfirmed[worker.identity] = set()  # it flushed everything those messages were to drop
         hub = self.hub
         hub.send(worker, s.CacheState(hub.epoch, hub.next_seq(worker), self.enabled, self._state_revision()))
 
@@ -180,10 +187,14 @@ class CacheHub:
 
     def _on_worker_gone(self, worker: WorkerState) -> None:
         self._footprints.pop(worker.identity, None)
+        self._unconfirmed.pop(worker.identity, None)
         for ack_id in list(self._waiting):
             self._acked(ack_id, worker.identity)
 
     def _acked(self, ack_id: int, identity: bytes) -> None:
+        unconfirmed = self._unconfirmed.get(identity)
+        if unconfirmed:
+            unconfirmed.discard(ack_id)
         waiting = self._waiting.get(ack_id)
         if waiting is not None:
             workers, done = waiting
@@ -255,9 +266,24 @@ class CacheHub:
         return interval
 
     def _send_flush(self, worker: WorkerState, footprint: Footprint) -> None:
-        hub = self.hub
-        hub.send(worker, s.CacheInvalidate(hub.epoch, hub.next_seq(worker), 0, [], True, 0, 0))
+        self._send_dropping(worker, next(self._ack_ids), [], True, 0, 0)
         footprint.clear()
+
+    def _send_dropping(
+        self,
+        worker: WorkerState,
+        ack_id: int,
+        intervals: list[tuple[bytes, bytes]],
+        flush: bool,
+        compact: int,
+        rev: int,
+    ) -> None:
+        """A CacheInvalidate that asks for an ack; the worker is not skipped until it acknowledged it."""
+        hub = self.hub
+        hub.send(worker, s.CacheInvalidate(hub.epoch, hub.next_seq(worker), ack_id, intervals, flush, compact, rev))
+        unconfirmed = self._unconfirmed.get(worker.identity)
+        if unconfirmed is not None:
+            unconfirmed.add(ack_id)
 
     def after_cancel(self, method: Method, request: bytes) -> None:
         """The client gave up on a call that may still have been applied: invalidate, no waiting."""
@@ -280,28 +306,29 @@ class CacheHub:
         if not everyone:
             everyone = self._in_flight.touches_any(intervals)
         targets: list[WorkerState] = []
+        unconfirmed = self._unconfirmed
         for identity, worker in hub.workers.items():
             footprint = self._footprints.get(identity)
-            if everyone or footprint is None or footprint.touches_any(intervals):
+            if everyone or footprint is None or unconfirmed.get(identity) or footprint.touches_any(intervals):
                 targets.append(worker)
             else:
                 self.invalidations_skipped += 1
         if not targets:
             return None
-        others = {worker.identity for worker in targets if worker is not writer}
-        ack_id = next(self._ack_ids) if others and writer is not None else 0
+        # every target acks (the writer's own worker too: its ack confirms the drop for later writes), the
+        # writer waits for all but its own worker (which gets this before the reply, on the same link)
+        ack_id = next(self._ack_ids)
+        others = {worker.identity for worker in targets if worker is not writer} if writer is not None else set()
         message_intervals = list(wire_intervals)
         for worker in targets:
-            message = s.CacheInvalidate(
-                hub.epoch,
-                hub.next_seq(worker),
-                0 if worker is writer else ack_id,
+            self._send_dropping(
+                worker,
+                ack_id,
                 message_intervals,
                 invalidation.flush,
                 invalidation.compact_revision,
                 revision,
             )
-            hub.send(worker, message)
             footprint = self._footprints.get(worker.identity)
             if footprint is not None:
                 if invalidation.flush:
@@ -310,7 +337,7 @@ class CacheHub:
                     for interval in intervals:
                         footprint.drop(interval)
         self.invalidations_sent += 1
-        if not ack_id:
+        if not others:
             return None
         done: asyncio.Future[None] = hub.loop.create_future()
         self._waiting[ack_id] = (others, done)
@@ -328,9 +355,10 @@ class CacheHub:
         """May some worker hold one of these keys (the watch's events; most touch nothing cached)?"""
         in_flight = self._in_flight
         footprints = self._footprints
+        unconfirmed = self._unconfirmed
         for identity in self.hub.workers:
             footprint = footprints.get(identity)
-            if footprint is None:
+            if footprint is None or unconfirmed.get(identity):
                 return True
             for key in keys:
                 if footprint.touches_key(key):
@@ -342,9 +370,10 @@ class CacheHub:
         if not self._in_flight.empty:
             return False
         footprints = self._footprints
+        unconfirmed = self._unconfirmed
         for identity in self.hub.workers:
             footprint = footprints.get(identity)
-            if footprint is None or not footprint.empty:
+            if footprint is None or not footprint.empty or unconfirmed.get(identity):
                 return False
         return True
 
@@ -418,10 +447,13 @@ class CacheHub:
         log.info("range cache %s", f"serving (watch from revision {revision})" if enabled else "paused (no watch)")
         hub = self.hub
         state_revision = self._state_revision()
+        ack_id = next(self._ack_ids)
         for worker in list(hub.workers.values()):
             hub.send(worker, s.CacheState(hub.epoch, hub.next_seq(worker), enabled, state_revision))
+            # every worker flushes on CacheState: its footprint empties, confirmed by the ack of an empty invalidation
+            self._send_dropping(worker, ack_id, [], False, 0, 0)
         for footprint in self._footprints.values():
-            footprint.clear()  # every worker flushes on CacheState
+            footprint.clear()
 
     async def _watch_loop(self) -> None:
         backoff = BACKOFF_S[0]

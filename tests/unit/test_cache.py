@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 
+from etcdproxy.config import Config
 from etcdproxy.core import errors
 from etcdproxy.core.cache import (
     Footprint,
@@ -15,7 +19,11 @@ from etcdproxy.core.cache import (
     prefix_end,
     to_interval,
 )
+from etcdproxy.core.methods import by_name
 from etcdproxy.etcdpb import kv_pb2, rpc_pb2, v3election_pb2, v3lock_pb2
+from etcdproxy.hub.cache import CacheHub
+from etcdproxy.hub.host import WorkerState
+from etcdproxy.ipc import schema as s
 
 INF = None
 
@@ -468,3 +476,140 @@ def test_footprint_random_against_overlaps() -> None:
         assert footprint.touches_key(key) is any(overlaps(m, iv(key)) for m in model)
         assert footprint.touches_any([iv(key), probe]) is any(overlaps(m, p) for m in model for p in (iv(key), probe))
         assert footprint.empty is (not model)
+
+
+# ---- the hub's bookkeeping (hub/cache.py) on a host of recorded sends: who gets which invalidation --------
+
+
+class _Host:
+    """What CacheHub uses of the hub process (hub/host.py WorkerHost): sends are recorded, nothing is upstream."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, identities: list[bytes]) -> None:
+        self.config = Config(cache_max_entries=8)
+        self.loop = loop
+        self.epoch = 7
+        self.forwarder: Any = None
+        self.closers: list[Any] = []
+        self.workers = {i: WorkerState(i) for i in identities}
+        self.worker_gone: list[Any] = []
+        self.handlers: dict[s.Kind, Any] = {}
+        self.sent: list[tuple[bytes, s.HubMessage]] = []
+
+    @property
+    def channel(self) -> Any:
+        raise AssertionError("no upstream in this test")
+
+    def register(self, kind: s.Kind, handler: Any) -> None:
+        self.handlers[kind] = handler
+
+    def next_seq(self, worker: WorkerState) -> int:
+        worker.seq += 1
+        return worker.seq
+
+    def send(self, worker: WorkerState, message: s.HubMessage) -> None:
+        self.sent.append((worker.identity, message))
+
+    def take(self) -> list[tuple[bytes, s.HubMessage]]:
+        sent, self.sent = self.sent, []
+        return sent
+
+
+def _cache_hub(host: _Host) -> CacheHub:
+    hub = CacheHub(host)  # type: ignore[arg-type]
+    hub._task.cancel()  # no invalidation watch, no auth probe: they would go upstream
+    hub._prober.cancel()
+    for worker in host.workers.values():
+        hub._on_sync(worker, s.CacheSync(host.epoch))  # tracked from now on
+    host.take()
+    return hub
+
+
+def _put(hub: CacheHub, host: _Host, writer: bytes, key: bytes, revision: int) -> Any:
+    request = rpc_pb2.PutRequest(key=key, value=b"v").SerializeToString()
+    body = rpc_pb2.PutResponse(header=rpc_pb2.ResponseHeader(revision=revision)).SerializeToString()
+    return hub.after_call(host.workers[writer], by_name("etcdserverpb.KV", "Put"), request, 0, body)
+
+
+def _ack(hub: CacheHub, host: _Host, identity: bytes, ack_id: int) -> None:
+    hub._on_ack(host.workers[identity], s.CacheAck(host.epoch, ack_id))
+
+
+def test_hub_skips_workers_that_hold_nothing_a_write_touches() -> None:
+    async def run() -> None:
+        host = _Host(asyncio.get_running_loop(), [b"w1", b"w2"])
+        hub = _cache_hub(host)
+        assert _put(hub, host, b"w1", b"k", 5).done() and host.take() == []  # nobody caches anything
+        hub._footprints[b"w2"].add(to_interval(b"k", b""))  # w2 answered a Range of k
+        assert _put(hub, host, b"w1", b"other", 6).done() and host.take() == []
+        assert hub.floor == 6
+
+        first = _put(hub, host, b"w1", b"k", 7)  # touches w2: it must drop k before the reply
+        [(to, message)] = host.take()
+        assert to == b"w2" and isinstance(message, s.CacheInvalidate) and message.intervals == [(b"k", b"")]
+        assert not first.done()
+        # a second write of k before w2 acknowledged the first: k left w2's footprint when the first was
+        # sent, but w2 may still serve it until it processed that message, so this write waits for w2 too
+        second = _put(hub, host, b"w1", b"k", 8)
+        [(to2, message2)] = host.take()
+        assert to2 == b"w2" and not second.done()
+        _ack(hub, host, b"w2", message.ack_id)
+        await asyncio.sleep(0)
+        assert first.done() and not second.done()
+        _ack(hub, host, b"w2", message2.ack_id)
+        await asyncio.sleep(0)
+        assert second.done()
+        # both acknowledged and k dropped: the next write of k needs nobody
+        assert _put(hub, host, b"w1", b"k", 9).done() and host.take() == []
+
+    asyncio.run(run())
+
+
+def test_hub_writer_worker_ack_confirms_its_own_drop() -> None:
+    async def run() -> None:
+        host = _Host(asyncio.get_running_loop(), [b"w1", b"w2"])
+        hub = _cache_hub(host)
+        hub._footprints[b"w1"].add(to_interval(b"k", b""))
+        own = _put(hub, host, b"w1", b"k", 5)  # only the writer's worker holds k: no wait (same ordered link)
+        [(to, message)] = host.take()
+        assert to == b"w1" and isinstance(message, s.CacheInvalidate) and message.ack_id and own.done()
+        other = _put(hub, host, b"w2", b"k", 6)  # another worker's write: w1 has not confirmed yet
+        [(to2, message2)] = host.take()
+        assert to2 == b"w1" and isinstance(message2, s.CacheInvalidate) and not other.done()
+        _ack(hub, host, b"w1", message.ack_id)
+        await asyncio.sleep(0)
+        assert not other.done()  # the second message is not acknowledged yet
+        _ack(hub, host, b"w1", message2.ack_id)
+        await asyncio.sleep(0)
+        assert other.done()
+        assert _put(hub, host, b"w2", b"k", 7).done() and host.take() == []
+
+
+def test_hub_state_change_and_resync() -> None:
+    """CacheState empties footprints (confirmed by an ack); a worker's CacheSync starts it afresh."""
+
+    async def run() -> None:
+        host = _Host(asyncio.get_running_loop(), [b"w1", b"w2"])
+        hub = _cache_hub(host)
+        hub._footprints[b"w2"].add(to_interval(b"k", b""))
+        hub._set_state(True, 3)
+        sent = host.take()
+        kinds = [(to, type(m).__name__) for to, m in sent]
+        assert kinds == [
+            (b"w1", "CacheState"),
+            (b"w1", "CacheInvalidate"),
+            (b"w2", "CacheState"),
+            (b"w2", "CacheInvalidate"),
+        ]
+        pending = _put(hub, host, b"w1", b"x", 4)  # nobody acknowledged the state change yet: everyone
+        assert sorted(to for to, _ in host.take()) == [b"w1", b"w2"] and not pending.done()
+        hub._on_sync(host.workers[b"w2"], s.CacheSync(host.epoch))  # w2 flushed (e.g. a lost frame)
+        host.take()
+        hub._on_worker_gone(host.workers[b"w1"])  # w1's acks will never come
+        del host.workers[b"w1"]
+        await asyncio.sleep(0)
+        # w2 never acked, but its CacheSync means it flushed: nothing of the put above is still held there
+        assert _put(hub, host, b"w2", b"y", 5).done() and host.take() == []
+
+    asyncio.run(run())
+
+    asyncio.run(run())
