@@ -9,7 +9,9 @@ unless an overlapping invalidation arrived after that request left.
 
 What is stale comes from the hub (hub/cache.py): ``CacheInvalidate`` for writes through any
 worker (acknowledged, so the writer's reply waits until this worker dropped the old value) and
-for events of the hub's invalidation watch; ``CacheState`` turns hits off while that watch is
+for events of the hub's invalidation watch, only when this worker may hold something they touch
+(the hub tracks the intervals of the Ranges it forwarded for this worker since its last flush);
+``CacheState`` turns hits off while that watch is
 down and back on (from empty) once it is re-established. After a hub restart or a lost hub
 frame the cache is flushed and off until the hub answers ``CacheSync``; while the hub is silent
 (hubclient.HUB_SILENCE_S) no hits are served.
