@@ -176,6 +176,7 @@ class RpcStats:
         "_handled_children",
         "_written_open",
         "handled",
+        "inline_ok",
         "labels",
         "open",
         "received",
@@ -190,6 +191,9 @@ class RpcStats:
         self.sent = 0
         self.open = 0
         self.handled: dict[str, int] = {}  # grpc_code -> calls ended since the last flush
+        # whole calls answered inline with OK (cache hits): one increment on the hot path, folded
+        # into started/received/sent/handled["OK"] at flush
+        self.inline_ok = 0
         self._written_open = 0
         self._children: tuple[object, object, object, object] | None = None
         self._handled_children: dict[str, object] = {}
@@ -199,6 +203,12 @@ class RpcStats:
         self.handled[code] = self.handled.get(code, 0) + 1
 
     def flush(self) -> None:
+        if self.inline_ok:
+            n, self.inline_ok = self.inline_ok, 0
+            self.started += n
+            self.received += n
+            self.sent += n
+            self.handled["OK"] = self.handled.get("OK", 0) + n
         if not (self.started or self.received or self.sent or self.handled) and self.open == self._written_open:
             return  # also keeps series lazy, like go-grpc-prometheus: none before the first call
         if self._children is None:

@@ -285,6 +285,29 @@ def test_counters_add_up_across_workers_and_survive_kill_9(start: Callable[..., 
     wait_until(lambda: mp.value("etcd_grpc_proxy_watchers_coalescing_total") == 0, 10, "no c-watcher left")
 
 
+def test_cache_hits_count_as_whole_calls(start: Callable[..., MetricsProxy]) -> None:
+    """A Range answered from a worker's cache is one started, received, sent and handled-OK call."""
+    etcdproxy_only()
+    mp = start(workers=1)
+    rng = {"grpc_type": "unary", "grpc_service": "etcdserverpb.KV", "grpc_method": "Range"}
+    stubs = connect("proxy", mp.proxy.endpoint)
+    try:
+        stubs.kv.Put(rpc_pb2.PutRequest(key=b"metrics/hit", value=b"v"), timeout=10)
+        request = rpc_pb2.RangeRequest(key=b"metrics/hit", serializable=True)
+        hits_before = mp.value("etcd_grpc_proxy_cache_hits_total")
+        started_before = mp.value("grpc_server_started_total", **rng)
+        for _ in range(20):
+            assert stubs.kv.Range(request, timeout=10).kvs[0].value == b"v"
+    finally:
+        stubs.close()
+    wait_until(lambda: mp.value("grpc_server_started_total", **rng) == started_before + 20, 10, "20 Ranges started")
+    assert mp.value("etcd_grpc_proxy_cache_hits_total") > hits_before  # some of them were hits
+    for name in ("grpc_server_msg_received_total", "grpc_server_msg_sent_total"):
+        assert mp.value(name, **rng) == started_before + 20, name
+    assert mp.value("grpc_server_handled_total", grpc_code="OK", **rng) == started_before + 20
+    assert mp.value("etcdproxy_grpc_server_in_flight", **rng) == 0
+
+
 def test_coalescing_metrics(start: Callable[..., MetricsProxy]) -> None:
     etcdproxy_only()
     mp = start(workers=2)
