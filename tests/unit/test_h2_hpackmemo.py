@@ -92,3 +92,33 @@ def test_hpack_bomb_stops_at_the_hard_limit() -> None:
     assert len(bomb) < 100
     with pytest.raises(OversizedError):
         memo.decode(bomb)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.one_of(st.binary(max_size=24), st.builds(bytes, st.lists(st.integers(0x80, 0xC8), max_size=6)))))
+def test_arbitrary_blocks_decode_like_the_library(blocks: list[bytes]) -> None:
+    """Adversarial input: our decoder fails exactly when the library does, and otherwise returns the same list and
+    leaves the same dynamic table (the next block is decoded against it)."""
+    ours = MemoDecoder(4096, memo=False)
+    library = Decoder(max_header_list_size=4096)
+    for block in blocks:
+        try:
+            expected = [(bytes(k), bytes(v)) for k, v in library.decode(block, raw=True)]
+        except Exception:
+            with pytest.raises(DecodeError):
+                ours.decode(block)
+            return  # the connection ends at the first bad block
+        got = [(bytes(k), bytes(v)) for k, v in ours.decode(block)]
+        assert got == expected
+        assert list(ours._decoder.header_table.dynamic_entries) == list(library.header_table.dynamic_entries)
+
+
+def test_a_grpc_go_style_timeout_literal_is_decoded_and_indexed() -> None:
+    encoder = Encoder()
+    ours = MemoDecoder(1 << 16)
+    library = Decoder()
+    base = [(b":method", b"POST"), (b":path", b"/etcdserverpb.KV/Range"), (b"te", b"trailers")]
+    for ms in (4999, 4998, 4999):
+        block = encoder.encode([*base, (b"grpc-timeout", b"%dm" % ms)], huffman=True)
+        assert ours.decode(block) == [(bytes(k), bytes(v)) for k, v in library.decode(block, raw=True)]
+    assert ours.decode(block)[-1] == (b"grpc-timeout", b"4999m")
