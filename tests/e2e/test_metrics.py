@@ -207,12 +207,17 @@ def counter_files_with(mp: MetricsProxy, needle: bytes) -> set[int]:
 
 
 def puts(endpoint: str, connections: int, each: int) -> None:
-    for c in range(connections):
-        stubs = connect("proxy", endpoint)
-        try:
+    """``each`` Puts on each of ``connections`` connections, all held open until the last Put (so the workers'
+    accept balance, which spreads open connections, gives each worker some of them)."""
+    held = []
+    try:
+        for c in range(connections):
+            stubs = connect("proxy", endpoint)
+            held.append(stubs)
             for i in range(each):
                 stubs.kv.Put(rpc_pb2.PutRequest(key=f"metrics/{c}/{i}".encode(), value=b"v"), timeout=10)
-        finally:
+    finally:
+        for stubs in held:
             stubs.close()
 
 
@@ -231,7 +236,7 @@ def test_counters_add_up_across_workers_and_survive_kill_9(start: Callable[..., 
     before = mp.value("grpc_server_started_total", **PUT)
     workers = workers_of(mp)
     assert len(workers) == 2
-    # connections one after another until both workers served some: the accept balance alternates them
+    # held connections until both workers served some: the accept balance spreads open connections
     # (worker/balance.py), but on a loaded machine a worker that is not scheduled within its peer's
     # deferral cap loses its turn
     sent = 0
