@@ -76,6 +76,19 @@ Behaviour = Callable[..., Any]
 Inline = Callable[[bytes, Context], bytes | None]
 
 
+def _answered(conn: ServerConnection, stream: Stream, inline: Inline, request: bytes, context: Context) -> bool:
+    """Try the handler's inline function; True if it answered the call (an answer or an Abort)."""
+    try:
+        answer = inline(request, context)
+    except Abort as abort:
+        conn.finish_call(stream, abort.code, abort.message)
+        return True
+    if answer is None:
+        return False
+    conn.send_unary(stream, answer)
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class MethodHandler:
     request_streaming: bool
@@ -292,15 +305,9 @@ class Dispatcher:
         assert head is not None
         handler = self.handlers[head.path]
         inline = handler.inline
-        if inline is not None:  # no deadline (else the Call would exist): a context without one
-            try:
-                answer = inline(message, Context(head.metadata, None, self.loop))
-            except Abort as abort:
-                conn.finish_call(stream, abort.code, abort.message)
-                return
-            if answer is not None:
-                conn.send_unary(stream, answer)
-                return
+        # no deadline (else the Call would exist): a context without one
+        if inline is not None and _answered(conn, stream, inline, message, Context(head.metadata, None, self.loop)):
+            return
         call = self._call(conn, stream, handler, head)
         call.request = message
         self._run(conn, stream, call, message, False)
@@ -308,15 +315,8 @@ class Dispatcher:
     def _run(self, conn: ServerConnection, stream: Stream, call: Call, request: bytes, try_inline: bool) -> None:
         handler = call.handler
         inline = handler.inline if try_inline else None
-        if inline is not None:
-            try:
-                answer = inline(request, call.context)
-            except Abort as abort:
-                conn.finish_call(stream, abort.code, abort.message)
-                return
-            if answer is not None:
-                conn.send_unary(stream, answer)
-                return
+        if inline is not None and _answered(conn, stream, inline, request, call.context):
+            return
         if handler.response_streaming:
             call.start(self._stream(call, handler.behaviour(request, call.context)))
         else:
