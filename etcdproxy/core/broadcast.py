@@ -180,6 +180,29 @@ class HistoryBudget:
         return live_bytes
 
 
+def stream_progress(
+    broadcasts: list[Broadcast], pending: set[int], revision: int, now: float
+) -> tuple[list[Broadcast], bool]:
+    """One upstream progress answer at ``revision`` for a stream: the broadcasts whose frontier
+    it moves, and whether the whole stream has settled (clients' parked answers may go).
+
+    A broadcast takes the answer once it has settled, the same test that lets the clients'
+    answers go: a client told "everything up to R" must never have its s-watcher resumed below
+    R after the stream breaks (seen in CI: a watcher re-created after quorum loss was settled by
+    time, not by events, so the clients heard 82 while the frontier stayed at 64, and the
+    resume after the next leader kill met a compaction at 68 and cancelled it). Pending
+    (re-)creates have not begun their catch-up and hold the stream unsettled.
+    """
+    moved: list[Broadcast] = []
+    settled = True
+    for broadcast in broadcasts:
+        if broadcast.sw_id in pending or not broadcast.settled(now):
+            settled = False
+        elif broadcast.frontier is None or revision > broadcast.frontier:
+            moved.append(broadcast)
+    return moved, settled
+
+
 # longest a client's RequestProgress waits for the stream's s-watchers to settle (new ones keep
 # arriving under churn); then it is answered anyway
 MAX_PROGRESS_HOLD_S = 3.0

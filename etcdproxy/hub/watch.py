@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from etcdproxy import metrics
-from etcdproxy.core.broadcast import Broadcast, HistoryBudget, ProgressGate
+from etcdproxy.core.broadcast import Broadcast, HistoryBudget, ProgressGate, stream_progress
 from etcdproxy.core.methods import by_name
 from etcdproxy.etcdpb import kv_pb2, rpc_pb2
 from etcdproxy.h2 import aio
@@ -553,14 +553,9 @@ class WatchHub:
         self, stream: UpstreamStream, revision: int, header: bytes, waiter: tuple[WorkerState, int] | None
     ) -> None:
         now = time.monotonic()
-        pending = set(stream.creates)  # (re-)creates not answered yet: their catch-up has not begun
-        settled = True
-        for broadcast in stream.broadcasts.values():
-            if broadcast.caught_up() and broadcast.sw_id not in pending:
-                if revision > broadcast.frontier:  # type: ignore[operator]
-                    self.on_progress(broadcast, revision, header, requested=True)
-            elif broadcast.sw_id in pending or not broadcast.settled(now):
-                settled = False
+        moved, settled = stream_progress(list(stream.broadcasts.values()), set(stream.creates), revision, now)
+        for broadcast in moved:
+            self.on_progress(broadcast, revision, header, requested=True)
         ready, answer = stream.gate.on_answer(revision, stream.newest_event, waiter, settled, now)
         if stream.gate.parked:
             stream.recheck_later()

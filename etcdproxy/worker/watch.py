@@ -79,6 +79,9 @@ class WatchStream:
     # creates (CWatcher) and cancels (watch id) in request order: etcd answers creates in
     # order and numbers auto ids in order, so answers are released from the head only
     fifo: deque[CWatcher | CancelAck | ProgressAsk] = field(default_factory=deque)
+    # newest revision among the events queued for this stream's watchers (a progress answer
+    # below it would go back: see _release)
+    newest_event: int = 0
 
     def allocate_id(self, requested: int) -> int | None:
         """etcd's rule: 0 picks the next free id, any other id is used unless taken."""
@@ -169,11 +172,14 @@ class WatchService:
             elif which == "cancel_request":
                 self._cancel(stream, request.cancel_request.watch_id)
             elif which == "progress_request":
-                req_id = next(self._progress_ids)
                 ask = ProgressAsk()
                 stream.fifo.append(ask)
-                self.progress_waiters[req_id] = (stream, ask)
-                self._send_when_up(lambda e, r=req_id: s.WatchProgressRequest(e, r, stream.metadata))
+                self._ask_progress(stream, ask)
+
+    def _ask_progress(self, stream: WatchStream, waiter: CancelAck | ProgressAsk) -> None:
+        req_id = next(self._progress_ids)
+        self.progress_waiters[req_id] = (stream, waiter)
+        self._send_when_up(lambda e: s.WatchProgressRequest(e, req_id, stream.metadata))
 
     def _end(self, stream: WatchStream, error: errors.EtcdError) -> None:
         stream.end = error
@@ -218,12 +224,19 @@ class WatchService:
             if isinstance(head, ProgressAsk):
                 if head.header is None:
                     return
+                revision = rpc_pb2.ResponseHeader.FromString(head.header).revision
+                if revision < stream.newest_event:
+                    # answered while it waited behind a cancel, and events newer than the answer
+                    # went to the client meanwhile (seen in CI: progress 41 after event 42): ask
+                    # again; the hub's next answer is at least every event it sent before it
+                    head.header = None
+                    self._ask_progress(stream, head)
+                    return
                 stream.fifo.popleft()
                 for watcher in list(stream.dirty.values()):
                     stream.flush(watcher)
                 # the client now holds everything up to it: a hub restart must not resume its
                 # watchers from below (a compaction since would cancel them though they were past it)
-                revision = rpc_pb2.ResponseHeader.FromString(head.header).revision
                 for watcher in stream.watchers.values():
                     if revision > watcher.progress_revision:
                         watcher.progress_revision = revision
@@ -281,9 +294,7 @@ class WatchService:
             return False
         stream.flush(watcher)
         self._forget(stream, watcher, tell_hub=True)
-        req_id = next(self._progress_ids)
-        self.progress_waiters[req_id] = (stream, ack)
-        self._send_when_up(lambda e: s.WatchProgressRequest(e, req_id, stream.metadata))
+        self._ask_progress(stream, ack)
         return True
 
     def _forget(self, stream: WatchStream, watcher: CWatcher, tell_hub: bool) -> None:
@@ -371,6 +382,8 @@ class WatchService:
             added = watcher.accept(events)
             if not added:
                 return
+            if events[-1][0] > stream.newest_event:
+                stream.newest_event = events[-1][0]
             stream.buffered += added
         elif not progress:
             return

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from etcdproxy.core.broadcast import CATCH_UP_S, HISTORY_EVENTS, Broadcast, HistoryBudget, ProgressGate
+from etcdproxy.core.broadcast import (
+    CATCH_UP_S,
+    HISTORY_EVENTS,
+    Broadcast,
+    HistoryBudget,
+    ProgressGate,
+    stream_progress,
+)
 from etcdproxy.core.watch import CWatcher, encode_response, event_field, fragments, prepare, valid_range, varint
 from etcdproxy.etcdpb import kv_pb2, rpc_pb2
 
@@ -226,6 +233,29 @@ def test_settled_after_catch_up_or_after_the_sync_loop_had_its_time() -> None:
     busy.on_created(20, now=100.0)
     busy.on_events([event(20)])
     assert busy.settled(100.0)
+
+
+def test_stream_progress_moves_every_settled_frontier_the_clients_will_hear() -> None:
+    # the CI failure: a watch re-created at 65 after quorum loss, quiet since (frontier 64,
+    # created at 72); the stream's answer at 82 goes to the clients once it settled by time, so
+    # its frontier must move too, or a resume after the next break starts at 65 (compacted)
+    resumed = Broadcast(1, b"/k/03", b"", start_revision=65)
+    resumed.on_created(72, now=100.0)
+    from_now = Broadcast(2, b"/k/", b"/k0", start_revision=0)
+    from_now.on_created(70, now=100.0)
+    moved, settled = stream_progress([resumed, from_now], set(), 82, 100.0 + CATCH_UP_S / 2)
+    assert (moved, settled) == ([from_now], False)  # the resumed one may still be catching up
+    moved, settled = stream_progress([resumed, from_now], set(), 82, 100.0 + CATCH_UP_S)
+    assert (moved, settled) == ([resumed, from_now], True)
+    for b in moved:
+        b.on_progress(82)
+    assert resumed.resume_revision() == 83 and from_now.resume_revision() == 83
+    # a (re-)create not answered yet holds the stream back and takes nothing
+    again = Broadcast(3, b"/k/1", b"", start_revision=50)
+    moved, settled = stream_progress([again, from_now], {3}, 90, 200.0)
+    assert (moved, settled) == ([from_now], False)
+    # never backwards: an answer at or below the frontier moves nothing but still settles
+    assert stream_progress([from_now], set(), 82, 200.0) == ([], True)
 
 
 # (revision, newest event, waiter, settled, seconds) per upstream answer -> (answered waiters, revision told)
