@@ -379,10 +379,14 @@ class CacheHub:
 
     # ---- identical linearizable Ranges -------------------------------------------------------
 
+    def note_metadata(self, metadata: s.Metadata) -> None:
+        """Every forwarded call's metadata passes here first."""
+        if not self._auth_on and any(key == "token" for key, _ in metadata):
+            self._probe_now.set()  # a client with a token: auth may have been enabled elsewhere
+
     def forward(self, method: Method, message: s.Unary) -> Awaitable[Answer]:
         """Forward a unary call (a Range: recorded while in flight); no coroutine of its own for the others."""
-        if not self._auth_on and any(key == "token" for key, _ in message.metadata):
-            self._probe_now.set()  # a client with a token: auth may have been enabled elsewhere
+        self.note_metadata(message.metadata)
         if method is not RANGE:
             return self.hub.forwarder.unary(method, message.payload, message.metadata, message.timeout_s)
         return self._forward_range(method, message)

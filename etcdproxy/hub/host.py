@@ -20,12 +20,16 @@ if TYPE_CHECKING:
     from etcdproxy.ipc.sockets import HubLink
 
 
+class Cancellable(Protocol):
+    def cancel(self) -> Any: ...
+
+
 @dataclass(slots=True)
 class WorkerState:
     identity: bytes
     seq: int = 0
     last_seen: float = 0.0
-    calls: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    calls: dict[int, Cancellable] = field(default_factory=dict)  # a Task, or a call without one (DirectCall)
     streams: dict[int, UpstreamStream] = field(default_factory=dict)
 
 

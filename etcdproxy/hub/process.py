@@ -8,6 +8,7 @@ ipc/schema.py). Shared state (``workers``) is mutated only from the event loop t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import random
@@ -27,7 +28,7 @@ from etcdproxy.h2 import aio
 from etcdproxy.h2.status import StatusCode
 from etcdproxy.hub.cache import CacheHub
 from etcdproxy.hub.cluster import ClusterHub
-from etcdproxy.hub.forward import OK, Forwarder, UpstreamStream
+from etcdproxy.hub.forward import CANCELLED, MOVED, OK, RETRY_BACKOFF_S, UNAVAILABLE, Forwarder, UpstreamStream
 from etcdproxy.hub.host import WorkerState
 from etcdproxy.hub.http import MetricsServer
 from etcdproxy.hub.lease import LeaseHub
@@ -43,6 +44,58 @@ log = logging.getLogger(__name__)
 WORKER_SILENCE_S = 5.0
 MEMBER_LIST = by_name("etcdserverpb.Cluster", "MemberList")
 COMPACT = by_name("etcdserverpb.KV", "Compact")
+RANGE = by_name("etcdserverpb.KV", "Range")
+LEASE_REVOKE = by_name("etcdserverpb.Lease", "LeaseRevoke")
+
+
+class DirectCall:
+    """A forwarded unary call in flight without a Task (Hub._start_direct): in ``worker.calls`` like a Task,
+    so a Cancel from the worker or the worker's loss cancels it the same way."""
+
+    __slots__ = (
+        "cancelled",
+        "channel",
+        "finished",
+        "hub",
+        "message",
+        "method",
+        "started",
+        "stream",
+        "waiting",
+        "worker",
+    )
+
+    def __init__(self, hub: Hub, worker: WorkerState, method: Method, message: s.Unary, channel: Any) -> None:
+        self.hub = hub
+        self.worker = worker
+        self.method = method
+        self.message = message
+        self.channel = channel  # the AioChannel it went out on (a different one now means failover)
+        self.started = hub.loop.time()
+        self.stream: Any = None
+        self.waiting: asyncio.Future[None] | None = None  # the cache invalidation acks, if waited for
+        self.cancelled = False  # cancelled, or replied: nothing more happens
+        self.finished = False  # the upstream answer came
+
+    def done(self, code: int, text: str, response: bytes | None, unprocessed: bool) -> None:
+        self.finished = True
+        if not self.cancelled:
+            self.hub._direct_done(self, code, text, response, unprocessed)
+
+    def cancel(self) -> None:
+        """The client gave up (or its worker is gone): RST_STREAM upstream, invalidate, no reply."""
+        if self.cancelled:
+            return
+        self.cancelled = True
+        hub = self.hub
+        if self.waiting is not None:
+            self.waiting.cancel()
+        elif self.stream is not None and not self.finished:
+            live = self.channel.channel
+            if live is not None:
+                live.cancel(self.stream)
+        if hub.cache is not None:
+            hub.cache.after_cancel(self.method, self.message.payload)
 
 
 class Hub:
@@ -202,8 +255,95 @@ class Hub:
             # with --advertise-client-url (as the Go proxy): the proxies instead of the etcd members (hub/cluster.py)
             self.reply(worker, message.req_id, OK, self.cluster.member_list() or b"")
             return
+        if (
+            method is not LEASE_REVOKE
+            and (method is not RANGE or self.cache is None)
+            and self._start_direct(worker, method, message)
+        ):
+            return
         task = self.loop.create_task(self._unary(worker, method, message))
         worker.calls[message.req_id] = task
+
+    def _start_direct(self, worker: WorkerState, method: Method, message: s.Unary) -> bool:
+        """The common case without a Task or a coroutine: the connection to etcd is up, so the call goes out
+        now and its answer comes back through a callback. Anything else (no connection, a retry, a Range
+        the cache may share, a LeaseRevoke the lease hub must see) takes the general path, ``_unary``."""
+        channel = self.upstream.channel
+        live = channel.channel
+        if (
+            live is None
+            or channel.state is not aio.ChannelConnectivity.READY
+            or not live.usable
+            or (channel.max_send_bytes and len(message.payload) > channel.max_send_bytes)
+        ):
+            return False
+        if self.cache is not None:
+            self.cache.note_metadata(message.metadata)
+        call = DirectCall(self, worker, method, message, channel)
+        worker.calls[message.req_id] = call
+        call.stream = live.start_unary(method.path, message.payload, message.metadata, message.timeout_s, call.done)
+        if call.finished:  # answered at once (the connection closed under the call): no stream to cancel
+            call.stream = None
+        return True
+
+    def _direct_done(self, call: DirectCall, code: int, text: str, response: bytes | None, unprocessed: bool) -> None:
+        """The upstream answer of a direct call, with Forwarder.unary's retry rules for the first attempt."""
+        try:
+            self._direct_answer(call, code, text, response, unprocessed)
+        except Exception as exc:  # as _unary: the client gets UNKNOWN, the hub goes on
+            log.exception("unary %s failed", call.method.path)
+            self._reply_direct(call, int(StatusCode.UNKNOWN), f"etcdproxy: {exc}")
+
+    def _direct_answer(self, call: DirectCall, code: int, text: str, response: bytes | None, unprocessed: bool) -> None:
+        worker, method, message = call.worker, call.method, call.message
+        if code == OK:
+            self._complete(call, OK, response or b"")
+            return
+        moved = code in (CANCELLED, UNAVAILABLE) and call.channel is not self.upstream.channel
+        if (method.idempotent or unprocessed) and (code == UNAVAILABLE or moved):
+            # repeatable: the general path takes over (waits for a connection, retries, follows failover) with
+            # what is left of the client's deadline; not moved: after Forwarder's pause
+            timeout = message.timeout_s
+            if timeout is not None:
+                timeout -= self.loop.time() - call.started
+                if timeout <= RETRY_BACKOFF_S:
+                    self._complete(call, code, text)
+                    return
+            retry = dataclasses.replace(message, timeout_s=timeout)
+
+            def general() -> None:
+                if not call.cancelled:
+                    worker.calls[message.req_id] = self.loop.create_task(self._unary(worker, method, retry))
+
+            if moved:
+                general()
+            else:
+                self.loop.call_later(RETRY_BACKOFF_S, general)
+            return
+        self._complete(call, *(MOVED if moved else (code, text)))
+
+    def _complete(self, call: DirectCall, code: int, body: bytes | str) -> None:
+        """As the end of ``_unary``: the cache invalidation settles before the reply leaves."""
+        worker, method, message = call.worker, call.method, call.message
+        if self.cache is not None:
+            settled = self.cache.after_call(worker, method, message.payload, code, body)
+            if not settled.done():  # type: ignore[attr-defined]
+                call.waiting = settled  # type: ignore[assignment]
+                settled.add_done_callback(lambda _: self._reply_direct(call, code, body))  # type: ignore[attr-defined]
+                return
+        self._reply_direct(call, code, body)
+
+    def _reply_direct(self, call: DirectCall, code: int, body: bytes | str) -> None:
+        if call.cancelled:
+            return
+        call.cancelled = True  # done: a late Cancel from the worker finds nothing to do
+        call.waiting = None
+        worker, method, message = call.worker, call.method, call.message
+        if worker.calls.get(message.req_id) is call:
+            del worker.calls[message.req_id]
+        if method is COMPACT and code == OK:  # history below it is gone upstream: no joins there
+            self.watches.note_compaction(rpc_pb2.CompactionRequest.FromString(message.payload).revision)
+        self.reply(worker, message.req_id, code, body)
 
     async def _unary(self, worker: WorkerState, method: Method, message: s.Unary) -> None:
         try:

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import pytest
 
-from etcdproxy.etcdpb import auth_pb2, kv_pb2, rpc_pb2, v3election_pb2
+from etcdproxy.etcdpb import auth_pb2, kv_pb2, rpc_pb2, v3election_pb2, v3lock_pb2
 from tests.helpers import EtcdServer, ProxyProcess, Stubs, connect, token_md, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
@@ -324,6 +324,38 @@ def test_client_cancellation_reaches_etcd(etcd_server: EtcdServer, direct: Stubs
     assert via_proxy.kv.Range(rpc_pb2.RangeRequest(key=b"after-cancel"), timeout=T).header.revision > 0
     assert time.monotonic() - start < 5
     assert via_proxy.raw_unary("/grpc.health.v1.Health/Check", b"") == b"\x08\x01"
+
+
+def test_unary_cancel_and_deadline_reach_etcd(etcd_server: EtcdServer, direct: Stubs, via_proxy: Stubs) -> None:
+    """A unary call waiting in etcd (Lock on a held lock) ends upstream when the client cancels it or its
+    deadline passes, and never takes the lock afterwards."""
+    name = unique("unary-cancel")
+    holder = direct.lease.LeaseGrant(rpc_pb2.LeaseGrantRequest(TTL=30), timeout=T).ID
+    waiter = direct.lease.LeaseGrant(rpc_pb2.LeaseGrantRequest(TTL=30), timeout=T).ID
+    held = direct.lock.Lock(v3lock_pb2.LockRequest(name=name, lease=holder), timeout=T)
+    before = inflight(etcd_server, "v3lockpb.Lock", "Lock")
+
+    cancelled = via_proxy.lock.Lock.future(v3lock_pb2.LockRequest(name=name, lease=waiter), timeout=60)
+    wait_until(lambda: inflight(etcd_server, "v3lockpb.Lock", "Lock") >= before + 1, 10, "the Lock to reach etcd")
+    cancelled.cancel()
+    wait_until(lambda: inflight(etcd_server, "v3lockpb.Lock", "Lock") <= before, 10, "etcd to see the cancel")
+
+    with pytest.raises(grpc.RpcError) as caught:
+        via_proxy.lock.Lock(v3lock_pb2.LockRequest(name=name, lease=waiter), timeout=1.0)
+    assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until(lambda: inflight(etcd_server, "v3lockpb.Lock", "Lock") <= before, 10, "etcd to see the deadline")
+
+    # etcd deleted the waiter keys of both abandoned attempts: only the holder's key is left
+    def leases() -> list[int]:
+        kvs = direct.kv.Range(rpc_pb2.RangeRequest(key=name + b"/", range_end=name + b"0"), timeout=T).kvs
+        return [kv.lease for kv in kvs]
+
+    wait_until(lambda: leases() == [holder], 10, "the abandoned waiter keys to go")
+    direct.lock.Unlock(v3lock_pb2.UnlockRequest(key=held.key), timeout=T)
+    # and the proxy serves the same lock to a new caller
+    got = via_proxy.lock.Lock(v3lock_pb2.LockRequest(name=name, lease=waiter), timeout=T)
+    assert got.key.startswith(name + b"/")
+    direct.lock.Unlock(v3lock_pb2.UnlockRequest(key=got.key), timeout=T)
 
 
 # --------------------------------------------------------------------------- streams with auth
