@@ -33,8 +33,6 @@ HTTP1_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", 
 # (method, path) -> (status, content type, body)
 HttpApp = Callable[[str, str], Awaitable[tuple[int, str, bytes]]]
 
-# a listening socket shared with other processes: skip a turn this long when admission says not now
-DEFER_S = 0.002
 ACCEPT_ERROR_PAUSE_S = 1.0  # out of file descriptors: stop accepting for a while (as asyncio does)
 
 
@@ -93,7 +91,7 @@ class H2Protocol(asyncio.Protocol):
         self._born = self.loop.time()
         self.server.protocols.add(self)
         if self.server.admission is not None:
-            self.server.admission.publish(len(self.server.protocols))
+            self.server.admission.publish(self.server.open_connections())
         # accepted during the drain delay: served normally (a load balancer still sends clients here until its
         # health check sees the 503); told to go away when the delay ends (Server.start_drain again)
 
@@ -124,7 +122,7 @@ class H2Protocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.protocols.discard(self)
         if self.server.admission is not None:
-            self.server.admission.publish(len(self.server.protocols))
+            self.server.admission.publish(self.server.open_connections())
         if self.conn is not None:
             self.conn.connection_lost()
         if self._http1 is not None:
@@ -304,6 +302,7 @@ class Server:
         self._shared: tuple[socket.socket, ssl.SSLContext | None] | None = None
         self._accepting = False
         self._resume: asyncio.TimerHandle | None = None
+        self.connecting = 0  # accepted, connection_made not yet called
 
     async def listen(
         self,
@@ -350,7 +349,10 @@ class Server:
         assert self._shared is not None and self.admission is not None
         sock, ssl_context = self._shared
         if not self.admission.may_accept(self.loop.time()):
-            self._stop_accepting(DEFER_S)
+            # still listening: the socket stays readable while the connection waits, so this runs again next
+            # loop turn and takes it once the balance (or the deferral cap) says so. Going deaf for a while
+            # instead let a burst of 100 connections land 95/5 when the other worker took all of them while
+            # this one was not listening (bench/h2bench watch mode).
             return
         try:
             conn, _ = sock.accept()
@@ -361,8 +363,15 @@ class Server:
             self._stop_accepting(ACCEPT_ERROR_PAUSE_S)
             return
         self.admission.on_accept()
+        # counted from the accept, not from connection_made a few loop turns later: in a burst the
+        # balance must see every connection this worker took
+        self.connecting += 1
+        self.admission.publish(len(self.protocols) + self.connecting)
         conn.setblocking(False)
         self.loop.create_task(self._connect(conn, ssl_context))
+
+    def open_connections(self) -> int:
+        return len(self.protocols) + self.connecting
 
     async def _connect(self, conn: socket.socket, ssl_context: ssl.SSLContext | None) -> None:
         kwargs: dict[str, Any] = {}
@@ -373,6 +382,10 @@ class Server:
         except (TimeoutError, OSError, ssl.SSLError) as exc:
             log.debug("connection dropped before it was set up: %s", exc)
             conn.close()
+        finally:
+            self.connecting -= 1
+            if self.admission is not None:
+                self.admission.publish(self.open_connections())
 
     async def _tick_loop(self) -> None:
         while True:

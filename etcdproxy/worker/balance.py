@@ -9,24 +9,27 @@ bind as the one-instance guard and loses a queue whenever its socket closes.
 
 So each worker publishes (open connections, connections accepted) in a small shared file of the run
 directory, one record per (worker index, generation parity) so that a rolling worker and its
-replacement never share one, and a worker holding ``SLACK`` more connections than another skips its
-turn for ``DEFER_S``; it accepts anyway once it has been skipping for ``MAX_DEFER_S`` (a stopped or slow
-peer delays a connection by at most that). The supervisor clears a record when it reaps its worker.
+replacement never share one, and a worker holding ``SLACK`` more connections than another leaves the
+connection to it, while still listening (the socket stays readable, so it asks again each loop turn);
+it accepts anyway once it has been deferring for ``MAX_DEFER_S`` (a stopped or slow peer delays a
+connection by at most that). The supervisor clears a record when it reaps its worker.
+
+A deferring worker used to stop listening for 2 ms; in a burst (100 connections queued at once) the
+other worker then took all of them before it listened again: 95/5 in bench/h2bench's watch mode.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
-import time
 from collections.abc import Iterable
 
 from etcdproxy.proc import BALANCE_FILE as FILE_NAME
 
-RECORD_FIELDS = 4  # pid, open connections, connections accepted, not listening until (monotonic us) (int64 each)
+# pid, open connections, connections accepted, (unused: was "not listening until") (int64 each)
+RECORD_FIELDS = 4
 # record 0 is the header: its first cell is how many records are in use (readers scan only those)
 MAX_RECORDS = 2049  # worker indexes 0..1023, two generation parities each, after the header
-DEFER_S = 0.002
 SLACK = 4  # plus a quarter of the other's count (see should_defer)
 MAX_DEFER_S = 0.02
 # what a draining worker publishes as its open count: it accepts only when nobody else does
@@ -38,15 +41,12 @@ Load = tuple[int, int]  # (open, accepted)
 def should_defer(own: Load, others: Iterable[Load]) -> bool:
     """True if another live worker holds at least ``SLACK`` + 25% fewer open connections.
 
-    The slack is what keeps every worker listening most of the time: a worker that skips its turn
-    stops watching the socket for DEFER_S, and if the worker it yields to could in turn yield back
-    (a tie broken by one connection), a connection could find nobody listening for that long (a
-    tie-break on accepted counts did exactly that: conn-storm fell from 8,400 to 1,665 conns/s,
-    p50 12 ms). With it, two workers can never both be yielding to each other, short connections
-    (open counts stay near 0) are accepted by whoever wakes first, and long-lived ones spread to
-    within the slack. The proportional part keeps a storm of short connections (counts moving by a
-    few around an even split) from deferring at all: SLACK 2 alone still cut conn-storm to 2,834
-    conns/s (p50 7.5 ms) against 16,197 without deferral."""
+    The slack keeps two workers from ever yielding to each other (the one with the fewest never
+    defers, so somebody always takes the connection), lets short connections (open counts near 0)
+    go to whoever wakes first, and spreads long-lived ones to within the slack. The proportional part
+    keeps a storm of short connections (counts moving by a few around an even split) from deferring
+    at all: with deaf deferrals a tie-break on accepted counts cut conn-storm from 8,400 to 1,665
+    conns/s and SLACK 2 alone to 2,834 (16,197 without deferral)."""
     mine = own[0]
     return any(other[0] + SLACK + other[0] // 4 <= mine for other in others)
 
@@ -82,12 +82,12 @@ class Board:
         if self.cells[0] <= record:
             self.cells[0] = record + 1
 
-    def loads(self, skip: int, now_us: int = 0) -> list[Load]:
-        """The loads of the other live workers that are listening (not skipping a turn until after ``now_us``)."""
+    def loads(self, skip: int) -> list[Load]:
+        """The loads of the other live workers."""
         cells = self.cells
         out = []
         for base in range(RECORD_FIELDS, min(cells[0], MAX_RECORDS) * RECORD_FIELDS, RECORD_FIELDS):
-            if cells[base] and base != skip and cells[base + 3] <= now_us:
+            if cells[base] and base != skip:
                 out.append((cells[base + 1], cells[base + 2]))
         return out
 
@@ -123,14 +123,11 @@ class Seat:
         self.draining = True
         self.publish(self.open)
 
-    def may_accept(self, now: float, clock: float | None = None) -> bool:
-        """``now``: the event loop's time (for the deferral cap); ``clock``: time.monotonic(), the clock
-        shared by every process, for the "not listening until" mark (the loop's may be cached)."""
-        clock_us = int((time.monotonic() if clock is None else clock) * 1e6)
+    def may_accept(self, now: float) -> bool:
+        """``now``: the event loop's time (for the deferral cap). Called again each loop turn while the
+        connection waits in the queue."""
         own = (DRAINING if self.draining else self.open, self.accepted)
-        # only workers that are listening count: yielding to one that is itself skipping its turn
-        # would leave the connection with nobody listening
-        if not should_defer(own, self.board.loads(self.base, clock_us)):
+        if not should_defer(own, self.board.loads(self.base)):
             self.deferring_since = None
             return True
         if self.deferring_since is None:
@@ -138,7 +135,6 @@ class Seat:
         if now - self.deferring_since >= MAX_DEFER_S:
             self.deferring_since = None
             return True
-        self.board.cells[self.base + 3] = clock_us + int(DEFER_S * 1e6)
         return False
 
     def on_accept(self) -> None:
