@@ -6,11 +6,16 @@ Handlers keep grpc.aio's shapes, so servicers read like grpc servicers: a unary 
 client-streaming/bidi one takes an async iterator of request bytes. ``context.abort(code, message)`` ends the
 call with a status. A unary handler may also have an ``inline`` function, called synchronously when the request
 is complete, that answers without a Task when it can (a cache hit) or returns None to fall back to the
-behaviour.
+behaviour. A unary handler whose answer comes from one callback (a call forwarded to the hub) may have a
+``start`` function instead of running its behaviour: ``start(request, context, respond)`` is called synchronously
+with the complete request and calls ``respond(code, body_or_message)`` once (now or later: code 0 with the answer
+bytes, else a status code with its message); it returns a function that stops the call (the client reset it or its
+deadline passed: ``respond`` must then not be called), or None once it has responded.
 
-Costs are per call what the hot path needs and no more: no Task for inline answers, a Task per call otherwise,
-a timer only for calls with a deadline; streamed messages go straight into the connection's write buffer, which
-the driver writes once per loop turn, so a burst of watch events is one socket write per connection.
+Costs are per call what the hot path needs and no more: no Task for inline answers or ``start`` handlers, a Task
+per call otherwise, a timer only for calls with a deadline; streamed messages go straight into the connection's
+write buffer, which the driver writes once per loop turn, so a burst of watch events is one socket write per
+connection.
 """
 
 from __future__ import annotations
@@ -74,6 +79,9 @@ class Context:
 
 Behaviour = Callable[..., Any]
 Inline = Callable[[bytes, Context], bytes | None]
+Respond = Callable[[int, Any], None]  # (0, answer bytes) or (status code, message)
+Stop = Callable[[], None]
+Start = Callable[[bytes, Context, Respond], Stop | None]
 
 
 def _answered(conn: ServerConnection, stream: Stream, inline: Inline, request: bytes, context: Context) -> bool:
@@ -95,10 +103,14 @@ class MethodHandler:
     response_streaming: bool
     behaviour: Behaviour
     inline: Inline | None = None
+    # unary only: run the call without a Task (see the module docstring); the behaviour is then not used
+    start: Start | None = None
 
 
-def unary_unary(behaviour: Callable[[bytes, Context], Awaitable[bytes]], inline: Inline | None = None) -> MethodHandler:
-    return MethodHandler(False, False, behaviour, inline)
+def unary_unary(
+    behaviour: Callable[[bytes, Context], Awaitable[bytes]], inline: Inline | None = None, start: Start | None = None
+) -> MethodHandler:
+    return MethodHandler(False, False, behaviour, inline, start)
 
 
 def unary_stream(behaviour: Callable[[bytes, Context], AsyncIterator[bytes]]) -> MethodHandler:
@@ -152,7 +164,19 @@ class Requests:
 class Call:
     """One call: the application object of a Stream."""
 
-    __slots__ = ("conn", "context", "handler", "loop", "request", "requests", "stream", "task", "timer", "writable")
+    __slots__ = (
+        "conn",
+        "context",
+        "handler",
+        "loop",
+        "request",
+        "requests",
+        "stop",
+        "stream",
+        "task",
+        "timer",
+        "writable",
+    )
 
     def __init__(
         self, conn: ServerConnection, stream: Stream, handler: MethodHandler, context: Context, loop: Any
@@ -165,6 +189,7 @@ class Call:
         self.request: bytes | None = None
         self.requests: Requests | None = None
         self.task: asyncio.Task[None] | None = None
+        self.stop: Stop | None = None  # of a call run by a ``start`` function, until it responded
         self.timer: asyncio.TimerHandle | None = None
         self.writable: asyncio.Future[None] | None = None
 
@@ -195,6 +220,7 @@ class Call:
         self.conn.finish_call(self.stream, StatusCode.DEADLINE_EXCEEDED, DEADLINE_MESSAGE)
         if self.task is not None:
             self.task.cancel()
+        self._stop()
 
     def cancel(self) -> None:
         if self.timer is not None:
@@ -202,6 +228,7 @@ class Call:
             self.timer = None
         if self.task is not None and not self.task.done():
             self.task.cancel()
+        self._stop()
         self.unblocked()
         if self.requests is not None:
             self.requests.wake()
@@ -210,6 +237,27 @@ class Call:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+    def _stop(self) -> None:
+        stop = self.stop
+        if stop is not None:
+            self.stop = None
+            try:
+                stop()
+            except Exception:
+                log.exception("stopping a call of %s failed", self.handler.start)
+
+    def respond(self, code: int, answer: Any) -> None:
+        """The ``respond`` of a ``start`` handler: (0, answer bytes) or (status code, message)."""
+        self.stop = None
+        timer = self.timer
+        if timer is not None:
+            timer.cancel()
+            self.timer = None
+        if code == 0:
+            self.conn.send_unary(self.stream, answer)
+        else:
+            self.conn.finish_call(self.stream, code, answer)
 
 
 def _unknown(path: str) -> str:
@@ -317,10 +365,32 @@ class Dispatcher:
         inline = handler.inline if try_inline else None
         if inline is not None and _answered(conn, stream, inline, request, call.context):
             return
+        start = handler.start
+        if start is not None:
+            self._start(call, start, request)
+            return
         if handler.response_streaming:
             call.start(self._stream(call, handler.behaviour(request, call.context)))
         else:
             call.start(self._unary(call, handler.behaviour(request, call.context)))
+
+    def _start(self, call: Call, start: Start, request: bytes) -> None:
+        """Run a call by its ``start`` function: no Task; the timer of its deadline only once it waits."""
+        try:
+            stop = start(request, call.context, call.respond)
+        except Abort as abort:
+            call.conn.finish_call(call.stream, abort.code, abort.message)
+            return
+        except Exception as exc:
+            log.exception("handler of %s failed", start)
+            call.conn.finish_call(call.stream, StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}")
+            return
+        if stop is None or call.stream.finished:  # answered already
+            return
+        call.stop = stop
+        deadline = call.context.deadline
+        if deadline is not None:
+            call.timer = self.loop.call_at(deadline, call.expire)
 
     def reset(self, conn: ServerConnection, stream: Stream) -> None:
         call: Call | None = stream.app

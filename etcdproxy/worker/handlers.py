@@ -3,6 +3,9 @@
 Requests are parsed once, only to refuse malformed bytes the way etcd does before anything
 reaches upstream; the original bytes are what travels to the hub. Responses come back as
 etcd's bytes and are returned untouched.
+
+Forwarded unary calls run without a Task or coroutine (rpc's ``start`` handlers, ``_Route``): the request
+is checked and sent to the hub in the read path, and the hub's reply is written from the IPC frame reader.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from etcdproxy import metrics
 from etcdproxy.core import errors, wire
 from etcdproxy.core.methods import METHODS, Method, Shape
 from etcdproxy.core.namespace import Namespace, Refused
@@ -52,7 +56,14 @@ class Handlers:
         table = {method.path: (method.service, method.name, self._handler(method)) for method in METHODS}
         table[f"/{HEALTH_SERVICE}/Check"] = (HEALTH_SERVICE, "Check", rpc.unary_unary(self.health_check))
         table[f"/{HEALTH_SERVICE}/Watch"] = (HEALTH_SERVICE, "Watch", rpc.unary_stream(self.health_watch))
-        return {path: instrument(svc, name, handler) for path, (svc, name, handler) in table.items()}
+        served = {}
+        for path, (svc, name, handler) in table.items():
+            counted = instrument(svc, name, handler)
+            if handler.start is not None:
+                # instrument() wraps behaviours only; a _Route start counts its calls in the same RpcStats
+                counted = rpc.MethodHandler(False, False, counted.behaviour, counted.inline, handler.start)
+            served[path] = counted
+        return served
 
     def _handler(self, method: Method) -> rpc.MethodHandler:
         if method.path in self.overrides:
@@ -60,13 +71,15 @@ class Handlers:
         if method.name == "RangeStream":
             return rpc.unary_stream(self._range_stream)
         if method.shape is Shape.UNARY:
-            return rpc.unary_unary(self._unary_for(method))
+            stats = metrics.rpc_stats("unary", method.service, method.name)  # the RpcStats instrument() uses
+            return rpc.unary_unary(self._unary_for(method), start=_Route(self.hub, method, self.namespace, stats).start)
         if method.shape is Shape.SERVER_STREAM:
             return rpc.unary_stream(self._server_stream_for(method))
         return rpc.stream_stream(self._bidi_for(method))
 
     # ---- unary ---------------------------------------------------------------------------
 
+    # The async form of a forwarded unary call; the Dispatcher runs _Route.start instead (same answers).
     def _unary_for(self, method: Method) -> Callable[[bytes, Any], Awaitable[bytes]]:
         request_class = method.request
         hub = self.hub
@@ -198,3 +211,87 @@ class Handlers:
                 yield status
                 last = status
             await asyncio.sleep(1.0)
+
+
+class _Route:
+    """A forwarded unary method run without a Task (rpc's ``start``), counted in RpcStats like instrument()
+    counts a behaviour: started and received at the start, sent with an answer, handled once with its code
+    (Canceled or DeadlineExceeded when the call is stopped, by the deadline if no time remains)."""
+
+    __slots__ = ("hub", "method", "namespace", "path", "request_class", "stats")
+
+    def __init__(self, hub: HubClient, method: Method, namespace: Namespace | None, stats: metrics.RpcStats) -> None:
+        self.hub = hub
+        self.method = method
+        self.namespace = namespace
+        self.path = method.path
+        self.request_class = method.request
+        self.stats = stats
+
+    def start(self, request: bytes, context: rpc.Context, respond: rpc.Respond) -> rpc.Stop | None:
+        stats = self.stats
+        stats.started += 1
+        stats.open += 1
+        stats.received += 1
+        try:
+            _, problem = wire.parse(self.request_class, request)
+            if problem is not None:
+                self._refuse(errors.unmarshal_error(problem), respond)
+                return None
+            namespace = self.namespace
+            if namespace is not None:
+                try:
+                    request = namespace.request(self.path, request)
+                except Refused as refused:
+                    self._refuse(refused.error, respond)
+                    return None
+            call = _Forwarded(self, context, respond)
+            call.req_id = self.hub.start_call(
+                self.method, request, forwarded_metadata(context), context.time_remaining(), call.reply
+            )
+        except BaseException:
+            stats.end("Unknown")  # the Dispatcher answers UNKNOWN
+            raise
+        return call.stop
+
+    def _refuse(self, error: errors.EtcdError, respond: rpc.Respond) -> None:
+        self.stats.end(metrics.go_code_name(int(error.code)))
+        respond(int(error.code), error.message)
+
+
+class _Forwarded:
+    """One forwarded unary call waiting for the hub: its reply callback and its stop."""
+
+    __slots__ = ("context", "req_id", "respond", "route")
+
+    def __init__(self, route: _Route, context: rpc.Context, respond: rpc.Respond) -> None:
+        self.route = route
+        self.context = context
+        self.respond = respond
+        self.req_id = 0
+
+    def reply(self, code: int, body: bytes | str) -> None:
+        """The hub's (code, body): the answer (namespace view), or the status etcd answered."""
+        route = self.route
+        try:
+            if code == 0:
+                if route.namespace is not None:
+                    body = route.namespace.response(route.path, body)  # type: ignore[arg-type]
+                status, name = 0, "OK"
+                route.stats.sent += 1
+            else:
+                status = int(errors.CODES[code])
+                name = metrics.go_code_name(status)
+                body = str(body)
+        except Exception as exc:
+            log.exception("answer of %s failed", route.path)
+            status, name, body = StatusCode.UNKNOWN, "Unknown", f"Unexpected {type(exc).__name__}: {exc}"
+        route.stats.end(name)
+        self.respond(status, body)
+
+    def stop(self) -> None:
+        """The client reset the call or its deadline passed (the transport answered it): tell the hub."""
+        route = self.route
+        route.hub.cancel(self.req_id)
+        remaining = self.context.time_remaining()
+        route.stats.end("DeadlineExceeded" if remaining is not None and remaining <= 0 else "Canceled")

@@ -34,16 +34,29 @@ HUB_SILENCE_S = 1.5
 ACK_EVERY = 16
 
 StreamItem = bytes | tuple[int, str]  # a message, or the final (code, message)
+Callback = Callable[[int, bytes | str], None]  # a call's (code, body) as the hub replies
 
 
 @dataclass(slots=True)
 class PendingCall:
-    future: asyncio.Future[tuple[int, bytes | str]]
+    # the answer goes to exactly one of the two: a future (``call``) or a callback (``start_call``)
+    future: asyncio.Future[tuple[int, bytes | str]] | None
     method: Method
     payload: bytes
     metadata: s.Metadata
     deadline: float | None
     epoch: int = 0  # epoch it was sent to; 0 = not sent yet
+    callback: Callback | None = None
+
+    def settle(self, code: int, body: bytes | str) -> None:
+        callback = self.callback
+        if callback is not None:
+            self.callback = None
+            callback(code, body)
+            return
+        future = self.future
+        if future is not None and not future.done():
+            future.set_result((code, body))
 
 
 @dataclass(slots=True)
@@ -119,15 +132,26 @@ class HubClient:
         self, method: Method, payload: bytes, metadata: s.Metadata, timeout_s: float | None
     ) -> tuple[int, asyncio.Future[tuple[int, bytes | str]]]:
         """Start a unary call; returns (req_id, future of (code, body))."""
+        future: asyncio.Future[tuple[int, bytes | str]] = self.loop.create_future()
+        return self._add_call(PendingCall(future, method, payload, metadata, None), timeout_s), future
+
+    def start_call(
+        self, method: Method, payload: bytes, metadata: s.Metadata, timeout_s: float | None, callback: Callback
+    ) -> int:
+        """Start a unary call whose (code, body) goes to ``callback``, called from the frame reader (no future,
+        no loop turn); returns the req_id. After ``cancel(req_id)`` the callback is never called."""
+        return self._add_call(PendingCall(None, method, payload, metadata, None, 0, callback), timeout_s)
+
+    def _add_call(self, pending: PendingCall, timeout_s: float | None) -> int:
         req_id = next(self._ids)
-        deadline = None if timeout_s is None else self.loop.time() + timeout_s
-        pending = PendingCall(self.loop.create_future(), method, payload, metadata, deadline)
+        if timeout_s is not None:
+            pending.deadline = self.loop.time() + timeout_s
         self.calls[req_id] = pending
         if self.epoch:
             self._send_call(req_id, pending)
         else:
             self._unsent.append((req_id, False))
-        return req_id, pending.future
+        return req_id
 
     def _send_call(self, req_id: int, pending: PendingCall) -> None:
         timeout = None if pending.deadline is None else max(pending.deadline - self.loop.time(), 0.0)
@@ -230,8 +254,8 @@ class HubClient:
         self._expected_seq = seq + 1
         if isinstance(message, s.Reply):
             pending = self.calls.pop(message.req_id, None)
-            if pending is not None and not pending.future.done():
-                pending.future.set_result((message.code, message.body))
+            if pending is not None:
+                pending.settle(message.code, message.body)
         elif isinstance(message, s.StreamRecv):
             state = self.streams.get(message.req_id)
             if state is not None:
@@ -290,9 +314,8 @@ class HubClient:
                     self._unsent.append((req_id, False))
             else:
                 del self.calls[req_id]
-                if not pending.future.done():
-                    err = errors.HUB_RESTARTED
-                    pending.future.set_result((err.code, err.message))
+                err = errors.HUB_RESTARTED
+                pending.settle(err.code, err.message)
             return
         state = self.streams.get(req_id)
         if state is not None:  # its open reached a newer hub, which did not run it
@@ -317,5 +340,4 @@ class HubClient:
         for req_id, pending in list(self.calls.items()):
             if not pending.epoch and pending.deadline is not None and pending.deadline <= now:
                 del self.calls[req_id]
-                if not pending.future.done():
-                    pending.future.set_result((4, "context deadline exceeded"))  # DEADLINE_EXCEEDED
+                pending.settle(4, "context deadline exceeded")  # DEADLINE_EXCEEDED
