@@ -234,7 +234,8 @@ def _with_worker(tmp_path: Path, scenario: Scenario, namespace: Namespace | None
 
 
 def _put(key: bytes) -> bytes:
-    return rpc_pb2.PutRequest(key=key, value=b"v").SerializeToString()
+    data: bytes = rpc_pb2.PutRequest(key=key, value=b"v").SerializeToString()
+    return data
 
 
 def _counts(name: str) -> tuple[int, int, int, int, dict[str, int]]:
