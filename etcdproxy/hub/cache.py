@@ -44,7 +44,7 @@ import contextlib
 import functools
 import itertools
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -112,6 +112,20 @@ def _range_of(request: bytes) -> tuple[Interval | None, bool]:
 
 
 Answer = tuple[int, bytes | str]
+
+
+class _Member:
+    """One caller of a shared linearizable Range."""
+
+    __slots__ = ("left", "on_answer")
+
+    def __init__(self, on_answer: Callable[[Answer], None]) -> None:
+        self.on_answer = on_answer
+        self.left = False  # withdrawn by its caller: the answer is not wanted
+
+    def answered(self, done: asyncio.Future[Answer]) -> None:
+        if not self.left:
+            self.on_answer(done.result())
 
 
 @dataclass(slots=True)
@@ -392,40 +406,83 @@ class CacheHub:
         return self._forward_range(method, message)
 
     async def _forward_range(self, method: Method, message: s.Unary) -> Answer:
-        """A Range; identical linearizable Ranges share one upstream request.
-
-        Joining is allowed only until the shared request starts, and it starts only after the
-        leader yielded once (letting every call already received join): so the request etcd
-        serves was sent after each caller's request arrived, and every answer is linearizable.
-        """
-        forwarder = self.hub.forwarder
+        """A Range through the general path (a Task): serializable ones are forwarded as they are, linearizable
+        ones share an upstream request (join_linear)."""
         payload = message.payload
         interval, serializable = _range_of(payload)
+        if not serializable:
+            answer: asyncio.Future[Answer] = self.hub.loop.create_future()
+            leave = self._join_linear(message, interval, answer.set_result)
+            try:
+                return await answer
+            except BaseException:
+                leave()
+                raise
+        self._enter_in_flight(payload, interval)
+        try:
+            return await self.hub.forwarder.unary(method, payload, message.metadata, message.timeout_s)
+        except BaseException:
+            self._leave_in_flight(payload, interval)
+            raise
+
+    def join_linear(self, message: s.Unary, on_answer: Callable[[Answer], None]) -> Callable[[], None] | None:
+        """A linearizable Range without a Task of its own: ``on_answer`` gets the shared request's answer. Returns
+        the function that withdraws the call (its client gave up), or None for a serializable Range."""
+        interval, serializable = _range_of(message.payload)
+        if serializable:
+            return None
+        self.note_metadata(message.metadata)
+        return self._join_linear(message, interval, on_answer)
+
+    def _join_linear(
+        self, message: s.Unary, interval: Interval | None, on_answer: Callable[[Answer], None]
+    ) -> Callable[[], None]:
+        """Identical linearizable Ranges share one upstream request.
+
+        Joining is allowed only until the shared request starts, and it starts only after the loop
+        turned once (call_soon: every call already received joins first): so the request etcd serves
+        was sent after each caller's request arrived, and every answer is linearizable.
+        """
+        payload = message.payload
+        self._enter_in_flight(payload, interval)  # until after_call moves it to the worker's footprint
+        key = (payload, tuple(message.metadata))
+        shared = self._linear.get(key)
+        if shared is not None and shared.task is None:
+            shared.timeouts.append(message.timeout_s)
+            self.linear_shared += 1
+        else:
+            shared = self._linear[key] = SharedRange(self.hub.loop.create_future(), [message.timeout_s])
+            self.hub.loop.call_soon(self._start_shared, key, shared)
+        member = _Member(on_answer)
+        shared.done.add_done_callback(member.answered)
+
+        def leave() -> None:
+            """The caller gave up before it used an answer (possibly after the answer came)."""
+            if member.left:
+                return
+            member.left = True  # a callback already scheduled still runs: it checks this
+            shared.done.remove_done_callback(member.answered)
+            self._leave_in_flight(payload, interval)
+
+        return leave
+
+    def _start_shared(self, key: tuple[bytes, tuple[tuple[str, str], ...]], shared: SharedRange) -> None:
+        payload, metadata = key
+        timeout = None if None in shared.timeouts else max(t for t in shared.timeouts if t is not None)
+        shared.task = self.hub.loop.create_task(self.hub.forwarder.unary(RANGE, payload, list(metadata), timeout))
+        shared.task.add_done_callback(functools.partial(self._shared_done, key, shared))
+
+    def _enter_in_flight(self, payload: bytes, interval: Interval | None) -> None:
+        # in flight until after_call moves it to the worker's footprint: an invalidation meanwhile goes to all
         if interval is not None:
-            # in flight until after_call moves it to the worker's footprint: an invalidation meanwhile goes to all
             recorded = self._in_flight_by.get(payload)
             self._in_flight_by[payload] = (interval, 1) if recorded is None else (interval, recorded[1] + 1)
             self._in_flight.add(interval)
-        try:
-            if serializable:
-                return await forwarder.unary(method, payload, message.metadata, message.timeout_s)
-            key = (payload, tuple(message.metadata))
-            shared = self._linear.get(key)
-            if shared is not None and shared.task is None:
-                shared.timeouts.append(message.timeout_s)
-                self.linear_shared += 1
-                return await asyncio.shield(shared.done)
-            shared = self._linear[key] = SharedRange(self.hub.loop.create_future(), [message.timeout_s])
-            await asyncio.sleep(0)  # calls already received get to join
-            timeout = None if None in shared.timeouts else max(t for t in shared.timeouts if t is not None)
-            shared.task = self.hub.loop.create_task(forwarder.unary(method, payload, message.metadata, timeout))
-            shared.task.add_done_callback(functools.partial(self._shared_done, key, shared))
-            return await asyncio.shield(shared.done)
-        except BaseException:
-            recorded = self._in_flight_by.get(payload) if interval is not None else None
-            if recorded is not None:
-                self._forget_in_flight(payload, recorded)
-            raise
+
+    def _leave_in_flight(self, payload: bytes, interval: Interval | None) -> None:
+        recorded = self._in_flight_by.get(payload) if interval is not None else None
+        if recorded is not None:
+            self._forget_in_flight(payload, recorded)
 
     def _shared_done(
         self, key: tuple[bytes, tuple[tuple[str, str], ...]], shared: SharedRange, task: asyncio.Task[Answer]

@@ -57,6 +57,7 @@ class DirectCall:
         "channel",
         "finished",
         "hub",
+        "leave",
         "message",
         "method",
         "started",
@@ -74,6 +75,7 @@ class DirectCall:
         self.started = hub.loop.time()
         self.stream: Any = None
         self.waiting: asyncio.Future[None] | None = None  # the cache invalidation acks, if waited for
+        self.leave: Callable[[], None] | None = None  # withdraws a Range from a shared request
         self.cancelled = False  # cancelled, or replied: nothing more happens
         self.finished = False  # the upstream answer came
 
@@ -81,6 +83,17 @@ class DirectCall:
         self.finished = True
         if not self.cancelled:
             self.hub._direct_done(self, code, text, response, unprocessed)
+
+    def shared_answer(self, answer: tuple[int, bytes | str]) -> None:
+        """The answer of the shared request a Range joined (never before the caller returned)."""
+        self.finished = True
+        if self.cancelled:
+            return
+        try:
+            self.hub._complete(self, *answer)
+        except Exception as exc:  # as _unary: the client gets UNKNOWN, the hub goes on
+            log.exception("unary %s failed", self.method.path)
+            self.hub._reply_direct(self, int(StatusCode.UNKNOWN), f"etcdproxy: {exc}")
 
     def cancel(self) -> None:
         """The client gave up (or its worker is gone): RST_STREAM upstream, invalidate, no reply."""
@@ -90,6 +103,8 @@ class DirectCall:
         hub = self.hub
         if self.waiting is not None:
             self.waiting.cancel()
+        elif self.leave is not None:
+            self.leave()  # the shared request goes on for the others
         elif self.stream is not None and not self.finished:
             live = self.channel.channel
             if live is not None:
@@ -255,11 +270,10 @@ class Hub:
             # with --advertise-client-url (as the Go proxy): the proxies instead of the etcd members (hub/cluster.py)
             self.reply(worker, message.req_id, OK, self.cluster.member_list() or b"")
             return
-        if (
-            method is not LEASE_REVOKE
-            and (method is not RANGE or self.cache is None)
-            and self._start_direct(worker, method, message)
-        ):
+        if method is RANGE and self.cache is not None:
+            if self._join_range(worker, method, message):
+                return
+        elif method is not LEASE_REVOKE and self._start_direct(worker, method, message):
             return
         task = self.loop.create_task(self._unary(worker, method, message))
         worker.calls[message.req_id] = task
@@ -284,6 +298,17 @@ class Hub:
         call.stream = live.start_unary(method.path, message.payload, message.metadata, message.timeout_s, call.done)
         if call.finished:  # answered at once (the connection closed under the call): no stream to cancel
             call.stream = None
+        return True
+
+    def _join_range(self, worker: WorkerState, method: Method, message: s.Unary) -> bool:
+        """A linearizable Range shares the upstream request of identical ones (CacheHub.join_linear), no Task."""
+        assert self.cache is not None
+        call = DirectCall(self, worker, method, message, self.upstream.channel)
+        leave = self.cache.join_linear(message, call.shared_answer)
+        if leave is None:
+            return False
+        call.leave = leave
+        worker.calls[message.req_id] = call
         return True
 
     def _direct_done(self, call: DirectCall, code: int, text: str, response: bytes | None, unprocessed: bool) -> None:
