@@ -98,14 +98,34 @@ def fragments(events: Sequence[bytes], limit: int = FRAGMENT_LIMIT_BYTES) -> lis
     return runs
 
 
-def prepare(events: Iterable[Sequence[Any]]) -> list[tuple[int, bool, bytes, bytes]]:
+class Prepared(list[tuple[int, bool, bytes, bytes]]):
+    """One batch as ``prepare`` returns it, plus what lets a c-watcher that wants all of it take it whole
+    (CWatcher.accept's fast path: a list extend instead of a loop per event per c-watcher)."""
+
+    __slots__ = ("cuts", "deletes", "first", "last", "puts", "with_prev", "with_size", "without_prev", "without_size")
+
+    def __init__(self, events: Iterable[tuple[int, bool, bytes, bytes]]) -> None:
+        super().__init__(events)
+        self.first = self[0][0] if self else 0
+        self.last = self[-1][0] if self else 0
+        self.with_prev = [e[2] for e in self]
+        self.without_prev = [e[3] for e in self]
+        self.with_size = sum(map(len, self.with_prev))
+        self.without_size = sum(map(len, self.without_prev))
+        # indexes where a new revision starts (after the first event)
+        self.cuts = [i for i in range(1, len(self)) if self[i][0] != self[i - 1][0]]
+        self.deletes = any(e[1] for e in self)
+        self.puts = not all(e[1] for e in self)
+
+
+def prepare(events: Iterable[Sequence[Any]]) -> Prepared:
     """Hub WireEvents -> the same with both serializations framed as WatchResponse.events
     fields, done once per batch and shared by every c-watcher of the worker."""
     out = []
     for revision, is_delete, with_prev, without_prev in events:
         framed = event_field(with_prev)
         out.append((revision, is_delete, framed, framed if without_prev == with_prev else event_field(without_prev)))
-    return out
+    return Prepared(out)
 
 
 def revision_runs(events: Sequence[bytes], cuts: Sequence[int], limit: int = FRAGMENT_LIMIT_BYTES) -> list[list[bytes]]:
@@ -199,10 +219,33 @@ class CWatcher:
         delivered already and are skipped; next_revision then moves past the batch, so the
         events of one revision are never split and replays never duplicate.
         """
-        added = 0
-        last = 0
         pending = self.pending
         next_revision = self.next_revision
+        if (
+            type(events) is Prepared
+            and events
+            and events.first >= next_revision
+            and not (self.nodelete and events.deletes)
+            and not (self.noput and events.puts)
+        ):
+            # the whole batch is wanted: same result as the loop below, without a step per event
+            base = len(pending)
+            if base and events.first != self.pending_revision:
+                self.pending_cuts.append(base)
+            if events.cuts:
+                self.pending_cuts.extend([base + i for i in events.cuts])
+            if self.prev_kv:
+                pending.extend(events.with_prev)
+                added = events.with_size
+            else:
+                pending.extend(events.without_prev)
+                added = events.without_size
+            self.pending_revision = events.last
+            self.next_revision = events.last + 1
+            self.pending_bytes += added
+            return added
+        added = 0
+        last = 0
         for revision, is_delete, with_prev, without_prev in events:
             last = revision
             if revision < next_revision or (self.nodelete if is_delete else self.noput):
@@ -223,7 +266,7 @@ class CWatcher:
         events, self.pending = self.pending, []
         cuts, self.pending_cuts = self.pending_cuts, []
         header = self.pending_header or self.last_header
-        self.pending_bytes = 0
+        size, self.pending_bytes = self.pending_bytes, 0  # the sum of len(e) for e in events
         self.pending_header = b""
         progress, self.pending_progress = self.pending_progress, False
         if not events:
@@ -232,7 +275,7 @@ class CWatcher:
             self.last_header = header
             return [encode_response(self.watch_id, header)]
         self.last_header = header
-        if sum(map(len, events)) <= FRAGMENT_LIMIT_BYTES:
+        if size <= FRAGMENT_LIMIT_BYTES:
             return [encode_response(self.watch_id, header, events)]
         if not self.fragment:
             # Several revisions piled up (slow reader, replay): one response per run of whole

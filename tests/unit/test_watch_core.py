@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from etcdproxy.core.broadcast import (
     CATCH_UP_S,
@@ -142,6 +144,7 @@ def test_fragmented_response_splits_and_flags() -> None:
     w = watcher(next_revision=1, fragment=True)
     big_event = kv_pb2.Event(kv=kv_pb2.KeyValue(key=b"k", value=b"y" * 1_000_000)).SerializeToString()
     w.pending = [event_field(big_event), event_field(big_event)]
+    w.pending_bytes = sum(map(len, w.pending))  # what accept keeps in step with pending
     w.pending_header = HEADER
     parts = [rpc_pb2.WatchResponse.FromString(d) for d in w.take_responses()]
     assert [p.fragment for p in parts] == [True, False]
@@ -294,3 +297,37 @@ def test_progress_gate_hands_back_everyone_parked_when_the_stream_fails() -> Non
     gate.on_answer(30, 0, "a", False, 0.0)
     gate.on_answer(30, 0, "b", False, 0.1)
     assert gate.take_all() == ["a", "b"] and gate.parked == []
+
+
+@given(
+    batches=st.lists(
+        st.lists(st.tuples(st.integers(1, 6), st.booleans()), min_size=1, max_size=6),
+        min_size=1,
+        max_size=6,
+    ),
+    start=st.integers(0, 12),
+    noput=st.booleans(),
+    nodelete=st.booleans(),
+    prev_kv=st.booleans(),
+)
+@settings(max_examples=300, deadline=None)
+def test_accept_whole_batch_fast_path_matches_the_event_loop(
+    batches: list[list[tuple[int, bool]]], start: int, noput: bool, nodelete: bool, prev_kv: bool
+) -> None:
+    """CWatcher.accept takes a Prepared batch it wants whole with one extend: pending fields, cuts, sizes and
+    next_revision must be exactly what the per-event loop (fed a plain list) produces."""
+    fast = watcher(next_revision=start, noput=noput, nodelete=nodelete, prev_kv=prev_kv)
+    slow = watcher(next_revision=start, noput=noput, nodelete=nodelete, prev_kv=prev_kv)
+    base = 0
+    for batch in batches:
+        # revisions non-decreasing within a batch and across batches (a replay may overlap: start over at base)
+        revisions = sorted(base + r for r, _ in batch)
+        deletes = [d for _, d in batch]
+        events = [event(r, key=b"k%d" % i, delete=d) for i, (r, d) in enumerate(zip(revisions, deletes, strict=True))]
+        prepared = prepare(events)
+        assert fast.accept(prepared) == slow.accept(list(prepared))
+        base = revisions[-1] - 1  # the next batch may repeat the last revision's neighbourhood
+    for name in ("pending", "pending_cuts", "pending_revision", "pending_bytes", "next_revision"):
+        assert getattr(fast, name) == getattr(slow, name), name
+    fast.pending_header = slow.pending_header = HEADER
+    assert fast.take_responses() == slow.take_responses()
