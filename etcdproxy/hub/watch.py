@@ -346,7 +346,7 @@ class WatchHub:
         """Join a c-watcher starting at ``start`` (0: where etcd starts ``broadcast``)."""
         receiver = (worker.identity, create.wid)
         self.receiver_of[receiver] = broadcast.sw_id
-        broadcast.receivers[receiver] = start
+        broadcast.add_receiver(receiver, start)
         if not broadcast.live:
             broadcast.waiting.append(receiver)
             if header:
@@ -451,7 +451,7 @@ class WatchHub:
         broadcast = self.broadcasts.get(sw_id)
         if broadcast is None:
             return
-        broadcast.receivers.pop(receiver, None)
+        broadcast.remove_receiver(receiver)
         if receiver in broadcast.waiting:
             broadcast.waiting.remove(receiver)
         if not broadcast.receivers and not broadcast.waiting:
@@ -512,10 +512,10 @@ class WatchHub:
                 start = floor
             elif start < floor:
                 # it waited for this create but etcd started the watch later than it needs
-                del broadcast.receivers[receiver]
+                broadcast.remove_receiver(receiver)
                 self._rehome(stream.group, broadcast, receiver, start, join_headers.get(receiver, header))
                 continue
-            broadcast.receivers[receiver] = start
+            broadcast.add_receiver(receiver, start)
             self._confirm(identity, wid, broadcast, start, join_headers.get(receiver, header))
         if not broadcast.receivers:
             self._remove_broadcast(broadcast)

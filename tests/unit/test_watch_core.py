@@ -331,3 +331,19 @@ def test_accept_whole_batch_fast_path_matches_the_event_loop(
         assert getattr(fast, name) == getattr(slow, name), name
     fast.pending_header = slow.pending_header = HEADER
     assert fast.take_responses() == slow.take_responses()
+
+
+def test_workers_follow_receivers() -> None:
+    b = Broadcast(1, b"k", b"", start_revision=0)
+    b.add_receiver((b"w1", 1), 0)
+    b.add_receiver((b"w1", 2), 5)
+    b.add_receiver((b"w2", 1), 0)
+    b.add_receiver((b"w1", 2), 7)  # a new start for the same receiver: no second count
+    assert sorted(b.workers()) == [b"w1", b"w2"] and b.receivers[(b"w1", 2)] == 7
+    b.remove_receiver((b"w1", 1))
+    assert sorted(b.workers()) == [b"w1", b"w2"]
+    b.remove_receiver((b"w1", 2))
+    b.remove_receiver((b"w1", 2))  # already gone: nothing changes
+    assert b.workers() == (b"w2",)
+    b.remove_receiver((b"w2", 1))
+    assert b.workers() == () and not b.receivers
