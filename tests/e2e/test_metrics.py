@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -311,6 +312,39 @@ def test_cache_hits_count_as_whole_calls(start: Callable[..., MetricsProxy]) -> 
         assert mp.value(name, **rng) == started_before + 20, name
     assert mp.value("grpc_server_handled_total", grpc_code="OK", **rng) == started_before + 20
     assert mp.value("etcdproxy_grpc_server_in_flight", **rng) == 0
+
+
+def test_watch_responses_sent_are_counted(start: Callable[..., MetricsProxy]) -> None:
+    """grpc_server_msg_sent_total of Watch counts every response, the created answer (written by the stream's
+    iterator) and the event responses (written straight from the fan-out, rpc Call.push) alike."""
+    etcdproxy_only()
+    mp = start(workers=1)
+    watch = {"grpc_type": "bidi_stream", "grpc_service": "etcdserverpb.Watch", "grpc_method": "Watch"}
+    before = mp.value("grpc_server_msg_sent_total", **watch)
+    stubs = connect("proxy", mp.proxy.endpoint)
+    requests: queue.Queue[rpc_pb2.WatchRequest | None] = queue.Queue()
+    requests.put(rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(key=b"metrics/sent")))
+    call = stubs.watch.Watch(iter(requests.get, None), timeout=30)
+    responses = events = 0
+    try:
+        for response in call:
+            responses += 1
+            if response.created:
+                for i in range(30):
+                    stubs.kv.Put(rpc_pb2.PutRequest(key=b"metrics/sent", value=b"%d" % i), timeout=10)
+            events += len(response.events)
+            if events >= 30:
+                break
+    finally:
+        call.cancel()
+        requests.put(None)
+        stubs.close()
+    assert events == 30 and responses >= 2
+    wait_until(
+        lambda: mp.value("grpc_server_msg_sent_total", **watch) == before + responses,
+        10,
+        f"{responses} Watch responses counted",
+    )
 
 
 def test_coalescing_metrics(start: Callable[..., MetricsProxy]) -> None:
