@@ -419,15 +419,21 @@ class WatchService:
             if out or stream.end is not None or stream.sink is None:
                 stream.wake.set()
                 continue
-            while stream.dirty:
-                stream.flush(next(iter(stream.dirty.values())))
-            sink = stream.sink
-            while out:
-                if not sink(out[0]):  # blocked: the iterator writes the rest with its backpressure
-                    stream.wake.set()
+            # one watcher's responses at a time, like the iterator: once the stream blocks, the rest
+            # stay pending in their watchers, where they count toward SLOW_STREAM_BYTES (flushing all
+            # of them first hid a whole fan-out batch from that limit: CI saw a stalled client never
+            # cancelled)
+            sink, dirty = stream.sink, stream.dirty
+            while True:
+                while out:
+                    if not sink(out[0]):  # blocked: the iterator writes the rest with its backpressure
+                        stream.wake.set()
+                        break
+                    out.popleft()
+                    stats.sent += 1
+                if out or not dirty:
                     break
-                out.popleft()
-                stats.sent += 1
+                stream.flush(next(iter(dirty.values())))
 
     def on_events(self, message: s.WatchEvents) -> None:
         members = self.by_sw.get(message.sw_id)
