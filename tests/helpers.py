@@ -101,6 +101,19 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
 # --------------------------------------------------------------------------- processes
 
 
+def all_threads_stopped(pid: int) -> bool:
+    """Every thread of ``pid`` is in the stopped state: kill(SIGSTOP) returns before a busy process's
+    threads have stopped, and a request sent meanwhile may still be answered."""
+    states = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            raw = stat.read_text()
+        except OSError:
+            continue  # a thread that just exited
+        states.append(raw[raw.rindex(")") + 2])
+    return bool(states) and all(state in "Tt" for state in states)
+
+
 def _proc_stat(pid: int) -> tuple[int, int] | None:
     """(parent pid, start time in clock ticks) of a live (non-zombie) ``pid``, else None."""
     try:

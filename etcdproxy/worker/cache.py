@@ -30,19 +30,19 @@ from typing import Any
 from etcdproxy import metrics
 from etcdproxy.config import Config
 from etcdproxy.core import errors, wire
-from etcdproxy.core.cache import CacheKey, RangeCache, Ticket, to_interval
+from etcdproxy.core.cache import CacheKey, Interval, RangeCache, Ticket, to_interval
 from etcdproxy.core.methods import by_name
 from etcdproxy.core.namespace import Namespace, Refused
 from etcdproxy.etcdpb import rpc_pb2
 from etcdproxy.h2 import rpc
+from etcdproxy.h2.status import StatusCode
 from etcdproxy.ipc import schema as s
-from etcdproxy.worker.handlers import abort, forwarded_metadata
+from etcdproxy.worker.handlers import forwarded_metadata
 from etcdproxy.worker.hubclient import HubClient
 
 log = logging.getLogger(__name__)
 
 RANGE = by_name("etcdserverpb.KV", "Range")
-Answer = tuple[int, bytes | str]  # (code, body) as the hub replies
 
 
 def identity_of(metadata: s.Metadata) -> str:
@@ -61,8 +61,9 @@ class RangeService:
         self.namespace = namespace
         # off until the hub says its invalidation watch is up (CacheState)
         self.cache = RangeCache(config.cache_max_entries, config.cache_max_bytes, enabled=False)
-        # serializable misses in flight: key -> (ticket, interval, answer or None if abandoned)
-        self._inflight: dict[CacheKey, tuple[Ticket, tuple[bytes, bytes | None], asyncio.Future[Answer | None]]] = {}
+        # serializable misses in flight, each shared by the identical misses that arrive while it is out
+        self._inflight: dict[CacheKey, _Shared] = {}
+        self.stats = metrics.rpc_stats("unary", "etcdserverpb.KV", "Range")  # the RpcStats instrument() uses
         hub.handlers[s.Kind.CACHE_STATE] = self._on_state
         hub.handlers[s.Kind.CACHE_INVALIDATE] = self._on_invalidate
         hub.on_new_epoch.append(self._on_new_epoch)
@@ -71,7 +72,7 @@ class RangeService:
         self._reporter = hub.loop.create_task(self._report_loop())
 
     def handler(self) -> rpc.MethodHandler:
-        return rpc.unary_unary(self.range, inline=self.hit)
+        return rpc.unary_unary(self.range, inline=self.hit, start=self.start)
 
     def hit(self, request: bytes, context: rpc.Context) -> bytes | None:
         """A cache hit answered in the read path (no Task, no IPC, no decode); None: not a hit."""
@@ -120,89 +121,67 @@ class RangeService:
 
     # ---- the RPC -------------------------------------------------------------------------
 
-    async def range(self, request: bytes, context: rpc.Context) -> bytes:
-        metadata = forwarded_metadata(context)
-        identity = identity_of(metadata)
-        cache = self.cache
-        # Only serializable requests can be stored under these bytes. No hits while the hub is silent
-        # (HUB_SILENCE_S): its invalidation watch may be gone with it.
-        hit = cache.lookup(identity, request) if self.hub.epoch else None
-        if isinstance(hit, bytes):
-            return hit
-        if hit is not None:
-            await abort(context, hit)
-        message, problem = wire.parse(rpc_pb2.RangeRequest, request)
-        if problem is not None:
-            await abort(context, errors.unmarshal_error(problem))
-        upstream, forward = message, request  # what etcd gets; the cache key stays the client's bytes
-        if self.namespace is not None:
-            upstream = rpc_pb2.RangeRequest()
-            upstream.CopyFrom(message)
-            try:
-                self.namespace.range_request(upstream)
-            except Refused as refused:
-                await abort(context, refused.error)
-            forward = upstream.SerializeToString()
-        serializable = message.serializable
-        if serializable:
-            compacted = cache.compacted_error(message.revision)
-            if compacted is not None:
-                cache.hits += 1  # like Go: a compaction answer from the cache counts as a hit
-                await abort(context, compacted)
-            cache.misses += 1
-            key = request
-        else:
-            message.serializable = True
-            key = message.SerializeToString()
-        cache_key = (identity, key)
-        interval = to_interval(upstream.key, upstream.range_end)
-        code, body = await self._fetch(forward, metadata, context, cache_key, interval, serializable, upstream)
-        if code == 0:
-            return body  # type: ignore[return-value]
-        await context.abort(errors.CODES[code], str(body))
-        raise AssertionError("unreachable")
-
-    async def _fetch(
-        self,
-        request: bytes,
-        metadata: s.Metadata,
-        context: rpc.Context,
-        cache_key: CacheKey,
-        interval: tuple[bytes, bytes | None],
-        serializable: bool,
-        message: Any,
-    ) -> Answer:
-        cache = self.cache
-        if serializable:
-            shared = self._inflight.get(cache_key)
-            if shared is not None and cache.still_valid(shared[0], interval):
-                joined = await asyncio.shield(shared[2])
-                if joined is not None:
-                    return joined
-        ticket = cache.ticket()
-        mine: asyncio.Future[Answer | None] | None = None
-        if serializable and cache.enabled and cache_key not in self._inflight:
-            mine = self.hub.loop.create_future()
-            self._inflight[cache_key] = (ticket, interval, mine)
-        answer: Answer | None = None
+    def start(self, request: bytes, context: rpc.Context, respond: rpc.Respond) -> rpc.Stop | None:
+        """A Range the inline lookup did not answer (the Dispatcher tries ``hit`` first, in the same call
+        stack, so nothing changed since): checked, then forwarded through the hub without a Task, its
+        answer filling the cache. Counted in RpcStats like instrument() counts a behaviour."""
+        stats = self.stats
+        stats.started += 1
+        stats.open += 1
+        stats.received += 1
         try:
-            req_id, future = self.hub.call(RANGE, request, metadata, context.time_remaining())
-            try:
-                answer = await future
-            except asyncio.CancelledError:
-                self.hub.cancel(req_id)
-                raise
-            code, body = answer
-            if code == 0 and isinstance(body, bytes) and self.namespace is not None:
-                body = self.namespace.response(RANGE.path, body)
-                answer = (code, body)
-            if code == 0 and isinstance(body, bytes):
-                cache.fill(ticket, cache_key[0], cache_key[1], message.key, message.range_end, message.revision, body)
-            return answer
-        finally:
-            if mine is not None:
-                self._inflight.pop(cache_key, None)
-                mine.set_result(answer)  # None: abandoned, followers send their own request
+            message, problem = wire.parse(rpc_pb2.RangeRequest, request)
+            if problem is not None:
+                self._refuse(errors.unmarshal_error(problem), respond)
+                return None
+            upstream, forward = message, request  # what etcd gets; the cache key stays the client's bytes
+            if self.namespace is not None:
+                upstream = rpc_pb2.RangeRequest()
+                upstream.CopyFrom(message)
+                try:
+                    self.namespace.range_request(upstream)
+                except Refused as refused:
+                    self._refuse(refused.error, respond)
+                    return None
+                forward = upstream.SerializeToString()
+            cache = self.cache
+            serializable = message.serializable
+            if serializable:
+                compacted = cache.compacted_error(message.revision)
+                if compacted is not None:
+                    cache.hits += 1  # like Go: a compaction answer from the cache counts as a hit
+                    self._refuse(compacted, respond)
+                    return None
+                cache.misses += 1
+                key = request
+            else:
+                message.serializable = True  # linearizable answers are stored as serializable ones
+                key = message.SerializeToString()
+            metadata = forwarded_metadata(context)
+            call = _RangeCall(self, context, respond, metadata, forward, upstream, (identity_of(metadata), key))
+            call.fetch(serializable)
+        except BaseException:
+            stats.end("Unknown")  # the Dispatcher answers UNKNOWN
+            raise
+        return call.stop
+
+    def _refuse(self, error: errors.EtcdError, respond: rpc.Respond) -> None:
+        self.stats.end(metrics.go_code_name(int(error.code)))
+        respond(int(error.code), error.message)
+
+    async def range(self, request: bytes, context: rpc.Context) -> bytes:
+        """The async form of ``start`` (the Dispatcher runs ``start``; same answers, counted there)."""
+        answer: asyncio.Future[tuple[int, Any]] = self.hub.loop.create_future()
+        stop = self.start(request, context, lambda code, body: answer.set_result((code, body)))
+        try:
+            code, body = await answer
+        except asyncio.CancelledError:
+            if stop is not None and not answer.done():
+                stop()
+            raise
+        if code:
+            await context.abort(code, body)
+        return body  # type: ignore[no-any-return]
 
     # ---- hub messages --------------------------------------------------------------------
 
@@ -234,3 +213,132 @@ class RangeService:
         self.cache.disable()
         if self.hub.epoch:
             self.hub.send(s.CacheSync(self.hub.epoch))
+
+
+class _Shared:
+    """A serializable miss in flight and the identical misses that joined it: they get its answer unless an
+    overlapping invalidation arrived after it left (``still_valid`` on its ticket), in which case they go
+    on their own."""
+
+    __slots__ = ("followers", "interval", "ticket")
+
+    def __init__(self, ticket: Ticket, interval: Interval) -> None:
+        self.ticket = ticket
+        self.interval = interval
+        self.followers: list[_RangeCall] = []
+
+
+class _RangeCall:
+    """One forwarded Range: sent to the hub itself (``req_id``), or waiting on another's answer (``joined``)."""
+
+    __slots__ = (
+        "context",
+        "forward",
+        "interval",
+        "joined",
+        "key",
+        "leads",
+        "metadata",
+        "req_id",
+        "respond",
+        "service",
+        "ticket",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        service: RangeService,
+        context: rpc.Context,
+        respond: rpc.Respond,
+        metadata: s.Metadata,
+        forward: bytes,
+        upstream: rpc_pb2.RangeRequest,
+        key: CacheKey,
+    ) -> None:
+        self.service = service
+        self.context = context
+        self.respond = respond
+        self.metadata = metadata
+        self.forward = forward
+        self.upstream = upstream
+        self.key = key
+        self.interval = to_interval(upstream.key, upstream.range_end)
+        self.ticket: Ticket | None = None
+        self.req_id = 0
+        self.leads: _Shared | None = None  # the shared request this call is the sender of
+        self.joined: _Shared | None = None  # the shared request this call waits on
+
+    def fetch(self, share: bool) -> None:
+        service = self.service
+        cache, inflight = service.cache, service._inflight
+        if share:
+            shared = inflight.get(self.key)
+            if shared is not None and cache.still_valid(shared.ticket, self.interval):
+                shared.followers.append(self)
+                self.joined = shared
+                return
+        self.ticket = ticket = cache.ticket()
+        if share and cache.enabled and self.key not in inflight:
+            self.leads = inflight[self.key] = _Shared(ticket, self.interval)
+        timeout = self.context.time_remaining()
+        self.req_id = service.hub.start_call(RANGE, self.forward, self.metadata, timeout, self.reply)
+
+    def reply(self, code: int, body: bytes | str) -> None:
+        """The hub's answer: fills the cache, answers this call and every one that joined it."""
+        service = self.service
+        try:
+            if code == 0 and isinstance(body, bytes):
+                if service.namespace is not None:
+                    body = service.namespace.response(RANGE.path, body)
+                upstream = self.upstream
+                assert self.ticket is not None
+                service.cache.fill(
+                    self.ticket, self.key[0], self.key[1], upstream.key, upstream.range_end, upstream.revision, body
+                )
+        except Exception as exc:
+            log.exception("answer of %s failed", RANGE.path)
+            code, body = -1, f"Unexpected {type(exc).__name__}: {exc}"
+        followers = self._release()
+        self.answer(code, body)
+        for follower in followers:
+            follower.joined = None
+            follower.answer(code, body)
+
+    def answer(self, code: int, body: bytes | str) -> None:
+        stats = self.service.stats
+        if code == 0:
+            status, name = 0, "OK"
+            stats.sent += 1
+        elif code < 0:
+            status, name = int(StatusCode.UNKNOWN), "Unknown"
+        else:
+            status = int(errors.CODES[code])
+            name = metrics.go_code_name(status)
+            body = str(body)
+        stats.end(name)
+        self.respond(status, body)
+
+    def _release(self) -> list[_RangeCall]:
+        shared, self.leads = self.leads, None
+        if shared is None:
+            return []
+        inflight = self.service._inflight
+        if inflight.get(self.key) is shared:
+            del inflight[self.key]
+        return shared.followers
+
+    def stop(self) -> None:
+        """The client reset the call or its deadline passed (the transport answered it)."""
+        service = self.service
+        joined = self.joined
+        if joined is not None:
+            self.joined = None
+            joined.followers.remove(self)
+        else:
+            service.hub.cancel(self.req_id)
+            for follower in self._release():  # abandoned: those that joined send (and share) their own
+                follower.joined = None
+                follower.fetch(True)
+        remaining = self.context.time_remaining()
+        service.stats.end("DeadlineExceeded" if remaining is not None and remaining <= 0 else "Canceled")

@@ -605,3 +605,64 @@ def test_auth_enabled_elsewhere_stops_hits(fresh_etcd: EtcdServer, proxy: Callab
     finally:
         reader.close()
         admin.close()
+
+
+def test_shared_misses_answer_everyone_when_callers_cancel(
+    proxy: Callable[..., ProxyProcess], etcd_server: EtcdServer
+) -> None:
+    """Identical serializable misses in flight share one upstream request; callers that reset theirs (the
+    sender among them) leave the others answered with the value written just before, and every call is
+    counted exactly once (OK or Canceled) in grpc_server_handled_total."""
+    url = f"http://127.0.0.1:{free_port()}"
+    p = proxy(workers=2, extra_args=(f"--metrics-addr={url}",))
+    labels = {"grpc_type": "unary", "grpc_service": "etcdserverpb.KV", "grpc_method": "Range"}
+
+    def scrape(name: str, **extra: str) -> float:
+        status, text = http_get(f"{url}/proxy/metrics")
+        assert status == 200
+        return sum_metric(text, name, {**labels, **extra})
+
+    writer, reader = stubs_on_own_connection(p.endpoint, 0), stubs_on_own_connection(p.endpoint, 1)
+    try:
+        wait_cache_serving(reader, etcd_server)
+        key = prefix() + b"shared"
+
+        def counts() -> tuple[float, float, float]:
+            started = scrape("grpc_server_started_total")
+            handled = scrape("grpc_server_handled_total")
+            ok_or_canceled = scrape("grpc_server_handled_total", grpc_code="OK") + scrape(
+                "grpc_server_handled_total", grpc_code="Canceled"
+            )
+            return started, handled, ok_or_canceled
+
+        before = counts()
+        while True:  # until the probe's calls are flushed (every 0.5 s) and the counts stand still
+            time.sleep(1.2)
+            now = counts()
+            if now == before:
+                break
+            before = now
+        calls = cancelled = answered = 0
+        for i in range(40):
+            writer.kv.Put(Put(key=key, value=b"v%d" % i), timeout=T)  # drops the cached answer everywhere
+            futures = [reader.kv.Range.future(Range(key=key, serializable=True), timeout=T) for _ in range(20)]
+            calls += len(futures)
+            for f in futures[i % 3 :: 3]:  # the first (the sender of the shared request) in a third of the rounds
+                f.cancel()
+            for f in futures:
+                if f.cancelled():
+                    cancelled += 1
+                    continue
+                assert values(f.result()) == [(key, b"v%d" % i)], f"round {i}: a stale or missing answer"
+                answered += 1
+        assert cancelled > 0 and answered > 0
+
+        # a call cancelled before it left the client never reaches the proxy: started is at most ``calls``
+        def settled() -> bool:
+            started, handled, ok_or_canceled = (now - then for now, then in zip(counts(), before, strict=True))
+            return answered <= started <= calls and handled == started and ok_or_canceled == handled
+
+        wait_until(settled, 10, "every Range that reached the proxy counted once, handled OK or Canceled")
+    finally:
+        writer.close()
+        reader.close()

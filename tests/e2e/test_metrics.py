@@ -33,6 +33,7 @@ from tests.helpers import (
     HeldWatch,
     ProxyProcess,
     WaitTimeout,
+    all_threads_stopped,
     connect,
     descendants,
     established_connections,
@@ -380,6 +381,7 @@ def test_health_turns_503_within_2s_of_etcd_stopping(
     failures = mp.value("etcd_server_health_failures")
     os.kill(fresh_etcd.proc.pid, signal.SIGSTOP)
     try:
+        wait_until(lambda: all_threads_stopped(fresh_etcd.proc.pid), 5, "etcd's threads to stop")  # type: ignore[union-attr]
         stopped_at = time.monotonic()
         status, headers, body = mp.get("/health")
         took = time.monotonic() - stopped_at
