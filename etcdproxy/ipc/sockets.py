@@ -99,6 +99,8 @@ class WorkerLink(_Driver):
         super().__init__(sock, loop)
         self._on_frame = on_frame
         self._outbox: list[bytes] = []
+        # frames sent so far: a message queued while this is unchanged has not left the worker yet
+        self.flushes = 0
 
     def _deliver(self, frames: list[bytes]) -> None:
         self._on_frame(frames[-1])
@@ -114,6 +116,7 @@ class WorkerLink(_Driver):
             return
         frame = b"".join(self._outbox)
         self._outbox.clear()
+        self.flushes += 1
         try:
             self.sock.send(frame, _NOBLOCK)
         except zmq.Again:

@@ -37,6 +37,7 @@ from etcdproxy.etcdpb import rpc_pb2
 from etcdproxy.h2 import rpc
 from etcdproxy.h2.status import StatusCode
 from etcdproxy.ipc import schema as s
+from etcdproxy.ipc.sockets import WorkerLink
 from etcdproxy.worker.handlers import forwarded_metadata
 from etcdproxy.worker.hubclient import HubClient
 
@@ -63,6 +64,9 @@ class RangeService:
         self.cache = RangeCache(config.cache_max_entries, config.cache_max_bytes, enabled=False)
         # serializable misses in flight, each shared by the identical misses that arrive while it is out
         self._inflight: dict[CacheKey, _Shared] = {}
+        # linearizable Ranges by (forwarded metadata, request bytes), joinable until their request leaves
+        # the worker (etcd then serves it after every joiner began: a linearizable answer for all of them)
+        self._linear: dict[tuple[tuple[Any, ...], bytes], _Shared] = {}
         self.stats = metrics.rpc_stats("unary", "etcdserverpb.KV", "Range")  # the RpcStats instrument() uses
         hub.handlers[s.Kind.CACHE_STATE] = self._on_state
         hub.handlers[s.Kind.CACHE_INVALIDATE] = self._on_invalidate
@@ -130,6 +134,16 @@ class RangeService:
         stats.open += 1
         stats.received += 1
         try:
+            metadata = forwarded_metadata(context)
+            linear_key = (tuple(metadata), request)
+            pending = self._linear.get(linear_key)
+            if pending is not None and pending.unsent():
+                # the same bytes as a linearizable Range that has not left this worker yet (so it was
+                # checked, and reaches etcd after this call began): its answer is this call's answer too
+                call = pending.leader.follower(context, respond)
+                pending.followers.append(call)
+                call.joined = pending
+                return call.stop
             message, problem = wire.parse(rpc_pb2.RangeRequest, request)
             if problem is not None:
                 self._refuse(errors.unmarshal_error(problem), respond)
@@ -157,9 +171,12 @@ class RangeService:
             else:
                 message.serializable = True  # linearizable answers are stored as serializable ones
                 key = message.SerializeToString()
-            metadata = forwarded_metadata(context)
             call = _RangeCall(self, context, respond, metadata, forward, upstream, (identity_of(metadata), key))
-            call.fetch(serializable)
+            if serializable:
+                call.fetch(True)
+            else:
+                call.linear_key = linear_key
+                call.send_linear()
         except BaseException:
             stats.end("Unknown")  # the Dispatcher answers UNKNOWN
             raise
@@ -215,17 +232,29 @@ class RangeService:
             self.hub.send(s.CacheSync(self.hub.epoch))
 
 
+# the answers that end only the call that sent the request (from its deadline or cancel), not the others'
+_OWN_ENDINGS = frozenset({int(StatusCode.DEADLINE_EXCEEDED), int(StatusCode.CANCELLED)})
+
+
 class _Shared:
     """A serializable miss in flight and the identical misses that joined it: they get its answer unless an
     overlapping invalidation arrived after it left (``still_valid`` on its ticket), in which case they go
     on their own."""
 
-    __slots__ = ("followers", "interval", "ticket")
+    __slots__ = ("flushes", "followers", "interval", "leader", "link", "ticket")
 
-    def __init__(self, ticket: Ticket, interval: Interval) -> None:
+    def __init__(self, ticket: Ticket, interval: Interval, leader: _RangeCall) -> None:
         self.ticket = ticket
         self.interval = interval
+        self.leader = leader
         self.followers: list[_RangeCall] = []
+        # a linearizable one: joinable while the IPC link has not sent a frame since its request was queued
+        self.link: WorkerLink | None = None
+        self.flushes = 0
+
+    def unsent(self) -> bool:
+        link = self.link
+        return link is not None and link.flushes == self.flushes
 
 
 class _RangeCall:
@@ -238,6 +267,7 @@ class _RangeCall:
         "joined",
         "key",
         "leads",
+        "linear_key",
         "metadata",
         "req_id",
         "respond",
@@ -268,6 +298,28 @@ class _RangeCall:
         self.req_id = 0
         self.leads: _Shared | None = None  # the shared request this call is the sender of
         self.joined: _Shared | None = None  # the shared request this call waits on
+        self.linear_key: tuple[tuple[Any, ...], bytes] | None = None  # set for a linearizable Range
+
+    def follower(self, context: rpc.Context, respond: rpc.Respond) -> _RangeCall:
+        """A call of the same request (same bytes and metadata), to be answered with this one's answer."""
+        call = _RangeCall.__new__(_RangeCall)
+        call.service, call.context, call.respond = self.service, context, respond
+        call.metadata, call.forward, call.upstream, call.key = self.metadata, self.forward, self.upstream, self.key
+        call.interval, call.ticket, call.req_id = self.interval, None, 0
+        call.leads = call.joined = None
+        call.linear_key = self.linear_key
+        return call
+
+    def send_linear(self) -> None:
+        """Send a linearizable Range that identical ones may join until it leaves the worker."""
+        service = self.service
+        assert self.linear_key is not None
+        self.ticket = ticket = service.cache.ticket()
+        self.leads = shared = service._linear[self.linear_key] = _Shared(ticket, self.interval, self)
+        link = shared.link = service.hub.link
+        timeout = self.context.time_remaining()
+        self.req_id = service.hub.start_call(RANGE, self.forward, self.metadata, timeout, self.reply)
+        shared.flushes = link.flushes
 
     def fetch(self, share: bool) -> None:
         service = self.service
@@ -280,7 +332,7 @@ class _RangeCall:
                 return
         self.ticket = ticket = cache.ticket()
         if share and cache.enabled and self.key not in inflight:
-            self.leads = inflight[self.key] = _Shared(ticket, self.interval)
+            self.leads = inflight[self.key] = _Shared(ticket, self.interval, self)
         timeout = self.context.time_remaining()
         self.req_id = service.hub.start_call(RANGE, self.forward, self.metadata, timeout, self.reply)
 
@@ -301,6 +353,9 @@ class _RangeCall:
             code, body = -1, f"Unexpected {type(exc).__name__}: {exc}"
         followers = self._release()
         self.answer(code, body)
+        if code in _OWN_ENDINGS:  # this caller's deadline or cancel, not the others': they go on
+            self._hand_on(followers)
+            return
         for follower in followers:
             follower.joined = None
             follower.answer(code, body)
@@ -323,10 +378,31 @@ class _RangeCall:
         shared, self.leads = self.leads, None
         if shared is None:
             return []
-        inflight = self.service._inflight
-        if inflight.get(self.key) is shared:
-            del inflight[self.key]
+        if self.linear_key is not None:
+            linear = self.service._linear
+            if linear.get(self.linear_key) is shared:
+                del linear[self.linear_key]
+        else:
+            inflight = self.service._inflight
+            if inflight.get(self.key) is shared:
+                del inflight[self.key]
         return shared.followers
+
+    def _hand_on(self, followers: list[_RangeCall]) -> None:
+        """The sender is gone (reset, or its own deadline passed): those that joined it get their own request."""
+        if followers and self.linear_key is not None:
+            # the first that joined sends it now (after they all began), the others wait on it
+            heir, rest = followers[0], followers[1:]
+            heir.joined = None
+            heir.send_linear()
+            assert heir.leads is not None
+            heir.leads.followers = rest
+            for follower in rest:
+                follower.joined = heir.leads
+            return
+        for follower in followers:  # serializable: each sends (and shares) its own
+            follower.joined = None
+            follower.fetch(True)
 
     def stop(self) -> None:
         """The client reset the call or its deadline passed (the transport answered it)."""
@@ -337,8 +413,6 @@ class _RangeCall:
             joined.followers.remove(self)
         else:
             service.hub.cancel(self.req_id)
-            for follower in self._release():  # abandoned: those that joined send (and share) their own
-                follower.joined = None
-                follower.fetch(True)
+            self._hand_on(self._release())
         remaining = self.context.time_remaining()
         service.stats.end("DeadlineExceeded" if remaining is not None and remaining <= 0 else "Canceled")

@@ -607,12 +607,15 @@ def test_auth_enabled_elsewhere_stops_hits(fresh_etcd: EtcdServer, proxy: Callab
         admin.close()
 
 
+@pytest.mark.parametrize("serializable", [True, False], ids=["serializable", "linearizable"])
 def test_shared_misses_answer_everyone_when_callers_cancel(
-    proxy: Callable[..., ProxyProcess], etcd_server: EtcdServer
+    proxy: Callable[..., ProxyProcess], etcd_server: EtcdServer, direct: Stubs, serializable: bool
 ) -> None:
-    """Identical serializable misses in flight share one upstream request; callers that reset theirs (the
-    sender among them) leave the others answered with the value written just before, and every call is
-    counted exactly once (OK or Canceled) in grpc_server_handled_total."""
+    """Identical Ranges in flight share one upstream request (serializable misses while no overlapping write
+    came in; linearizable ones while the request has not left the worker); callers that reset theirs (the
+    sender among them) leave the others answered with the value written just before (through the proxy for
+    serializable reads, straight to etcd for linearizable ones), and every call is counted exactly once (OK
+    or Canceled) in grpc_server_handled_total."""
     url = f"http://127.0.0.1:{free_port()}"
     p = proxy(workers=2, extra_args=(f"--metrics-addr={url}",))
     labels = {"grpc_type": "unary", "grpc_service": "etcdserverpb.KV", "grpc_method": "Range"}
@@ -642,27 +645,39 @@ def test_shared_misses_answer_everyone_when_callers_cancel(
             if now == before:
                 break
             before = now
-        calls = cancelled = answered = 0
+        before_deadline = scrape("grpc_server_handled_total", grpc_code="DeadlineExceeded")
+        calls = cancelled = answered = expired = 0
         for i in range(40):
-            writer.kv.Put(Put(key=key, value=b"v%d" % i), timeout=T)  # drops the cached answer everywhere
-            futures = [reader.kv.Range.future(Range(key=key, serializable=True), timeout=T) for _ in range(20)]
+            # through the proxy, it drops the cached answer everywhere; straight to etcd, only a linearizable
+            # read must see it
+            (writer if serializable else direct).kv.Put(Put(key=key, value=b"v%d" % i), timeout=T)
+            request = Range(key=key, serializable=serializable)
+            # in the other rounds the first one sent has a deadline too short for it to be answered
+            futures = [reader.kv.Range.future(request, timeout=T if i % 3 == 0 else 0.001)]
+            futures += [reader.kv.Range.future(request, timeout=T) for _ in range(19)]
             calls += len(futures)
             for f in futures[i % 3 :: 3]:  # the first (the sender of the shared request) in a third of the rounds
                 f.cancel()
-            for f in futures:
+            for n, f in enumerate(futures):
                 if f.cancelled():
                     cancelled += 1
+                    continue
+                if n == 0 and f.exception() is not None:
+                    assert f.code() == grpc.StatusCode.DEADLINE_EXCEEDED, f.exception()
+                    expired += 1
                     continue
                 assert values(f.result()) == [(key, b"v%d" % i)], f"round {i}: a stale or missing answer"
                 answered += 1
         assert cancelled > 0 and answered > 0
+        print(f"{calls} Ranges: {answered} answered, {cancelled} cancelled, {expired} past their deadline")
 
         # a call cancelled before it left the client never reaches the proxy: started is at most ``calls``
         def settled() -> bool:
             started, handled, ok_or_canceled = (now - then for now, then in zip(counts(), before, strict=True))
-            return answered <= started <= calls and handled == started and ok_or_canceled == handled
+            deadline = scrape("grpc_server_handled_total", grpc_code="DeadlineExceeded") - before_deadline
+            return answered <= started <= calls and handled == started and ok_or_canceled + deadline == handled
 
-        wait_until(settled, 10, "every Range that reached the proxy counted once, handled OK or Canceled")
+        wait_until(settled, 10, "every Range that reached the proxy counted once: OK, Canceled or DeadlineExceeded")
     finally:
         writer.close()
         reader.close()
