@@ -5,7 +5,10 @@ no protobuf decode of request or response, no trip to the hub. A miss is forward
 hub like any unary call and its answer fills the cache (linearizable answers too, stored under
 the request re-serialized with ``serializable=true``, as the Go proxy does); linearizable Ranges
 always reach etcd. Identical serializable misses in flight at once share one upstream request,
-unless an overlapping invalidation arrived after that request left.
+unless an overlapping invalidation arrived after that request left. Identical linearizable Ranges
+(same bytes, same forwarded metadata) share one while it has not left the worker: it reaches etcd
+after each of them began, so its answer is a linearizable answer for all (the hub shares further,
+by the same rule, until its request to etcd starts).
 
 What is stale comes from the hub (hub/cache.py): ``CacheInvalidate`` for writes through any
 worker (acknowledged, so the writer's reply waits until this worker dropped the old value) and
