@@ -41,7 +41,7 @@ from etcdproxy.h2 import rpc
 from etcdproxy.h2.status import StatusCode
 from etcdproxy.ipc import schema as s
 from etcdproxy.ipc.sockets import WorkerLink
-from etcdproxy.worker.handlers import forwarded_metadata
+from etcdproxy.worker.handlers import answer_forwarded, forwarded_metadata, refuse
 from etcdproxy.worker.hubclient import HubClient
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class RangeService:
                 return call.stop
             message, problem = wire.parse(rpc_pb2.RangeRequest, request)
             if problem is not None:
-                self._refuse(errors.unmarshal_error(problem), respond)
+                refuse(self.stats, errors.unmarshal_error(problem), respond)
                 return None
             upstream, forward = message, request  # what etcd gets; the cache key stays the client's bytes
             if self.namespace is not None:
@@ -158,7 +158,7 @@ class RangeService:
                 try:
                     self.namespace.range_request(upstream)
                 except Refused as refused:
-                    self._refuse(refused.error, respond)
+                    refuse(self.stats, refused.error, respond)
                     return None
                 forward = upstream.SerializeToString()
             cache = self.cache
@@ -167,7 +167,7 @@ class RangeService:
                 compacted = cache.compacted_error(message.revision)
                 if compacted is not None:
                     cache.hits += 1  # like Go: a compaction answer from the cache counts as a hit
-                    self._refuse(compacted, respond)
+                    refuse(self.stats, compacted, respond)
                     return None
                 cache.misses += 1
                 key = request
@@ -184,10 +184,6 @@ class RangeService:
             stats.end("Unknown")  # the Dispatcher answers UNKNOWN
             raise
         return call.stop
-
-    def _refuse(self, error: errors.EtcdError, respond: rpc.Respond) -> None:
-        self.stats.end(metrics.go_code_name(int(error.code)))
-        respond(int(error.code), error.message)
 
     async def range(self, request: bytes, context: rpc.Context) -> bytes:
         """The async form of ``start`` (the Dispatcher runs ``start``; same answers, counted there)."""
@@ -364,18 +360,7 @@ class _RangeCall:
             follower.answer(code, body)
 
     def answer(self, code: int, body: bytes | str) -> None:
-        stats = self.service.stats
-        if code == 0:
-            status, name = 0, "OK"
-            stats.sent += 1
-        elif code < 0:
-            status, name = int(StatusCode.UNKNOWN), "Unknown"
-        else:
-            status = int(errors.CODES[code])
-            name = metrics.go_code_name(status)
-            body = str(body)
-        stats.end(name)
-        self.respond(status, body)
+        answer_forwarded(self.service.stats, self.respond, code, body)
 
     def _release(self) -> list[_RangeCall]:
         shared, self.leads = self.leads, None

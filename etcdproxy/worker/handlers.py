@@ -43,6 +43,27 @@ async def abort(context: rpc.Context, error: errors.EtcdError) -> None:
     await context.abort(error.code, error.message)
 
 
+def refuse(stats: metrics.RpcStats, error: errors.EtcdError, respond: rpc.Respond) -> None:
+    """Answer a ``start`` call with etcd's error and count it handled with that code."""
+    stats.end(metrics.go_code_name(int(error.code)))
+    respond(int(error.code), error.message)
+
+
+def answer_forwarded(stats: metrics.RpcStats, respond: rpc.Respond, code: int, body: bytes | str) -> None:
+    """Answer a ``start`` call with the hub's (code, body) (code -1: the worker failed, UNKNOWN) and count it."""
+    if code == 0:
+        status, name = 0, "OK"
+        stats.sent += 1
+    elif code < 0:
+        status, name = int(StatusCode.UNKNOWN), "Unknown"
+    else:
+        status = int(errors.CODES[code])
+        name = metrics.go_code_name(status)
+        body = str(body)
+    stats.end(name)
+    respond(status, body)
+
+
 class Handlers:
     def __init__(self, hub: HubClient, namespace: Namespace | None = None) -> None:
         self.hub = hub
@@ -236,14 +257,14 @@ class _Route:
         try:
             _, problem = wire.parse(self.request_class, request)
             if problem is not None:
-                self._refuse(errors.unmarshal_error(problem), respond)
+                refuse(self.stats, errors.unmarshal_error(problem), respond)
                 return None
             namespace = self.namespace
             if namespace is not None:
                 try:
                     request = namespace.request(self.path, request)
                 except Refused as refused:
-                    self._refuse(refused.error, respond)
+                    refuse(self.stats, refused.error, respond)
                     return None
             call = _Forwarded(self, context, respond)
             call.req_id = self.hub.start_call(
@@ -253,10 +274,6 @@ class _Route:
             stats.end("Unknown")  # the Dispatcher answers UNKNOWN
             raise
         return call.stop
-
-    def _refuse(self, error: errors.EtcdError, respond: rpc.Respond) -> None:
-        self.stats.end(metrics.go_code_name(int(error.code)))
-        respond(int(error.code), error.message)
 
 
 class _Forwarded:
@@ -274,20 +291,12 @@ class _Forwarded:
         """The hub's (code, body): the answer (namespace view), or the status etcd answered."""
         route = self.route
         try:
-            if code == 0:
-                if route.namespace is not None:
-                    body = route.namespace.response(route.path, body)  # type: ignore[arg-type]
-                status, name = 0, "OK"
-                route.stats.sent += 1
-            else:
-                status = int(errors.CODES[code])
-                name = metrics.go_code_name(status)
-                body = str(body)
+            if code == 0 and route.namespace is not None:
+                body = route.namespace.response(route.path, body)  # type: ignore[arg-type]
         except Exception as exc:
             log.exception("answer of %s failed", route.path)
-            status, name, body = StatusCode.UNKNOWN, "Unknown", f"Unexpected {type(exc).__name__}: {exc}"
-        route.stats.end(name)
-        self.respond(status, body)
+            code, body = -1, f"Unexpected {type(exc).__name__}: {exc}"
+        answer_forwarded(route.stats, self.respond, code, body)
 
     def stop(self) -> None:
         """The client reset the call or its deadline passed (the transport answered it): tell the hub."""
