@@ -220,7 +220,11 @@ class CWatcher:
         events of one revision are never split and replays never duplicate.
         """
         pending = self.pending
+        # never below the client's start revision, even before the hub said where it starts (etcd sends
+        # nothing older; a soak saw event 3770 reach a watcher created at 3771 around a hub restart)
         next_revision = self.next_revision
+        if next_revision < self.start_revision:
+            next_revision = self.start_revision
         if (
             type(events) is Prepared
             and events

@@ -100,6 +100,10 @@ CASES = [
     ({"next_revision": 10}, [[2, 3]], []),
     # etcd < 3.5.8 may send a progress at 31 ahead of the event at 31: a progress never filters
     ({"next_revision": 20, "progress_revision": 31}, [[31], [32]], [31, 32]),
+    # never below the client's start revision, even before the hub said where it starts (soak: 3770 to a
+    # watcher created at 3771 around a hub restart)
+    ({"next_revision": 0, "start_revision": 10}, [[9, 10], [11]], [10, 11]),
+    ({"next_revision": 5, "start_revision": 10}, [[8, 9, 10]], [10]),
 ]
 
 
