@@ -66,6 +66,17 @@ def remaining_ttl(granted_ttl: int, sent_at: float, now: float) -> int:
     return max(math.floor(granted_ttl - (now - sent_at)), 0)
 
 
+def late_answer(payload: bytes, ttl: int, sent_at: float, now: float) -> bytes:
+    """etcd's answer to a renewal sent at ``sent_at`` and read only at ``now``: etcd renewed the lease when the
+    request reached it, so once a second or more has passed (the hub was stopped, the connection stalled) the
+    client is told what is left of it (at least 1: it was renewed, and the client will renew again at once)
+    instead of the whole TTL (a soak saw a lease expire 1.1 s after an answer of TTL 3 read 2 s late).
+    Answers read within the second, and TTL 0 (unknown or expired), pass untouched."""
+    if ttl <= 0 or sent_at <= 0 or now - sent_at < 1.0:
+        return payload
+    return with_ttl(payload, max(remaining_ttl(ttl, sent_at, now), 1))
+
+
 # ---- outstanding requests --------------------------------------------------------------------
 
 

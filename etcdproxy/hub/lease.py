@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from etcdproxy.core import errors
-from etcdproxy.core.lease import RenewalBook, Verdict, keepalive_request, parse_response
+from etcdproxy.core.lease import RenewalBook, Verdict, keepalive_request, late_answer, parse_response
 from etcdproxy.core.methods import Method, by_name
 from etcdproxy.etcdpb import rpc_pb2 as pb
 from etcdproxy.h2 import aio
@@ -178,6 +178,9 @@ class LeaseHub:
 
     def _on_response(self, payload: bytes) -> None:
         lease_id, ttl = parse_response(payload)
+        sent_at = self.book.in_flight.get(lease_id)
+        if sent_at is not None:
+            payload = late_answer(payload, ttl, sent_at, time.monotonic())
         workers = self.hub.workers
         for identity in self.book.answered(lease_id, ttl, payload):
             worker = workers.get(identity)

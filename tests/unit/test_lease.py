@@ -13,6 +13,7 @@ from etcdproxy.core.lease import (
     Verdict,
     Window,
     keepalive_request,
+    late_answer,
     parse_response,
     remaining_ttl,
     with_ttl,
@@ -353,3 +354,21 @@ def test_window_forget_clear_prune_and_off() -> None:
     off = Window(0.0)
     off.record(4, 100.0, 10, _response(4, 10))
     assert off.answer(4, 100.0) is None
+
+
+@pytest.mark.parametrize(
+    ("ttl", "sent_at", "now", "expected"),
+    [
+        (3, 100.0, 100.002, 3),  # read at once: etcd's answer as it is
+        (3, 100.0, 100.99, 3),
+        (3, 100.0, 101.0, 2),  # a second late: what is left
+        (10, 100.0, 102.5, 7),
+        (3, 100.0, 102.02, 1),  # soak: TTL 3 read 2 s late (hub stopped) -> 1, never 0 for a renewed lease
+        (3, 100.0, 110.0, 1),
+        (0, 100.0, 105.0, 0),  # etcd's "expired or unknown" passes untouched
+        (3, 0.0, 105.0, 3),  # no send time known: untouched
+    ],
+)
+def test_late_answer_tells_what_is_left(ttl: int, sent_at: float, now: float, expected: int) -> None:
+    answer = rpc_pb2.LeaseKeepAliveResponse.FromString(late_answer(response(5, ttl), ttl, sent_at, now))
+    assert (answer.ID, answer.TTL, answer.header.revision) == (5, expected, 7)
