@@ -220,6 +220,23 @@ def stream_progress(
     return moved, settled
 
 
+def unsettled_bound(broadcasts: list[Broadcast], now: float) -> int | None:
+    """The lowest frontier among the live broadcasts of a stream that have not settled (every event up to it was
+    passed on for each of them), or None when none is unsettled: what a progress answer released before the
+    stream settled may say without running ahead of events those broadcasts still owe."""
+    bound: int | None = None
+    for broadcast in broadcasts:
+        frontier = broadcast.frontier
+        if (
+            broadcast.live
+            and frontier is not None
+            and (bound is None or frontier < bound)
+            and not broadcast.settled(now)
+        ):
+            bound = frontier
+    return bound
+
+
 # longest a client's RequestProgress waits for the stream's s-watchers to settle (new ones keep
 # arriving under churn); then it is answered anyway
 MAX_PROGRESS_HOLD_S = 3.0
@@ -243,17 +260,25 @@ class ProgressGate(Generic[W]):
         self.parked: list[tuple[W, float]] = []
 
     def on_answer(
-        self, revision: int, newest_event: int, waiter: W | None, settled: bool, now: float
+        self, revision: int, newest_event: int, waiter: W | None, settled: bool, now: float, bound: int | None = None
     ) -> tuple[list[W], int]:
         """One upstream answer (``waiter``: the client it was asked for, if any); returns the
-        clients to answer now and the revision to tell them."""
+        clients to answer now and the revision to tell them. ``bound`` (unsettled_bound): the answer
+        released by the hold cap before the stream settled says at most that much; if even that is below
+        an event already passed on, nothing is released (a soak saw progress answers at the stream's
+        revision after a reset, ahead of events resumed watchers still owed); the broadcasts settle by
+        time (CATCH_UP_S) at the latest."""
         if waiter is not None:
             self.parked.append((waiter, now))
         if settled:
             ready, self.parked = [w for w, _ in self.parked], []
-        else:
-            ready = [w for w, at in self.parked if now - at >= self.max_hold_s]
-            self.parked = [(w, at) for w, at in self.parked if now - at < self.max_hold_s]
+            return ready, max(revision, newest_event)
+        if bound is not None:
+            if bound < newest_event:
+                return [], revision
+            revision = min(revision, bound)
+        ready = [w for w, at in self.parked if now - at >= self.max_hold_s]
+        self.parked = [(w, at) for w, at in self.parked if now - at < self.max_hold_s]
         return ready, max(revision, newest_event)
 
     def take_all(self) -> list[W]:

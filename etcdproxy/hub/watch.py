@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from etcdproxy import metrics
-from etcdproxy.core.broadcast import Broadcast, HistoryBudget, ProgressGate, stream_progress
+from etcdproxy.core.broadcast import Broadcast, HistoryBudget, ProgressGate, stream_progress, unsettled_bound
 from etcdproxy.core.methods import by_name
 from etcdproxy.etcdpb import kv_pb2, rpc_pb2
 from etcdproxy.h2 import aio
@@ -553,10 +553,12 @@ class WatchHub:
         self, stream: UpstreamStream, revision: int, header: bytes, waiter: tuple[WorkerState, int] | None
     ) -> None:
         now = time.monotonic()
-        moved, settled = stream_progress(list(stream.broadcasts.values()), set(stream.creates), revision, now)
+        broadcasts = list(stream.broadcasts.values())
+        moved, settled = stream_progress(broadcasts, set(stream.creates), revision, now)
         for broadcast in moved:
             self.on_progress(broadcast, revision, header, requested=True)
-        ready, answer = stream.gate.on_answer(revision, stream.newest_event, waiter, settled, now)
+        bound = None if settled else unsettled_bound(broadcasts, now)
+        ready, answer = stream.gate.on_answer(revision, stream.newest_event, waiter, settled, now, bound)
         if stream.gate.parked:
             stream.recheck_later()
         if ready:

@@ -13,6 +13,7 @@ from etcdproxy.core.broadcast import (
     HistoryBudget,
     ProgressGate,
     stream_progress,
+    unsettled_bound,
 )
 from etcdproxy.core.watch import CWatcher, encode_response, event_field, fragments, prepare, valid_range, varint
 from etcdproxy.etcdpb import kv_pb2, rpc_pb2
@@ -294,6 +295,29 @@ def test_progress_gate(
     got = [gate.on_answer(*answer) for answer in answers]
     assert got == expected
     assert gate.parked == []
+
+
+def test_progress_gate_cap_never_runs_ahead_of_unsettled_broadcasts() -> None:
+    """The soak case: after a reset the resumed broadcasts owe events from 5127 while etcd answers 5144; the
+    hold cap releases the client at the lowest unsettled frontier, or not at all if that is below an event
+    already passed on; once settled, the full answer."""
+    gate: ProgressGate[str] = ProgressGate(max_hold_s=3.0)
+    assert gate.on_answer(5144, 5120, "a", False, 0.0, 5126) == ([], 5126)  # parked: not yet capped
+    assert gate.on_answer(5144, 5120, None, False, 3.5, 5126) == (["a"], 5126)  # capped: at the bound
+    gate.on_answer(5144, 5130, "b", False, 4.0, 5126)
+    assert gate.on_answer(5144, 5130, None, False, 7.5, 5126)[0] == []  # bound below an event sent: hold on
+    assert gate.on_answer(5150, 5130, None, True, 8.0, None) == (["b"], 5150)  # settled: everything
+
+
+def test_unsettled_bound() -> None:
+    caught_up = Broadcast(sw_id=1, key=b"a", range_end=b"", start_revision=0)
+    caught_up.on_created(100, now=0.0)
+    resumed = Broadcast(sw_id=2, key=b"b", range_end=b"", start_revision=90)  # resumed from 90, owes up to 100
+    resumed.on_created(100, now=0.0)
+    waiting = Broadcast(sw_id=3, key=b"c", range_end=b"", start_revision=50)  # not created yet: not live
+    assert unsettled_bound([caught_up, resumed, waiting], now=0.5) == 89
+    assert unsettled_bound([caught_up, resumed, waiting], now=60.0) is None  # settled by time
+    assert unsettled_bound([caught_up], now=0.5) is None
 
 
 def test_progress_gate_hands_back_everyone_parked_when_the_stream_fails() -> None:
