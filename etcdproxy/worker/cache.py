@@ -149,7 +149,7 @@ class RangeService:
                 return call.stop
             message, problem = wire.parse(rpc_pb2.RangeRequest, request)
             if problem is not None:
-                refuse(self.stats, errors.unmarshal_error(problem), respond)
+                refuse(stats, errors.unmarshal_error(problem), respond)
                 return None
             upstream, forward = message, request  # what etcd gets; the cache key stays the client's bytes
             if self.namespace is not None:
@@ -158,7 +158,7 @@ class RangeService:
                 try:
                     self.namespace.range_request(upstream)
                 except Refused as refused:
-                    refuse(self.stats, refused.error, respond)
+                    refuse(stats, refused.error, respond)
                     return None
                 forward = upstream.SerializeToString()
             cache = self.cache
@@ -167,7 +167,7 @@ class RangeService:
                 compacted = cache.compacted_error(message.revision)
                 if compacted is not None:
                     cache.hits += 1  # like Go: a compaction answer from the cache counts as a hit
-                    refuse(self.stats, compacted, respond)
+                    refuse(stats, compacted, respond)
                     return None
                 cache.misses += 1
                 key = request
@@ -236,9 +236,9 @@ _OWN_ENDINGS = frozenset({int(StatusCode.DEADLINE_EXCEEDED), int(StatusCode.CANC
 
 
 class _Shared:
-    """A serializable miss in flight and the identical misses that joined it: they get its answer unless an
-    overlapping invalidation arrived after it left (``still_valid`` on its ticket), in which case they go
-    on their own."""
+    """A Range in flight and the identical ones that joined it. A serializable miss is joined while no
+    overlapping invalidation arrived since it left (``still_valid`` on its ticket); a linearizable Range only
+    while its request has not left the worker (``unsent``)."""
 
     __slots__ = ("flushes", "followers", "interval", "leader", "link", "ticket")
 
@@ -284,6 +284,7 @@ class _RangeCall:
         forward: bytes,
         upstream: rpc_pb2.RangeRequest,
         key: CacheKey,
+        interval: Interval | None = None,
     ) -> None:
         self.service = service
         self.context = context
@@ -292,7 +293,7 @@ class _RangeCall:
         self.forward = forward
         self.upstream = upstream
         self.key = key
-        self.interval = to_interval(upstream.key, upstream.range_end)
+        self.interval = to_interval(upstream.key, upstream.range_end) if interval is None else interval
         self.ticket: Ticket | None = None
         self.req_id = 0
         self.leads: _Shared | None = None  # the shared request this call is the sender of
@@ -301,11 +302,9 @@ class _RangeCall:
 
     def follower(self, context: rpc.Context, respond: rpc.Respond) -> _RangeCall:
         """A call of the same request (same bytes and metadata), to be answered with this one's answer."""
-        call = _RangeCall.__new__(_RangeCall)
-        call.service, call.context, call.respond = self.service, context, respond
-        call.metadata, call.forward, call.upstream, call.key = self.metadata, self.forward, self.upstream, self.key
-        call.interval, call.ticket, call.req_id = self.interval, None, 0
-        call.leads = call.joined = None
+        call = _RangeCall(
+            self.service, context, respond, self.metadata, self.forward, self.upstream, self.key, self.interval
+        )
         call.linear_key = self.linear_key
         return call
 
@@ -316,8 +315,7 @@ class _RangeCall:
         self.ticket = ticket = service.cache.ticket()
         self.leads = shared = service._linear[self.linear_key] = _Shared(ticket, self.interval, self)
         link = shared.link = service.hub.link
-        timeout = self.context.time_remaining()
-        self.req_id = service.hub.start_call(RANGE, self.forward, self.metadata, timeout, self.reply)
+        self._send()
         shared.flushes = link.flushes
 
     def fetch(self, share: bool) -> None:
@@ -332,8 +330,11 @@ class _RangeCall:
         self.ticket = ticket = cache.ticket()
         if share and cache.enabled and self.key not in inflight:
             self.leads = inflight[self.key] = _Shared(ticket, self.interval, self)
+        self._send()
+
+    def _send(self) -> None:
         timeout = self.context.time_remaining()
-        self.req_id = service.hub.start_call(RANGE, self.forward, self.metadata, timeout, self.reply)
+        self.req_id = self.service.hub.start_call(RANGE, self.forward, self.metadata, timeout, self.reply)
 
     def reply(self, code: int, body: bytes | str) -> None:
         """The hub's answer: fills the cache, answers this call and every one that joined it."""
