@@ -221,7 +221,8 @@ class CWatcher:
         """
         pending = self.pending
         # never below the client's start revision, even before the hub said where it starts (etcd sends
-        # nothing older; a soak saw event 3770 reach a watcher created at 3771 around a hub restart)
+        # nothing older); a guard only: the soak case that prompted it was a "from now" watch given the
+        # wrong created header on a hub restart (worker/watch.py on_created)
         next_revision = self.next_revision
         if next_revision < self.start_revision:
             next_revision = self.start_revision

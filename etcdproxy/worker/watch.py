@@ -332,7 +332,11 @@ class WatchService:
         if entry is None:
             return
         stream, watcher = entry
-        if message.header:
+        if message.header and not watcher.ready:
+            # Only the first hub's answer: its header is where the watcher starts (a "from now" watch gets the
+            # events after header.revision). A resume after a hub restart carries the new hub's header, which
+            # says nothing about this watcher; taking it for a created answer not yet released told a client
+            # "created at 3770" before event 3770 (soak, seed 256792300, kill-hub).
             self.last_header = message.header
             watcher.last_header = message.header
         watcher.sw_id = message.sw_id
