@@ -165,9 +165,7 @@ class Bench:
         cmd = ["gcc", "-O2", "-Wall", "-o", str(self.h2bench_bin), str(src), "-lnghttp2"]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
-            sys.exit(
-                f"building {src} failed (needs gcc and libnghttp2-dev: run `bash bench/setup.sh`):\n{r.stderr}"
-            )
+            sys.exit(f"building {src} failed (needs gcc and libnghttp2-dev: run `bash bench/setup.sh`):\n{r.stderr}")
 
     def tls_args(self) -> list[str]:
         """--tls: the client-facing listeners of every target serve TLS with one self-signed certificate."""

@@ -535,9 +535,7 @@ class Supervisor:
                 return
         else:
             new = self.config
-            log.info(
-                "SIGHUP: no --config-file given, so there is nothing to re-read; the workers are rolled"
-            )
+            log.info("SIGHUP: no --config-file given, so there is nothing to re-read; the workers are rolled")
         self.config = new
         workers = [s for s in self.slots if s.role == WORKER and not s.retiring]
         workers.sort(key=lambda s: s.index)

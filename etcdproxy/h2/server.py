@@ -436,8 +436,10 @@ class ServerConnection:
             buffered += payload
             data: bytes | bytearray = buffered
             n = len(data)
-            if n >= 5 and 5 + int.from_bytes(data[1:5], "big") > n and int.from_bytes(data[1:5], "big") <= (
-                self.settings.max_receive_message
+            if (
+                n >= 5
+                and 5 + int.from_bytes(data[1:5], "big") > n
+                and int.from_bytes(data[1:5], "big") <= (self.settings.max_receive_message)
             ):
                 stream.data = buffered  # the first message is still incomplete: nothing to parse yet
                 return
@@ -985,8 +987,6 @@ class ServerConnection:
         self._drain_started = now
         self._queue(f.ping(self._drain_ping))
         self._ping_sent = self._drain_ping
-
-
 
     def tick(self, now: float, keepalive_interval_s: float, keepalive_timeout_s: float) -> None:
         """Timers, called by the driver about once a second: SETTINGS ack timeout, keepalive pings, drain."""

@@ -127,9 +127,7 @@ class Handlers:
 
         return unary
 
-    async def _to_etcd(
-        self, namespace: Namespace, method: Method, request: bytes, context: rpc.Context
-    ) -> bytes:
+    async def _to_etcd(self, namespace: Namespace, method: Method, request: bytes, context: rpc.Context) -> bytes:
         try:
             return namespace.request(method.path, request)
         except Refused as refused:
@@ -138,9 +136,7 @@ class Handlers:
 
     # ---- streams -------------------------------------------------------------------------
 
-    async def _relay(
-        self, req_id: int, state: StreamState, context: rpc.Context
-    ) -> AsyncIterator[bytes]:
+    async def _relay(self, req_id: int, state: StreamState, context: rpc.Context) -> AsyncIterator[bytes]:
         """Yield upstream messages until the stream ends, then end the call with its status."""
         hub = self.hub
         while True:
@@ -179,9 +175,7 @@ class Handlers:
         request_class = method.request
         hub = self.hub
 
-        async def bidi(
-            requests: AsyncIterator[bytes], context: rpc.Context
-        ) -> AsyncIterator[bytes]:
+        async def bidi(requests: AsyncIterator[bytes], context: rpc.Context) -> AsyncIterator[bytes]:
             req_id, state = hub.open_stream(method, forwarded_metadata(context))
 
             async def pump() -> None:

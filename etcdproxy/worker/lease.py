@@ -90,9 +90,7 @@ class LeaseServicer:
 
     # ---- client side ---------------------------------------------------------------------
 
-    async def keep_alive(
-        self, requests: AsyncIterator[bytes], context: rpc.Context
-    ) -> AsyncIterator[bytes]:
+    async def keep_alive(self, requests: AsyncIterator[bytes], context: rpc.Context) -> AsyncIterator[bytes]:
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         stream = ClientStream(requires_leader(context))

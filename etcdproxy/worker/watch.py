@@ -139,9 +139,7 @@ class WatchService:
 
     # ---- the client stream ---------------------------------------------------------------
 
-    async def watch(
-        self, requests: AsyncIterator[bytes], context: rpc.Context
-    ) -> AsyncIterator[bytes]:
+    async def watch(self, requests: AsyncIterator[bytes], context: rpc.Context) -> AsyncIterator[bytes]:
         metadata = forwarded_metadata(context)
         stream = WatchStream(metadata, dict(metadata).get("hasleader") == "true")
         stream.sink = getattr(context, "push", None)
