@@ -262,6 +262,20 @@ def test_reliable_requires_the_tail_on_drained_streams_only() -> None:
     assert found and "never arrived" in found[0].message
 
 
+def test_delete_at_the_compaction_revision_may_be_gone_for_a_later_watch() -> None:
+    """etcd removes a tombstone at the compaction revision itself (checked with etcd 3.5: put, delete at R,
+    compact R, watch from R sees only what follows); a soak flagged the proxy for doing the same."""
+    compact = op("compact", {"revision": 5}, {}, 0.7, 0.8, 6)
+    without = [create(start=5, t=1.0), created(), resp(events=[C6], t=1.1)]
+    assert run("watch_reliable", history(compact, *without)) == []
+    assert run("watch_reliable", history(compact, create(start=5), created(), resp(events=[DB5, C6]))) == []
+    assert run("watch_reliable", history(*without))  # no compaction: the delete is owed
+    late = op("compact", {"revision": 5}, {}, 2.0, 2.1, 6)
+    assert run("watch_reliable", history(late, *without))  # compacted after it was created: owed too
+    gap = op("compact", {"revision": 4}, {}, 0.7, 0.8, 6)
+    assert run("watch_reliable", history(gap, create(start=4), created(), resp(events=[C6])))  # only at 5 itself
+
+
 def test_compacted_cancel_of_a_watcher_already_past_the_compaction() -> None:
     """A hub restart that resumes a quiet watcher from its last event, not from the progress it
     had reported, gets it canceled as compacted though it needed nothing compacted."""
