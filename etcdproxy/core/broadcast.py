@@ -170,6 +170,16 @@ class Broadcast:
             else:
                 del self.worker_receivers[identity]
 
+    def past_compaction(self, compact_revision: int) -> list[tuple[bytes, int]]:
+        """Receivers that need nothing a compaction at ``compact_revision`` removed: admitted from at or
+        above it. etcd cancels an s-watcher whose next revision was compacted, but c-watchers that joined it
+        for later revisions (a from-now create joined at the probe's revision, a later start) must not share
+        its fate (soak: from-now watches canceled as compacted). A negative start has its own s-watcher and etcd
+        3.5 cancels it whatever its receivers were told."""
+        if compact_revision <= 0 or self.start_revision < 0:
+            return []
+        return [receiver for receiver, start in self.receivers.items() if start >= compact_revision]
+
     def workers(self) -> tuple[bytes, ...]:
         """The workers with a receiver here (kept with the receivers: a fan-out to 1,000 c-watchers
         on 2 workers no longer builds a set of 1,000 entries per event batch)."""

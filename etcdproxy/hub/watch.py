@@ -572,15 +572,40 @@ class WatchHub:
         sw_id = broadcast.sw_id
         if compact_revision:
             self.note_compaction(compact_revision)
+        stream = self.stream_of.get(sw_id)
+        survivors = broadcast.past_compaction(compact_revision) if stream is not None else []
         self._remove_broadcast(broadcast)
         waiting = set(broadcast.waiting)
+        # Admitted from at or above the compaction: they move to another s-watcher (a created answer for those
+        # still waiting, a new s-watcher id for the others, sent before the cancel of the rest of their worker)
+        fallback = stream.last_header if stream is not None else header
+        for receiver in survivors:
+            assert stream is not None
+            start = broadcast.receivers[receiver]
+            broadcast.remove_receiver(receiver)
+            self._rehome(stream.group, broadcast, receiver, start, broadcast.join_headers.get(receiver, fallback))
         # not created yet: those c-watchers are known to their worker only by wid
         for identity, wid in waiting:
-            self._send(
-                identity, lambda e, q, w=wid: s.WatchCanceled(e, q, w, sw_id, header, compact_revision, reason, True)
-            )
+            if (identity, wid) in broadcast.receivers:
+                self._send(
+                    identity,
+                    lambda e, q, w=wid: s.WatchCanceled(e, q, w, sw_id, header, compact_revision, reason, True),
+                )
+        moved = {identity for identity, _ in survivors}
         for identity in {i for i, w in broadcast.receivers if (i, w) not in waiting}:
-            self._send(identity, lambda e, q: s.WatchCanceled(e, q, -1, sw_id, header, compact_revision, reason, False))
+            if identity not in moved:
+                self._send(
+                    identity, lambda e, q: s.WatchCanceled(e, q, -1, sw_id, header, compact_revision, reason, False)
+                )
+                continue
+            # its worker still files the moved ones under this s-watcher until their new created answer (which
+            # may wait for etcd): cancel the others one by one
+            for i, wid in broadcast.receivers:
+                if i == identity and (i, wid) not in waiting:
+                    self._send(
+                        identity,
+                        lambda e, q, w=wid: s.WatchCanceled(e, q, w, sw_id, header, compact_revision, reason, False),
+                    )
 
     def fail_group(self, stream: UpstreamStream, reason: str) -> None:
         self.streams.pop(stream.group, None)

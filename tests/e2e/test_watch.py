@@ -1064,6 +1064,33 @@ def test_watch_from_compacted_revision_next_to_live_watcher(
     assert [e.kv.mod_revision for e in live.events_until(rev, live_id)] == [*revs, rev]
 
 
+@pytest.mark.parametrize("which", ["direct", "proxy"])
+def test_watch_past_the_compaction_next_to_a_compacted_start(
+    aux: Env, which: str, streams: Callable[..., RawWatch]
+) -> None:
+    """31: a watch from a compacted revision and one from after the compaction, on the same key, sent back to
+    back: etcd cancels only the first. Through the proxy the second joined the first one's s-watcher (it can
+    serve any later start) and was canceled with it (a 900 s soak: three watches canceled as compacted at
+    revisions they were past)."""
+    stubs = aux.stubs(which)
+    key = unique("compacted-next") + b"k"
+    revs = [put(stubs, key, str(i).encode()) for i in range(4)]
+    stubs.kv.Compact(rpc_pb2.CompactionRequest(revision=revs[2], physical=True), timeout=T)
+    stream = streams(stubs)
+    stream.send(create(key, start_revision=revs[0]))
+    stream.send(create(key, start_revision=revs[3]))
+    responses = []
+    while sum(r.created for r in responses) < 2 or not any(r.canceled for r in responses):
+        responses.append(stream.get())
+    compacted, later = (r.watch_id for r in responses if r.created)
+    assert [(r.canceled, r.compact_revision) for r in responses if r.watch_id == compacted][-1] == (True, revs[2])
+    assert not any(r.canceled for r in responses if r.watch_id == later), responses
+    rev = put(stubs, key)
+    got = [e.kv.mod_revision for r in responses if r.watch_id == later for e in r.events]
+    got += [e.kv.mod_revision for e in stream.events_until(rev, later)]
+    assert got == [revs[3], rev]
+
+
 # =========================================================================== scenario 32
 
 

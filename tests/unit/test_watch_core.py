@@ -375,3 +375,22 @@ def test_workers_follow_receivers() -> None:
     assert b.workers() == (b"w2",)
     b.remove_receiver((b"w2", 1))
     assert b.workers() == () and not b.receivers
+
+
+@pytest.mark.parametrize(
+    ("starts", "compact_revision", "survivors"),
+    [
+        ({1: 10, 2: 20, 3: 25}, 20, [2, 3]),  # at the compaction revision itself: etcd still has it
+        ({1: 10, 2: 19}, 20, []),  # both needed something compacted
+        ({1: 10, 2: 30}, 0, []),  # not a compaction (a cancel with a reason): everyone goes
+        ({}, 20, []),
+    ],
+)
+def test_receivers_past_a_compaction(starts: dict[int, int], compact_revision: int, survivors: list[int]) -> None:
+    broadcast = Broadcast(1, b"k", b"", 10)
+    for wid, start in starts.items():
+        broadcast.add_receiver((b"w", wid), start)
+    assert broadcast.past_compaction(compact_revision) == [(b"w", wid) for wid in survivors]
+    negative = Broadcast(2, b"k", b"", -1)  # etcd 3.5 cancels a negative start as compacted, receivers and all
+    negative.add_receiver((b"w", 1), 30)
+    assert negative.past_compaction(20) == []
