@@ -118,6 +118,10 @@ class Streams:
     responses: int = 0
 
 
+# etcd's refusal of a client-chosen id that is still in use on the stream (created and canceled, watch id -1)
+DUPLICATE_WATCH_ID = "mvcc: duplicate watch ID provided on the WatchStream"
+
+
 def rebuild(h: History) -> Streams:
     out = Streams(drained=set(h.end.get("drained", ())))
     pending: dict[str, deque[Record]] = {}
@@ -147,7 +151,8 @@ def rebuild(h: History) -> Streams:
                 continue
             req = queue.popleft()
             asked = int(req.get("watch_id") or 0)
-            if asked and asked != wid:
+            duplicate = resp.get("canceled") and resp.get("cancel_reason") == DUPLICATE_WATCH_ID and asked in live
+            if asked and asked != wid and not duplicate:  # an id still in use is refused, as etcd does
                 out.problems.append(Violation("watch_ids", f"{stream}: asked for watch id {asked}, got {wid}", resp))
             if wid in live and wid >= 0:
                 out.problems.append(Violation("watch_ids", f"{stream}: watch id {wid} reused while active", resp))

@@ -293,6 +293,15 @@ def test_bookmark_before_an_unsynced_watcher_caught_up_is_told_apart() -> None:
     assert [x.validator for x in found] == ["watch_bookmarkable_unsynced"]
 
 
+def test_duplicate_client_chosen_id_is_refused_like_etcd() -> None:
+    """A client-chosen id still in use gets etcd's refusal (watch id -1); the same answer for a free id is wrong."""
+    refusal = resp(wid=-1, created=True, canceled=True, cancel_reason=v.DUPLICATE_WATCH_ID, t=2.0)
+    in_use = [create(watch_id=5), created(wid=5), create(watch_id=5, t=1.5), refusal]
+    assert run("watch_ids", history(*in_use)) == []
+    found = run("watch_ids", history(create(watch_id=5, t=1.5), refusal))
+    assert found and "asked for watch id 5, got -1" in found[0].message
+
+
 def test_unanswered_create_is_reported() -> None:
     found = run("watch_ids", history(create(start=1)))
     assert found and "never answered" in found[0].message
