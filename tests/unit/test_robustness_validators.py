@@ -287,6 +287,18 @@ def test_compacted_cancel_of_a_watcher_already_past_the_compaction() -> None:
     assert run("watch_resumable", history(compact, create(start=7), created(), cancel))  # start above it
 
 
+def test_compaction_in_doubt_may_cancel_a_watcher() -> None:
+    """A Compact whose client got UNAVAILABLE may have been applied (CI: compact_revision 41 from one): a cancel
+    citing it is etcd's; one citing a refused Compact or none at all is not."""
+    cancel = resp(wid=0, rev=0, canceled=True, compact_revision=5, t=3)
+    watch = [create("z", "", start=2), created(), cancel]
+    in_doubt = op("compact", {"revision": 5}, None, 1, 1.1)
+    assert run("watch_resumable", history(in_doubt, *watch)) == []
+    refused = op("compact", {"revision": 5}, None, 1, 1.1, error={"code": "OUT_OF_RANGE", "message": "x"})
+    assert run("watch_resumable", history(refused, *watch))
+    assert run("watch_resumable", history(*watch))
+
+
 def test_bookmark_before_an_unsynced_watcher_caught_up_is_told_apart() -> None:
     """etcd < 3.5.8 answers RequestProgress before a watcher from a past revision caught up."""
     found = run("watch_bookmarkable", history(create(start=2), created(rev=6), resp(wid=-1, rev=6), resp(events=[A2])))
