@@ -436,11 +436,8 @@ class ServerConnection:
             buffered += payload
             data: bytes | bytearray = buffered
             n = len(data)
-            if (
-                n >= 5
-                and 5 + int.from_bytes(data[1:5], "big") > n
-                and int.from_bytes(data[1:5], "big") <= (self.settings.max_receive_message)
-            ):
+            # the first message's length: more than the bytes here, within the limit (one decode of the prefix)
+            if n >= 5 and n - 5 < int.from_bytes(data[1:5], "big") <= self.settings.max_receive_message:
                 stream.data = buffered  # the first message is still incomplete: nothing to parse yet
                 return
         else:

@@ -591,21 +591,21 @@ class WatchHub:
                     identity,
                     lambda e, q, w=wid: s.WatchCanceled(e, q, w, sw_id, header, compact_revision, reason, True),
                 )
+        # created ones: one message per worker (wid -1: all of its c-watchers of this s-watcher), except where
+        # some moved: that worker files them under this s-watcher until their new created answer (which may wait
+        # for etcd), so the others there are cancelled one by one
         moved = {identity for identity, _ in survivors}
-        for identity in {i for i, w in broadcast.receivers if (i, w) not in waiting}:
-            if identity not in moved:
-                self._send(
-                    identity, lambda e, q: s.WatchCanceled(e, q, -1, sw_id, header, compact_revision, reason, False)
-                )
+        told: set[bytes] = set()
+        for identity, wid in broadcast.receivers:
+            if (identity, wid) in waiting or identity in told:
                 continue
-            # its worker still files the moved ones under this s-watcher until their new created answer (which
-            # may wait for etcd): cancel the others one by one
-            for i, wid in broadcast.receivers:
-                if i == identity and (i, wid) not in waiting:
-                    self._send(
-                        identity,
-                        lambda e, q, w=wid: s.WatchCanceled(e, q, w, sw_id, header, compact_revision, reason, False),
-                    )
+            target = wid if identity in moved else -1
+            if target == -1:
+                told.add(identity)
+            self._send(
+                identity,
+                lambda e, q, w=target: s.WatchCanceled(e, q, w, sw_id, header, compact_revision, reason, False),
+            )
 
     def fail_group(self, stream: UpstreamStream, reason: str) -> None:
         self.streams.pop(stream.group, None)

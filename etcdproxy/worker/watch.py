@@ -314,14 +314,18 @@ class WatchService:
             if watcher in stream.fifo:
                 stream.fifo.remove(watcher)
         self.by_wid.pop(watcher.wid, None)
+        self._leave_sw(watcher)
+        if tell_hub:
+            self._send_when_up(lambda e: s.WatchCancel(e, watcher.wid))
+
+    def _leave_sw(self, watcher: CWatcher) -> None:
+        """Drop the c-watcher from its s-watcher's members (none: nothing to do)."""
         if watcher.sw_id:
             members = self.by_sw.get(watcher.sw_id)
             if members is not None:
                 members.pop(watcher.wid, None)
                 if not members:
                     del self.by_sw[watcher.sw_id]
-        if tell_hub:
-            self._send_when_up(lambda e: s.WatchCancel(e, watcher.wid))
 
     # ---- hub messages --------------------------------------------------------------------
 
@@ -337,15 +341,10 @@ class WatchService:
             # "created at 3770" before event 3770 (soak, seed 256792300, kill-hub).
             self.last_header = message.header
             watcher.last_header = message.header
-        previous = watcher.sw_id
-        if previous and previous != message.sw_id:
+        if watcher.sw_id != message.sw_id:
             # moved to another s-watcher (its own was canceled as compacted, which it was past): a cancel of
             # the old one's remaining c-watchers must not reach it
-            members = self.by_sw.get(previous)
-            if members is not None:
-                members.pop(watcher.wid, None)
-                if not members:
-                    del self.by_sw[previous]
+            self._leave_sw(watcher)
         watcher.sw_id = message.sw_id
         self.by_sw.setdefault(message.sw_id, {})[watcher.wid] = entry
         watcher.next_revision = max(watcher.next_revision, message.next_revision)
