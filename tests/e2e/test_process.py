@@ -83,9 +83,9 @@ def children(ppid: int) -> dict[int, str]:
     return found
 
 
-def pid_with_title(ppid: int, title: str) -> int | None:
+def pid_with_title(ppid: int, title: str, other_than: int | None = None) -> int | None:
     for pid, line in children(ppid).items():
-        if line == title:
+        if line == title and pid != other_than:
             return pid
     return None
 
@@ -154,8 +154,10 @@ class Proxy:
         self.seen.update(found)
         return found
 
-    def child(self, title: str) -> int:
-        pid = wait_until(title, lambda: pid_with_title(self.pid, title))
+    def child(self, title: str, other_than: int | None = None) -> int:
+        """The child with ``title``; with ``other_than``, waits for one with another pid (a SIGKILLed child keeps its
+        title until the kernel has torn it down, so right after the kill it can still be found)."""
+        pid = wait_until(title, lambda: pid_with_title(self.pid, title, other_than))
         assert isinstance(pid, int)
         self.seen.add(pid)
         return pid
@@ -249,7 +251,7 @@ def test_killed_worker_is_replaced_and_other_clients_keep_their_streams(proxy: t
         on_worker0 = established_connections(worker0, port)
 
         os.kill(worker0, signal.SIGKILL)
-        new_worker0 = running.child("etcdproxy: worker 0")
+        new_worker0 = running.child("etcdproxy: worker 0", other_than=worker0)
         assert new_worker0 != worker0
         assert cmdline(new_worker0) == "etcdproxy: worker 0"
         running.wait_for(f"worker 0 pid {worker0} exited with code -9, respawning in")
@@ -288,7 +290,7 @@ def test_killed_hub_is_replaced(proxy: tuple[Proxy, int]) -> None:
     range_call(port)
     hub = running.child("etcdproxy: hub")
     os.kill(hub, signal.SIGKILL)
-    new_hub = running.child("etcdproxy: hub")
+    new_hub = running.child("etcdproxy: hub", other_than=hub)
     assert new_hub != hub
 
     def call_ok() -> bool:
