@@ -25,8 +25,13 @@ from etcdproxy.core.events import WireEvent
 HISTORY_EVENTS = 4096
 # etcd moves an unsynced watcher to its synced group within its sync loop (every 100 ms, up to
 # 512 watchers a round); a quiet range sends nothing to say so, so past this long after its
-# created answer an s-watcher counts as caught up for progress answers (never for its frontier)
-CATCH_UP_S = 1.0
+# created answer (or its latest catch-up batch, or a stall of the hub) an s-watcher counts as
+# caught up for progress answers. 1 s was too short in soaks: right after a hub restart on a
+# busy 2-core machine etcd took longer to send some resumed watchers' catch-up events
+CATCH_UP_S = 2.0
+# the hub's event loop did not run for this long: whatever etcd sent meanwhile is still unread,
+# so time spent then says nothing about how far etcd got with a catch-up (SIGSTOP, swap, a GC)
+STALL_S = 0.5
 
 W = TypeVar("W")
 HISTORY_BYTES = 8 * 1024 * 1024
@@ -67,7 +72,11 @@ class Broadcast:
     # store revision when etcd created the upstream watch: until the frontier reaches it the
     # watch may be catching up (unsynced), and stream-wide progress must not move it
     created_revision: int = 0
-    created_at: float = 0.0  # monotonic time of the (latest) created answer
+    # monotonic time of the (latest) created answer, moved on by each catch-up batch and by a
+    # stall of the hub: a not-caught-up watch settles CATCH_UP_S after it
+    catch_up_clock: float = 0.0
+    # after a stall of the hub, not settled before this (monotonic), caught up or not (restart_catch_up)
+    hold_until: float = 0.0
 
     def __post_init__(self) -> None:
         if self.start_revision > 0:
@@ -104,17 +113,21 @@ class Broadcast:
         """Upstream created: a rev-0 watch starts after the store revision in its header."""
         self.live = True
         self.created_revision = header_revision
-        self.created_at = now
+        self.catch_up_clock = now
         if self.frontier is None:
             self.frontier = header_revision
             self.floor = header_revision + 1
 
-    def on_events(self, events: list[WireEvent]) -> Batch:
-        """Record a batch; returns it (for the hub-wide budget)."""
+    def on_events(self, events: list[WireEvent], now: float = 0.0) -> Batch:
+        """Record a batch; returns it (for the hub-wide budget). A batch still below the creation
+        revision is part of a catch-up that etcd is sending: more may follow, so the catch-up clock
+        starts again."""
         size = sum(len(e[2]) + len(e[3]) for e in events)
         last = events[-1][0]
         if self.frontier is None or last > self.frontier:
             self.frontier = last
+        if self.live and last < self.created_revision:
+            self.catch_up_clock = now
         if self.floor is None:
             self.floor = events[0][0]
         batch = Batch(last, events, size)
@@ -147,8 +160,9 @@ class Broadcast:
         return self.live and self.frontier is not None and self.frontier >= self.created_revision
 
     def settled(self, now: float) -> bool:
-        """Caught up, or created long enough ago that etcd has certainly synced it (CATCH_UP_S)."""
-        return self.live and (self.caught_up() or now - self.created_at >= CATCH_UP_S)
+        """Caught up, or quiet long enough since its created answer (or latest catch-up batch, or
+        stall) that etcd has certainly synced it (CATCH_UP_S)."""
+        return self.live and now >= self.hold_until and (self.caught_up() or now - self.catch_up_clock >= CATCH_UP_S)
 
     def resume_revision(self) -> int:
         """Where to re-create the upstream watch after the stream broke: no gap, no duplicate."""
@@ -228,6 +242,23 @@ def stream_progress(
         elif broadcast.frontier is None or revision > broadcast.frontier:
             moved.append(broadcast)
     return moved, settled
+
+
+def restart_catch_up(broadcasts: list[Broadcast], now: float) -> int:
+    """The hub stalled (STALL_S): what etcd sent meanwhile is not read yet, and while the hub did not
+    read, etcd's send loop blocked and set watchers aside as victims, to be sent later; etcd 3.5's
+    stream-wide progress answer says nothing of those (a soak SIGSTOPped the hub for 2 s, and 0.5 s
+    after it woke, clients heard a progress at R just before event R). So every live broadcast is
+    unsettled for CATCH_UP_S, and one not caught up starts its catch-up clock again. Returns how
+    many broadcasts are held."""
+    held = 0
+    for broadcast in broadcasts:
+        if broadcast.live:
+            broadcast.hold_until = now + CATCH_UP_S
+            if not broadcast.caught_up():
+                broadcast.catch_up_clock = now
+            held += 1
+    return held
 
 
 def unsettled_bound(broadcasts: list[Broadcast], now: float) -> int | None:

@@ -27,7 +27,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from etcdproxy import metrics
-from etcdproxy.core.broadcast import Broadcast, HistoryBudget, ProgressGate, stream_progress, unsettled_bound
+from etcdproxy.core.broadcast import (
+    STALL_S,
+    Broadcast,
+    HistoryBudget,
+    ProgressGate,
+    restart_catch_up,
+    stream_progress,
+    unsettled_bound,
+)
 from etcdproxy.core.methods import by_name
 from etcdproxy.etcdpb import kv_pb2, rpc_pb2
 from etcdproxy.h2 import aio
@@ -49,6 +57,8 @@ NO_LEADER = "etcdserver: no leader"
 PROGRESS_INTERVAL_S = 30.0
 # while clients' progress answers are parked (core/broadcast.py ProgressGate), ask etcd again this often
 PROGRESS_RECHECK_S = 0.25
+# the loop notes it ran this often; a progress answer handled long after the last note comes out of a stall (STALL_S)
+STALL_TICK_S = 0.1
 REOPEN_BACKOFF_S = (0.05, 2.0)
 
 Group = tuple[str, bool]  # (auth token, require leader)
@@ -284,6 +294,8 @@ class WatchHub:
         self.history_bytes = 0  # all broadcasts' history, kept by on_events/_remove_broadcast
         self._ids = itertools.count(1)
         self._progress_task = hub.loop.create_task(self._progress_loop())
+        self.last_tick = time.monotonic()
+        self._tick_handle = hub.loop.call_later(STALL_TICK_S, self._tick)
         hub.register(s.Kind.WATCH_CREATE, self.on_watch_create)
         hub.register(s.Kind.WATCH_CANCEL, self.on_watch_cancel)
         hub.register(s.Kind.WATCH_PROGRESS_REQUEST, self.on_progress_request)
@@ -532,7 +544,7 @@ class WatchHub:
 
     def on_events(self, broadcast: Broadcast, header: bytes, events: list[s.WireEvent]) -> None:
         before = broadcast.history_bytes
-        batch = broadcast.on_events(events)
+        batch = broadcast.on_events(events, time.monotonic())
         self.history_bytes += broadcast.history_bytes - before
         self.history_bytes = self.history.record(broadcast, batch, self.history_bytes)
         self._fan_out(broadcast, header, events, False)
@@ -553,6 +565,12 @@ class WatchHub:
         self, stream: UpstreamStream, revision: int, header: bytes, waiter: tuple[WorkerState, int] | None
     ) -> None:
         now = time.monotonic()
+        if now - self.last_tick > STALL_S:
+            # the tick is overdue: the loop stalled, and catch-up events etcd sent meanwhile may still be unread
+            self.last_tick = now
+            held = sum(restart_catch_up(list(st.broadcasts.values()), now) for st in self.streams.values())
+            if held:
+                log.info("watch hub: the event loop stalled; progress answers of %d watches wait for events", held)
         broadcasts = list(stream.broadcasts.values())
         moved, settled = stream_progress(broadcasts, set(stream.creates), revision, now)
         for broadcast in moved:
@@ -623,7 +641,12 @@ class WatchHub:
                 if stream.broadcasts:
                     stream.request_progress(None)
 
+    def _tick(self) -> None:
+        self.last_tick = time.monotonic()
+        self._tick_handle = self.hub.loop.call_later(STALL_TICK_S, self._tick)
+
     async def close(self) -> None:
         self._progress_task.cancel()
+        self._tick_handle.cancel()
         for stream in self.streams.values():
             stream.close()

@@ -12,6 +12,7 @@ from etcdproxy.core.broadcast import (
     Broadcast,
     HistoryBudget,
     ProgressGate,
+    restart_catch_up,
     stream_progress,
     unsettled_bound,
 )
@@ -241,6 +242,54 @@ def test_settled_after_catch_up_or_after_the_sync_loop_had_its_time() -> None:
     busy.on_created(20, now=100.0)
     busy.on_events([event(20)])
     assert busy.settled(100.0)
+
+
+def test_each_catch_up_batch_starts_the_catch_up_clock_again() -> None:
+    """A resumed watch whose catch-up etcd sends over more than CATCH_UP_S is not settled by time while its
+    batches below the creation revision keep arriving; the first batch at or above it settles it at once."""
+    resumed = Broadcast(1, b"k", b"", start_revision=5)
+    resumed.on_created(20, now=100.0)
+    resumed.on_events([event(8)], now=100.0 + CATCH_UP_S * 0.9)
+    assert not resumed.settled(100.0 + CATCH_UP_S)  # would have settled by time without that batch
+    assert not resumed.settled(100.0 + CATCH_UP_S * 1.8)
+    assert resumed.settled(100.0 + CATCH_UP_S * 1.9)
+    resumed.on_events([event(12)], now=100.0 + CATCH_UP_S * 2)
+    assert not resumed.settled(100.0 + CATCH_UP_S * 2.5)
+    resumed.on_events([event(20)], now=100.0 + CATCH_UP_S * 2.6)
+    assert resumed.settled(100.0 + CATCH_UP_S * 2.6)  # caught up
+    assert resumed.frontier == 20
+    # before its created answer a batch (a rev-0 create's first events) touches no clock
+    fresh = Broadcast(2, b"k", b"", start_revision=0)
+    fresh.on_events([event(30)], now=50.0)
+    assert fresh.catch_up_clock == 0.0
+
+
+def test_a_stall_of_the_hub_holds_every_broadcast_for_catch_up_s() -> None:
+    """The soak case: the hub was SIGSTOPped 2 s; etcd had set event R aside meanwhile (its send loop blocked),
+    and its stream-wide progress answer at R came first after the hub woke. No broadcast of the stream, caught
+    up or not, takes such an answer for CATCH_UP_S, and clients parked meanwhile are told at most the lowest
+    frontier."""
+    caught_up = Broadcast(1, b"a", b"", start_revision=0)
+    caught_up.on_created(100, now=10.0)
+    caught_up.on_events([event(104, b"a")], now=11.0)
+    resumed = Broadcast(2, b"b", b"", start_revision=90)
+    resumed.on_created(100, now=10.0)
+    not_created = Broadcast(3, b"c", b"", start_revision=50)
+    assert stream_progress([caught_up, resumed], set(), 110, 13.0) == ([caught_up, resumed], True)
+    for b in (caught_up, resumed):
+        b.on_progress(110)
+    assert restart_catch_up([caught_up, resumed, not_created], 20.0) == 2  # woke at 20 after the stall
+    assert stream_progress([caught_up, resumed], set(), 112, 20.0) == ([], False)
+    assert unsettled_bound([caught_up, resumed], 20.0) == 110  # nothing past what was passed on
+    assert stream_progress([caught_up, resumed], set(), 112, 20.0 + CATCH_UP_S / 2) == ([], False)
+    assert stream_progress([caught_up, resumed], set(), 112, 20.0 + CATCH_UP_S) == ([caught_up, resumed], True)
+    # one still catching up when the hub stalled starts its clock again, and settles by its events or by time
+    late = Broadcast(4, b"d", b"", start_revision=40)
+    late.on_created(100, now=19.0)
+    restart_catch_up([late], 21.0)
+    assert not late.settled(19.0 + CATCH_UP_S) and not late.settled(21.0 + CATCH_UP_S * 0.9)
+    assert late.settled(21.0 + CATCH_UP_S)
+    assert not_created.hold_until == 0.0 and not not_created.live
 
 
 def test_stream_progress_moves_every_settled_frontier_the_clients_will_hear() -> None:
